@@ -1,0 +1,1 @@
+"""The web side of adapter-merge: FastAPI app, job store and settings. Never imports torch."""

@@ -1,0 +1,38 @@
+"""The merge engine: PEFT LoRA/DoRA adapters streamed into a safetensors base model.
+
+The public surface is two calls:
+- `plan_merge(base, adapters, options)` reads headers and configs only, checks that everything fits and
+  returns the plan; it writes nothing and does not import torch, so the API can use it for preflight.
+- `merge(base, adapters, out, options, progress=..., should_stop=...)` runs the plan and returns a report.
+"""
+
+from typing import Any
+
+from worker.engine.errors import InputError, MergeCancelled, MergeError, NumericError, UnsupportedOptionError
+from worker.engine.plan import MergePlan, plan_merge
+from worker.engine.spec import AdapterSpec, MergeOptions, MergeReport, Progress, parse_size
+
+__all__ = [
+    "AdapterSpec",
+    "InputError",
+    "MergeCancelled",
+    "MergeError",
+    "MergeOptions",
+    "MergePlan",
+    "MergeReport",
+    "NumericError",
+    "Progress",
+    "UnsupportedOptionError",
+    "merge",
+    "parse_size",
+    "plan_merge",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # `merge` needs torch; importing it lazily keeps `plan_merge` usable where torch is not installed.
+    if name == "merge":
+        from worker.engine.pipeline import merge
+
+        return merge
+    raise AttributeError(name)

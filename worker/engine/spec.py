@@ -1,0 +1,96 @@
+"""What a caller hands the engine and what it gets back: plain data, no torch."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from worker.engine.errors import InputError
+
+OutputDtype = Literal["auto", "bfloat16", "float16", "float32"]
+OUTPUT_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter folder and the multiplier applied to its scaling (PEFT's `set_scale`)."""
+
+    path: Path
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    dtype: OutputDtype = "auto"
+    max_shard_size: int | None = None
+    """Bytes per output shard; None keeps the base model's shard layout."""
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in OUTPUT_DTYPES:
+            raise InputError(f"dtype: {self.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+        if self.max_shard_size is not None and self.max_shard_size <= 0:
+            raise InputError(f"max_shard_size: must be positive, got {self.max_shard_size}")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after every output tensor, so a caller can show a bar or update a job record."""
+
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+ProgressCallback = Callable[[Progress], None]
+StopCheck = Callable[[], bool]
+
+
+@dataclass
+class MergeReport:
+    """The outcome of a merge; `to_dict()` is what the manifest and job records store."""
+
+    output_dir: Path
+    tensors_total: int
+    tensors_merged: int
+    tensors_copied: int
+    bytes_written: int
+    files: list[dict[str, Any]]
+    """Each output file: path (relative), size, sha256."""
+    timings: dict[str, float]
+    """Seconds per phase: plan, merge (reading, computing and writing tensors), finalize, total."""
+    peak_rss_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output_dir": str(self.output_dir),
+            "tensors_total": self.tensors_total,
+            "tensors_merged": self.tensors_merged,
+            "tensors_copied": self.tensors_copied,
+            "bytes_written": self.bytes_written,
+            "files": self.files,
+            "timings": self.timings,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "notes": self.notes,
+        }
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units as Hugging Face uses them; KiB/MiB/GiB are binary)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise InputError(f"max_shard_size: {text!r} is not a size like 5GB, 500MB or 2GiB")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "B").upper()])
