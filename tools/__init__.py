@@ -1,0 +1,1 @@
+"""Developer tools: synthetic models for tests and demos, and the benchmark (`make bench`)."""
