@@ -1,0 +1,186 @@
+"""A PEFT LoRA adapter folder: its config (checked for options we refuse), scaling rules and tensor keys."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.engine.base_model import read_json
+from worker.engine.errors import InputError, UnsupportedOptionError
+from worker.engine.safetensors_format import DTYPE_SIZES, TensorInfo, read_header
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+LEGACY_FILE = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+# `init_lora_weights` values that rewrite the base weights when the adapter is loaded.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Options whose presence (truthy value) changes what merging means; refused until implemented and tested.
+_REFUSED_OPTIONS = (
+    "kasa_config",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "layer_replication",
+    "target_parameters",
+    "use_qalora",
+    "use_bdlora",
+    "velora_config",
+    "monteclora_config",
+    "megatron_config",
+)
+
+# Suffix of an adapter key -> the role of that tensor in the merge.
+LORA_SUFFIXES: dict[str, str] = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_B.bias": "lora_bias",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_embedding_A": "embedding_A",
+    ".lora_embedding_B": "embedding_B",
+    ".token_adapter.trainable_tokens_delta": "token_rows",
+}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    path: Path
+    raw: dict[str, Any]
+    r: int
+    alpha: float
+    use_rslora: bool
+    use_dora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    trainable_token_indices: list[int] | dict[str, list[int]] | None
+
+    def scaling(self, module_path: str) -> float:
+        """PEFT's scale for one module: rank and alpha looked up separately in their patterns."""
+        rank = self.r
+        alpha = self.alpha
+        if (key := _pattern_key(self.rank_pattern, module_path)) is not None:
+            rank = self.rank_pattern[key]
+        if (key := _pattern_key(self.alpha_pattern, module_path)) is not None:
+            alpha = self.alpha_pattern[key]
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    def rank(self, module_path: str) -> int:
+        key = _pattern_key(self.rank_pattern, module_path)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def token_indices(self, module_path: str) -> list[int]:
+        indices = self.trainable_token_indices
+        if isinstance(indices, dict):
+            key = _pattern_key(dict.fromkeys(indices), module_path)
+            if key is None:
+                raise InputError(f"{self.path}: trainable_token_indices names no entry for {module_path!r}")
+            indices = indices[key]
+        if not indices:
+            raise InputError(f"{self.path}: {module_path!r} has trainable tokens but trainable_token_indices is empty")
+        return list(indices)
+
+
+def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
+    """The first key, in JSON order, that matches the end of the module path (as PEFT matches them)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return key
+    return None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    root: Path
+    index: int
+    """Position in the requested order; names the adapter in messages as well as the path."""
+    weight: float
+    config: AdapterConfig
+    weights_file: Path
+    tensors: dict[str, TensorInfo] = field(repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"adapter {self.index + 1} ({self.root})"
+
+
+def load_adapter(root: Path, index: int, weight: float) -> Adapter:
+    if not root.is_dir():
+        raise InputError(f"{root}: adapter folder not found")
+    if not math.isfinite(weight):
+        raise InputError(f"{root}: adapter weight {weight} is not a finite number")
+    config = parse_config(root / CONFIG_FILE)
+    if (root / SAFETENSORS_FILE).is_file():
+        weights_file = root / SAFETENSORS_FILE
+        tensors = read_header(weights_file).tensors
+    elif (root / LEGACY_FILE).is_file():
+        weights_file = root / LEGACY_FILE
+        tensors = _legacy_tensor_infos(weights_file)
+    else:
+        raise InputError(f"{root}: no {SAFETENSORS_FILE} (or legacy {LEGACY_FILE}) in the adapter folder")
+    if not tensors:
+        raise InputError(f"{weights_file}: adapter has no tensors")
+    for name in tensors:
+        if not name.startswith(KEY_PREFIX):
+            raise InputError(f"{weights_file}: tensor {name!r} does not start with {KEY_PREFIX!r}")
+    return Adapter(root=root, index=index, weight=weight, config=config, weights_file=weights_file, tensors=tensors)
+
+
+def parse_config(path: Path) -> AdapterConfig:
+    raw = read_json(path, "adapter config")
+    if raw.get("peft_type") != "LORA":
+        raise UnsupportedOptionError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise UnsupportedOptionError(
+            f"{path}: init_lora_weights={init!r} rewrites the base model at load time and is not supported"
+        )
+    for option in _REFUSED_OPTIONS:
+        if raw.get(option):
+            raise UnsupportedOptionError(f"{path}: option {option}={raw[option]!r} is not supported")
+    if raw.get("use_dora") and raw.get("lora_bias"):
+        raise UnsupportedOptionError(f"{path}: use_dora together with lora_bias is not supported")
+    try:
+        return AdapterConfig(
+            path=path,
+            raw=raw,
+            r=_positive_int(raw.get("r"), "r"),
+            alpha=float(raw.get("lora_alpha", 8)),
+            use_rslora=bool(raw.get("use_rslora", False)),
+            use_dora=bool(raw.get("use_dora", False)),
+            rank_pattern={k: _positive_int(v, f"rank_pattern[{k!r}]") for k, v in (raw.get("rank_pattern") or {}).items()},
+            alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
+            trainable_token_indices=raw.get("trainable_token_indices"),
+        )
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{path}: {error}") from error
+
+
+def _positive_int(value: Any, option: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"option {option} must be a positive integer, got {value!r}")
+    return value
+
+
+def split_key(adapter: Adapter, key: str) -> tuple[str, str]:
+    """`base_model.model.<module>.<suffix>` -> (module path, role); a non-LoRA key is a replacement tensor."""
+    body = key[len(KEY_PREFIX):]
+    for suffix, role in LORA_SUFFIXES.items():
+        if body.endswith(suffix):
+            return body[: -len(suffix)], role
+    if ".lora_" in body or ".token_adapter." in body:
+        raise InputError(f"{adapter.weights_file}: tensor {key!r} is of a kind this engine does not know")
+    return body.replace(".base_layer.", "."), "replacement"
+
+
+def _legacy_tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of a legacy pickle adapter, loaded with `weights_only=True` (never plain pickle)."""
+    from worker.engine.tensor_io import legacy_state_dict, safetensors_dtype
+
+    infos = {}
+    for name, tensor in legacy_state_dict(path).items():
+        dtype = safetensors_dtype(tensor.dtype, f"{path}: tensor {name!r}")
+        infos[name] = TensorInfo(name, dtype, tuple(tensor.shape), path, -1, tensor.numel() * DTYPE_SIZES[dtype])
+    return infos

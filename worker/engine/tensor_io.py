@@ -1,0 +1,137 @@
+"""Moving tensor bytes between files and torch: positional reads, raw copies, legacy pickle adapters.
+
+Reads use `os.preadv` into a buffer torch then views without a copy, so any thread may read any file and
+a row block costs exactly its own bytes. Verbatim tensors never become torch tensors at all: the kernel
+copies their byte range from the base file into the output file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+
+import torch
+
+from worker.engine.errors import InputError
+from worker.engine.safetensors_format import TensorInfo
+
+COPY_CHUNK_BYTES = 8 * 1024 * 1024
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+_SAFETENSORS_CODES = {dtype: code for code, dtype in TORCH_DTYPES.items()}
+
+
+def safetensors_dtype(dtype: torch.dtype, where: str) -> str:
+    if dtype not in _SAFETENSORS_CODES:
+        raise InputError(f"{where} has dtype {dtype}, which cannot be stored in safetensors")
+    return _SAFETENSORS_CODES[dtype]
+
+
+def legacy_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A legacy `adapter_model.bin`, loaded with `weights_only=True` so no pickled code can run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises pickle, zip and runtime errors alike for a bad file
+        raise InputError(f"{path}: cannot load legacy adapter weights safely: {error}") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: legacy adapter weights are not a dict of tensors")
+    return state
+
+
+class TensorReader:
+    """Reads tensors (whole, or a range of rows) from the files of one merge; keeps files open until closed."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._legacy: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._legacy.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        return self.read_rows(info, 0, info.shape[0] if info.shape else 1)
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the tensor's first dimension, in the stored dtype."""
+        if info.offset < 0:
+            return self._legacy_tensor(info)[start:stop]
+        row_bytes = info.nbytes // info.shape[0] if info.shape else info.nbytes
+        buffer = bytearray((stop - start) * row_bytes)
+        read_exact(self._fd(info.file), buffer, info.offset + start * row_bytes, info.file)
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        if not buffer:
+            return torch.empty(shape, dtype=TORCH_DTYPES[info.dtype])
+        return torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]).reshape(shape)
+
+    def copy_to(self, info: TensorInfo, destination_fd: int) -> None:
+        """Append a tensor's stored bytes to `destination_fd`, copied inside the kernel where it can."""
+        source_fd, offset, remaining = self._fd(info.file), info.offset, info.nbytes
+        try:
+            while remaining:
+                copied = os.copy_file_range(source_fd, destination_fd, remaining, offset)
+                if copied == 0:
+                    raise InputError(f"{info.file}: file ended early (was it truncated while merging?)")
+                offset, remaining = offset + copied, remaining - copied
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            self._copy_by_reading(source_fd, offset, remaining, destination_fd, info.file)
+
+    @staticmethod
+    def _copy_by_reading(source_fd: int, offset: int, remaining: int, destination_fd: int, path: Path) -> None:
+        chunk = bytearray(min(remaining, COPY_CHUNK_BYTES))
+        while remaining:
+            view = memoryview(chunk)[: min(remaining, len(chunk))]
+            read_exact(source_fd, view, offset, path)
+            write_all(destination_fd, view)
+            offset, remaining = offset + len(view), remaining - len(view)
+
+    def _legacy_tensor(self, info: TensorInfo) -> torch.Tensor:
+        if info.file not in self._legacy:
+            self._legacy[info.file] = legacy_state_dict(info.file)
+        return self._legacy[info.file][info.name]
+
+
+def write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def read_exact(fd: int, buffer: bytearray | memoryview, offset: int, path: Path) -> None:
+    view = memoryview(buffer)
+    while view:
+        count = os.preadv(fd, [view], offset)
+        if count == 0:
+            raise InputError(f"{path}: file ended early (was it truncated while merging?)")
+        view = view[count:]
+        offset += count
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without a copy; valid while `tensor` lives."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    assert tensor.is_contiguous() and tensor.device.type == "cpu"
+    nbytes = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")

@@ -1,0 +1,77 @@
+"""`adapter-merge merge`: the engine on the command line, with a progress bar and a one-screen summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from worker.engine import AdapterSpec, MergeCancelled, MergeError, MergeOptions, Progress, merge, parse_size
+
+EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 130
+
+
+class ProgressBar:
+    """A single self-rewriting line on a terminal; silent when stderr is not one."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def __call__(self, progress: Progress) -> None:
+        if not self.enabled:
+            return
+        fraction = progress.bytes_done / progress.bytes_total if progress.bytes_total else 1.0
+        filled = int(fraction * 30)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%}  "
+            f"{progress.tensors_done}/{progress.tensors_total} tensors"
+        )
+        if progress.tensors_done == progress.tensors_total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def parse_weights(text: str | None, count: int) -> list[float]:
+    if text is None:
+        return [1.0] * count
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError as error:
+        raise MergeError(f"--weights: {text!r} is not a comma-separated list of numbers") from error
+    if len(weights) != count:
+        raise MergeError(f"--weights: {len(weights)} weights given for {count} adapters")
+    return weights
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    try:
+        weights = parse_weights(args.weights, len(args.adapters))
+        options = MergeOptions(
+            dtype=args.dtype,
+            max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
+            overwrite=args.overwrite,
+        )
+        adapters = [AdapterSpec(Path(path), weight) for path, weight in zip(args.adapters, weights, strict=True)]
+        report = merge(Path(args.base), adapters, Path(args.out), options, progress=ProgressBar(not args.quiet))
+    except MergeCancelled:
+        print("adapter-merge: cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    except MergeError as error:
+        print(f"adapter-merge: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as error:
+        print(f"adapter-merge: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("adapter-merge: interrupted; no output was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    seconds = report.timings["total"]
+    print(
+        f"merged {report.tensors_merged} of {report.tensors_total} tensors "
+        f"({report.tensors_copied} copied unchanged) into {report.output_dir}\n"
+        f"wrote {report.bytes_written / 1e9:.3f} GB in {seconds:.2f} s "
+        f"({report.bytes_written / 1e9 / max(seconds, 1e-9):.2f} GB/s), peak memory {report.peak_rss_bytes / 2**20:.0f} MiB"
+    )
+    for note in report.notes:
+        print(f"note: {note}")
+    return EXIT_OK
