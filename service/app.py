@@ -1,0 +1,40 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.deps import Services
+from service.problems import install_problem_handlers
+from service.routes import artifacts, health, jobs, merge
+from service.settings import Settings, get_settings
+
+API_VERSION = "0.1.0"
+DESCRIPTION = """Merge PEFT LoRA/DoRA adapters into base models.
+
+Submit a merge with `POST /merge`, follow it at `GET /jobs/{id}`, download the result file by file
+(`GET /jobs/{id}/artifacts/{path}`, with Range and a sha256 ETag) or as one tar (`GET /jobs/{id}/archive`).
+Every error is `application/problem+json` (RFC 9457) and names the field, reference or header at fault.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the store, queue and upkeep thread open when it starts serving (lifespan)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = Services.open(settings)
+        try:
+            yield
+        finally:
+            app.state.services.close()
+
+    app = FastAPI(title="adapter-merge", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)
+    install_problem_handlers(app)
+    for module in (merge, jobs, artifacts, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,74 @@
+"""Everything a route depends on, in one place: the per-process services and the job being addressed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from service.dispatch import Dispatcher, open_dispatcher
+from service.layout import DataLayout
+from service.maintenance import MaintenanceThread
+from service.problems import Problem
+from service.refs import LocalRootsResolver, Resolver
+from service.settings import Settings
+from service.store import JobRecord, JobStore, open_store
+
+
+@dataclass
+class Services:
+    """Opened when the app starts (lifespan) and shared by all requests of this process."""
+
+    settings: Settings
+    store: JobStore
+    layout: DataLayout
+    resolver: Resolver
+    dispatcher: Dispatcher
+    maintenance: MaintenanceThread
+
+    @classmethod
+    def open(cls, settings: Settings) -> Services:
+        layout = DataLayout(settings.data_dir)
+        layout.ensure()
+        if not settings.model_roots:
+            settings.roots[0].mkdir(parents=True, exist_ok=True)
+        store = open_store(settings)
+        dispatcher = open_dispatcher(settings)
+        maintenance = MaintenanceThread(settings, dispatcher=dispatcher, retention=True)
+        maintenance.start()
+        return cls(settings, store, layout, LocalRootsResolver(settings.roots), dispatcher, maintenance)
+
+    def close(self) -> None:
+        self.maintenance.stop()
+        self.store.close()
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_job(job_id: Annotated[str, Path(description="Job id, as returned by POST /merge.")],
+            services: ServicesDep) -> JobRecord:
+    job = services.store.get(job_id)
+    if job is None:
+        raise Problem(404, "job-not-found", f"job {job_id!r} does not exist (or was deleted)", title="Unknown job",
+                      field="job_id")
+    return job
+
+
+JobDep = Annotated[JobRecord, Depends(get_job)]
+
+
+def require_json(request: Request) -> None:
+    """A body sent as a form or text is a 415 that says so, not a confusing schema error."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise Problem(415, "unsupported-media-type", f"Content-Type {media_type!r}: send the request as "
+                      "application/json", title="Unsupported media type", field="Content-Type")

@@ -1,0 +1,74 @@
+"""Where a job's files live under MERGE_DATA_DIR, and the moves that make results appear atomically.
+
+    <data_dir>/work/<job>/attempt-<n>/model   scratch of one attempt (the engine's out_dir)
+    <data_dir>/artifacts/<job>/               the published result, renamed into place in one step
+
+The data dir must be one filesystem (shared by all nodes in distributed mode) so the final rename is atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+class DataLayout:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir.absolute()
+        self.work_root = self.root / "work"
+        self.artifacts_root = self.root / "artifacts"
+
+    def ensure(self) -> None:
+        for folder in (self.root, self.work_root, self.artifacts_root):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def work_dir(self, job_id: str) -> Path:
+        return self.work_root / job_id
+
+    def attempt_output(self, job_id: str, attempt: int) -> Path:
+        """The engine writes here (through its own temporary sibling), never straight into artifacts."""
+        return self.work_dir(job_id) / f"attempt-{attempt}" / "model"
+
+    def artifacts_dir(self, job_id: str) -> Path:
+        return self.artifacts_root / job_id
+
+    def clean_work(self, job_id: str) -> None:
+        """Drop whatever earlier (dead or cancelled) attempts left, so a rerun starts clean."""
+        _remove_tree(self.work_dir(job_id))
+
+    def publish(self, job_id: str, output: Path) -> Path:
+        """Move a finished output into place with one rename; readers see all of it or nothing."""
+        target = self.artifacts_dir(job_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # left by an attempt that finished after losing its lease
+            _remove_tree(target)
+        os.replace(output, target)
+        return target
+
+    def remove_job(self, job_id: str) -> None:
+        _remove_tree(self.artifacts_dir(job_id))
+        _remove_tree(self.work_dir(job_id))
+
+    def is_writable(self) -> bool:
+        probe = self.root / f".probe-{uuid.uuid4().hex}"
+        try:
+            self.ensure()
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            return True
+        except OSError:
+            return False
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a folder by first renaming it aside, so nobody can observe it half-deleted."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f".deleting-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)

@@ -1,0 +1,115 @@
+"""Background upkeep: re-queue jobs whose worker died (lease expired) and delete results past retention.
+
+Safe to run in every API process and every worker at once: each change is a compare-and-set in the store,
+so exactly one reaper wins each recovery, and deletions are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from datetime import timedelta
+
+from service.dispatch import Dispatcher, LocalDispatcher
+from service.layout import DataLayout
+from service.settings import Settings
+from service.store import FINISHED_STATUSES, JobStatus, JobStore, open_store, utcnow
+
+log = logging.getLogger(__name__)
+PAGE = 200
+
+
+class Maintenance:
+    def __init__(self, store: JobStore, layout: DataLayout, settings: Settings, dispatcher: Dispatcher) -> None:
+        self.store, self.layout, self.settings, self.dispatcher = store, layout, settings, dispatcher
+
+    def reap(self) -> list[str]:
+        """Recover every running job whose lease has expired; returns the ids that were queued again."""
+        requeued = []
+        now = self.store.now()
+        offset = 0
+        while True:
+            running, total = self.store.list([JobStatus.running], limit=PAGE, offset=offset)
+            for job in running:
+                if (job.lease_expires_at or 0) > now:
+                    continue
+                recovered = self.store.recover(job.id, self.settings.max_recoveries)
+                if recovered is None:
+                    continue
+                self.layout.clean_work(job.id)
+                log.warning("job %s lost worker %s; now %s", job.id, job.worker, recovered.status.value)
+                if recovered.status is JobStatus.queued:
+                    self.dispatcher.submit(job.id)
+                    requeued.append(job.id)
+            offset += PAGE
+            if offset >= total:
+                return requeued
+
+    def clean(self) -> list[str]:
+        """Delete finished jobs (and their files) older than the retention; returns their ids."""
+        if self.settings.retention_seconds <= 0:
+            return []
+        cutoff = utcnow() - timedelta(seconds=self.settings.retention_seconds)
+        expired = []
+        offset = 0
+        while True:
+            jobs, total = self.store.list(FINISHED_STATUSES, limit=PAGE, offset=offset, oldest_first=True)
+            expired += [job.id for job in jobs if job.finished_at is not None and job.finished_at < cutoff]
+            offset += PAGE
+            if offset >= total:
+                break
+        for job_id in expired:
+            if self.store.delete(job_id):
+                self.layout.remove_job(job_id)
+        self._sweep_orphans(cutoff.timestamp())
+        return expired
+
+    def _sweep_orphans(self, cutoff: float) -> None:
+        """Folders no job owns any more: crashed deletions, results of jobs deleted mid-publish."""
+        for root in (self.layout.artifacts_root, self.layout.work_root):
+            if not root.is_dir():
+                continue
+            for folder in root.iterdir():
+                if folder.stat().st_mtime >= cutoff:
+                    continue
+                job = None if folder.name.startswith(".") else self.store.get(folder.name)
+                if job is None or (root == self.layout.work_root and job.status is not JobStatus.running):
+                    shutil.rmtree(folder, ignore_errors=True)
+
+
+class MaintenanceThread:
+    """Runs `reap` every reap interval and (optionally) `clean` every cleanup interval, until stopped."""
+
+    def __init__(self, settings: Settings, dispatcher: Dispatcher | None = None, retention: bool = True,
+                 store: JobStore | None = None) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher or LocalDispatcher()
+        self.retention = retention
+        self._store = store
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="merge-maintenance", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        store = self._store or open_store(self.settings)
+        work = Maintenance(store, DataLayout(self.settings.data_dir), self.settings, self.dispatcher)
+        next_clean = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                work.reap()
+                if self.retention and time.monotonic() >= next_clean:
+                    next_clean = time.monotonic() + self.settings.cleanup_interval_seconds
+                    work.clean()
+            except Exception:  # a store or disk hiccup must not end upkeep for good
+                log.exception("maintenance pass failed; retrying in %.0f s", self.settings.reap_interval_seconds)
+            self._stop.wait(self.settings.reap_interval_seconds)
+        if self._store is None:
+            store.close()

@@ -1,0 +1,71 @@
+"""Downloads of a succeeded job's files: one file at a time (with Range) or everything as a tar stream."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import StreamingResponse
+
+from service.deps import JobDep, ServicesDep
+from service.files import file_response, tar_stream
+from service.problems import Problem
+from service.schemas import problem_responses
+from service.store import JobRecord, JobStatus
+
+router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])
+
+_FILE_RESPONSES = {
+    200: {"description": "The whole file.", "content": {"application/octet-stream": {}}},
+    206: {"description": "The requested byte range.", "content": {"application/octet-stream": {}}},
+    304: {"description": "Not modified (If-None-Match matched the ETag)."},
+    **problem_responses(404, 409, 416),
+}
+
+
+def _require_success(job: JobRecord) -> None:
+    if job.status is not JobStatus.succeeded:
+        raise Problem(409, "job-not-succeeded", f"job {job.id} is {job.status.value}; artifacts exist only once "
+                      "it has succeeded", title="No artifacts", status_now=job.status.value)
+
+
+@router.head("/artifacts/{path:path}", response_class=Response, responses=_FILE_RESPONSES,
+             operation_id="head_artifact", summary="Artifact headers")
+@router.get("/artifacts/{path:path}", response_class=Response, responses=_FILE_RESPONSES,
+            operation_id="download_artifact")
+def download_artifact(
+    job: JobDep, path: str, request: Request, services: ServicesDep,
+    range_: Annotated[str | None, Header(alias="Range")] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+    if_range: Annotated[str | None, Header()] = None,
+) -> Response:
+    """One output file. ETag is its sha256; a single `Range: bytes=...` is honoured (206), a bad one is 416."""
+    _require_success(job)
+    artifact = next((item for item in job.artifacts if item.path == path), None)
+    if artifact is None:
+        names = ", ".join(item.path for item in job.artifacts)
+        raise Problem(404, "artifact-not-found", f"job {job.id} has no artifact {path!r} (it has: {names})",
+                      title="Unknown artifact", field="path")
+    file = services.layout.artifacts_dir(job.id) / artifact.path
+    if not file.is_file():
+        raise Problem(404, "artifact-gone", f"artifact {path!r} of job {job.id} is no longer on disk",
+                      title="Artifact gone", field="path")
+    return file_response(file, artifact.sha256, method=request.method, range_header=range_,
+                         if_none_match=if_none_match, if_range=if_range)
+
+
+@router.get("/archive", response_class=StreamingResponse, responses={
+    200: {"description": "A POSIX tar of the merged model folder.", "content": {"application/x-tar": {}}},
+    **problem_responses(404, 409)})
+def download_archive(job: JobDep, services: ServicesDep) -> StreamingResponse:
+    """The whole merged model as one tar stream (with Content-Length), under a folder named after the job."""
+    _require_success(job)
+    root = services.layout.artifacts_dir(job.id)
+    mtime = job.finished_at.timestamp() if job.finished_at else 0.0
+    try:
+        length, chunks = tar_stream(root, [item.path for item in job.artifacts], job.id, mtime)
+    except FileNotFoundError as error:
+        raise Problem(404, "artifact-gone", f"job {job.id}: {error.filename} is no longer on disk",
+                      title="Artifact gone") from error
+    headers = {"Content-Length": str(length), "Content-Disposition": f'attachment; filename="{job.id}.tar"'}
+    return StreamingResponse(chunks, media_type="application/x-tar", headers=headers)

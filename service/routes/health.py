@@ -1,0 +1,37 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.deps import ServicesDep
+from service.problems import Problem
+from service.schemas import Health, Readiness, problem_responses
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The process answers."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, responses=problem_responses(503))
+def readyz(services: ServicesDep) -> Readiness:
+    """The job store and the broker answer and the data dir is writable; 503 (naming the failing check)
+    otherwise."""
+    checks: dict[str, str] = {}
+    for name, probe in (("store", services.store.ping), ("broker", services.dispatcher.ping)):
+        try:
+            probe()
+            checks[name] = "ok"
+        except Exception as error:
+            checks[name] = f"{type(error).__name__}: {error}"
+    checks["data_dir"] = "ok" if services.layout.is_writable() else f"{services.layout.root} is not writable"
+    mode = "distributed" if services.settings.distributed else "embedded"
+    failing = [name for name, result in checks.items() if result != "ok"]
+    if failing:
+        raise Problem(503, "not-ready", f"not ready: {', '.join(f'{n} ({checks[n]})' for n in failing)}",
+                      title="Not ready", mode=mode, checks=checks)
+    return Readiness(status="ready", mode=mode, checks=checks)

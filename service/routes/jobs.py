@@ -1,0 +1,59 @@
+"""Jobs: list, inspect, cancel, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from service.deps import JobDep, ServicesDep
+from service.problems import Problem
+from service.schemas import JobOut, JobPage, job_view, problem_responses
+from service.store import ACTIVE_STATUSES, JobStatus
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.get("", response_model=JobPage, responses=problem_responses(422))
+def list_jobs(
+    services: ServicesDep,
+    status: Annotated[list[JobStatus] | None, Query(description="Only these statuses (repeatable).")] = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
+    offset: Annotated[int, Query(ge=0, description="Jobs to skip, newest first.")] = 0,
+) -> JobPage:
+    """Jobs, newest first."""
+    jobs, total = services.store.list(status or None, limit=limit, offset=offset)
+    return JobPage(items=[job_view(job) for job in jobs], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=problem_responses(404))
+def get_job(job: JobDep) -> JobOut:
+    """Status, progress (updated while running), timings, metrics, error and artifacts of one job."""
+    return job_view(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, responses={
+    202: {"description": "Running: its worker stops at the next tensor and removes the partial output."},
+    **problem_responses(404, 409)})
+def cancel_job(job: JobDep, response: Response, services: ServicesDep) -> JobOut:
+    """Cancel a queued job at once (200) or ask a running one to stop (202). Cancelling twice is harmless."""
+    if job.status is JobStatus.cancelled:
+        return job_view(job)
+    updated = services.store.request_cancel(job.id) if job.status in ACTIVE_STATUSES else None
+    if updated is None:
+        current = services.store.get(job.id) or job
+        raise Problem(409, "job-finished", f"job {job.id} already {current.status.value}; nothing to cancel",
+                      title="Job already finished", status_now=current.status.value)
+    if updated.status is JobStatus.running:
+        response.status_code = 202
+    return job_view(updated)
+
+
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses=problem_responses(404, 409))
+def delete_job(job: JobDep, services: ServicesDep) -> Response:
+    """Remove a finished job and its artifacts."""
+    if job.status in ACTIVE_STATUSES or not services.store.delete(job.id):
+        raise Problem(409, "job-active", f"job {job.id} is {job.status.value}; cancel it before deleting it",
+                      title="Job still active", status_now=job.status.value)
+    services.layout.remove_job(job.id)
+    return Response(status_code=204)

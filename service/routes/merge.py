@@ -1,0 +1,40 @@
+"""POST /merge: check a merge request thoroughly, then queue it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import APIRouter, Depends, Response
+
+from service.deps import ServicesDep, require_json
+from service.preflight import preflight
+from service.problems import Problem
+from service.schemas import JobOut, MergeRequest, job_view, problem_responses
+from service.store import JobRecord, JobStatus, ProgressRecord
+
+router = APIRouter(tags=["merge"])
+log = logging.getLogger(__name__)
+
+
+@router.post("/merge", status_code=202, response_model=JobOut, dependencies=[Depends(require_json)],
+             responses=problem_responses(400, 415, 422, 503))
+def submit_merge(body: MergeRequest, response: Response, services: ServicesDep) -> JobOut:
+    """Queue a merge. References are resolved and the adapters checked against the base before anything is
+    queued, so a request that cannot work fails now with a 4xx naming the field at fault."""
+    _, plan = preflight(body, services.resolver)
+    summary = plan.summary()
+    job = JobRecord(
+        id=str(uuid.uuid4()), request=body.model_dump(mode="json"),
+        progress=ProgressRecord(tensors_total=summary["tensors_total"], bytes_total=summary["bytes_total"]),
+    )
+    services.store.create(job)
+    try:
+        services.dispatcher.submit(job.id)
+    except Exception as error:
+        services.store.delete(job.id, only=list(JobStatus))
+        log.exception("could not queue job %s", job.id)
+        raise Problem(503, "queue-unavailable", f"the job queue cannot be reached ({type(error).__name__}); "
+                      "nothing was queued, try again", title="Queue unavailable") from error
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job_view(job)

@@ -1,0 +1,127 @@
+"""`adapter-merge serve`: uvicorn serving the API and, in embedded mode, the local worker processes.
+
+The workers start once the API is listening and are restarted if they die. At shutdown (SIGTERM/SIGINT)
+the API stops taking requests, then each worker stops its merge at the next tensor and puts the job back in
+the queue, so the next `serve` resumes it. The worker processes never share the API's interpreter: torch is
+only ever imported by them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("service.server")
+WORKER_STOP_SECONDS = 30.0
+RESTART_BACKOFF_MAX_SECONDS = 30.0
+
+
+class WorkerSupervisor:
+    """Keeps `count` embedded worker processes running until `stop()`."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "worker.embedded", "--parent-pid", str(os.getpid())]
+        process = subprocess.Popen(command)
+        log.info("embedded worker started (pid %d)", process.pid)
+        return process
+
+    def start(self) -> None:
+        self.processes = [self._spawn() for _ in range(self.count)]
+        self._thread.start()
+
+    def _watch(self) -> None:
+        backoff = 1.0
+        while not self._stopping.wait(1.0):
+            for index, process in enumerate(self.processes):
+                if process.poll() is None or self._stopping.is_set():
+                    continue
+                log.error("embedded worker %d exited with %s; restarting in %.0f s", process.pid,
+                          process.returncode, backoff)
+                if self._stopping.wait(backoff):
+                    return
+                self.processes[index] = self._spawn()
+                backoff = min(backoff * 2, RESTART_BACKOFF_MAX_SECONDS)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(WORKER_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                log.error("embedded worker %d did not stop in %.0f s; killing it", process.pid, WORKER_STOP_SECONDS)
+                process.kill()
+                process.wait()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with a hook that runs once the sockets are bound."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self.on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+
+def _keep_running(signum: int, frame: FrameType | None) -> None:
+    """uvicorn re-raises the signal that stopped it; this lets `serve` finish its own shutdown first."""
+
+
+def serve(host: str | None = None, port: int | None = None) -> int:
+    try:
+        settings = get_settings()
+    except ValidationError as error:
+        print(f"adapter-merge serve: invalid settings:\n{error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    supervisor = None if settings.distributed else WorkerSupervisor(settings.worker_concurrency)
+    config = uvicorn.Config(
+        create_app(settings), host=host or settings.host, port=settings.port if port is None else port,
+        log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=10,
+    )
+    server = _Server(config, on_started=supervisor.start if supervisor else None)
+    _log_mode(settings)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _keep_running)
+    try:
+        server.run()
+    except SystemExit as exit_:  # uvicorn exits this way when it cannot bind or start
+        return int(exit_.code or 1)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+    return 0
+
+
+def _log_mode(settings: Settings) -> None:
+    if settings.distributed:
+        log.info("distributed mode: jobs go to Celery queue %r; run `adapter-merge worker` to execute them",
+                 settings.queue)
+    else:
+        log.info("embedded mode: job state and artifacts in %s, %d local worker(s)", settings.data_dir.absolute(),
+                 settings.worker_concurrency)

@@ -1,0 +1,94 @@
+"""Every knob of the service in one pydantic-settings object, read from `MERGE_*` environment variables.
+
+The API, the embedded worker and the Celery worker all build their settings here, so a deployment sets a
+variable once and every process agrees on it (data dir, roots, lease timings, Redis prefix).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration; see docs/service.md for the table of variables."""
+
+    model_config = SettingsConfigDict(env_prefix="MERGE_", extra="ignore")
+
+    data_dir: Path = Field(Path("var/merge"), description="Job state (embedded mode), scratch and artifacts.")
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders references may point into, separated by ':'; default <data_dir>/models.",
+    )
+    redis_url: str | None = Field(None, description="Set to run distributed: Celery broker and job store.")
+    redis_prefix: str = Field("adapter-merge", description="Prefix of every Redis key (job store and broker).")
+    queue: str = Field("adapter-merge", description="Celery queue the API publishes to and workers consume.")
+
+    host: str = Field("127.0.0.1", description="Listen address of `adapter-merge serve`.")
+    port: int = Field(8000, ge=0, le=65535, description="Listen port of `adapter-merge serve`.")
+    log_level: str = Field("info", description="Python log level of every process.")
+
+    worker_concurrency: int = Field(1, ge=1, description="Merges at once per worker (each is CPU/RAM-heavy).")
+    worker_max_tasks_per_child: int = Field(
+        1, ge=0, description="Recycle a Celery pool process after this many jobs to hand its memory back; 0 never."
+    )
+    lease_seconds: float = Field(60.0, gt=0, description="A running job whose lease is not renewed for this long "
+                                 "is considered lost (its worker died) and is re-run.")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="How often a running job renews its lease.")
+    reap_interval_seconds: float = Field(15.0, gt=0, description="How often lost jobs are looked for.")
+    max_recoveries: int = Field(3, ge=0, description="Re-runs after lost workers before a job is failed.")
+    poll_seconds: float = Field(0.5, gt=0, description="Cancel checks, progress updates, embedded queue polling.")
+    retention_seconds: float = Field(7 * 24 * 3600.0, ge=0, description="Finished jobs and their artifacts are "
+                                     "deleted this long after they finish; 0 keeps them forever.")
+    cleanup_interval_seconds: float = Field(300.0, gt=0, description="How often retention runs.")
+    visibility_timeout_seconds: int = Field(
+        6 * 3600, gt=0, description="Celery/Redis redelivery of unacknowledged messages. Leases, not this, "
+        "recover lost jobs; it only has to exceed the queueing time of a job."
+    )
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in value.split(":") if part.strip()]
+        return value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _heartbeat_fits_lease(self) -> Settings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"MERGE_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be at most half of "
+                f"MERGE_LEASE_SECONDS ({self.lease_seconds}), or a busy worker loses its lease"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        """Redis configured: Celery workers on Redis; otherwise the embedded one-machine mode."""
+        return self.redis_url is not None
+
+    @property
+    def roots(self) -> list[Path]:
+        """Model roots as absolute paths (the default root is created on first use)."""
+        roots = self.model_roots or [self.data_dir / "models"]
+        return [root.expanduser().absolute() for root in roots]
+
+    @property
+    def recovery_bound_seconds(self) -> float:
+        """Worst case from a worker's death until its job is queued again (a free worker starts it at once)."""
+        return self.lease_seconds + self.reap_interval_seconds
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

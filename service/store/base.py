@@ -1,0 +1,145 @@
+"""The job store interface. Backends only provide storage and one atomic read-modify-write; every state
+rule (claiming, leases, cancelling) is written once, here, as functions of a record.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection
+
+from service.store.models import FINISHED_STATUSES, JobRecord, JobStatus, ProgressRecord, utcnow
+
+Change = Callable[[JobRecord, float], JobRecord | None]
+"""Given the current record and the store clock, return the new record, or None to leave it unchanged."""
+
+
+class JobStore(ABC):
+    """Where jobs live. All methods are safe to call from several processes and hosts at once."""
+
+    @abstractmethod
+    def create(self, job: JobRecord) -> None: ...
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def list(
+        self, statuses: Collection[JobStatus] | None = None, limit: int = 50, offset: int = 0,
+        oldest_first: bool = False,
+    ) -> tuple[list[JobRecord], int]:
+        """A page of jobs ordered by creation time, and how many match in all."""
+
+    @abstractmethod
+    def update(self, job_id: str, change: Change) -> JobRecord | None:
+        """Apply `change` atomically; return the stored result, or None if the job is gone or `change`
+        declined."""
+
+    @abstractmethod
+    def delete(self, job_id: str, only: Collection[JobStatus] = FINISHED_STATUSES) -> bool:
+        """Remove the record if its status is one of `only`."""
+
+    @abstractmethod
+    def now(self) -> float:
+        """The store's clock (epoch seconds); leases are compared against it, never a worker's clock."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    # --- state rules shared by all backends -------------------------------------------------------------
+
+    def claim(self, job_id: str, worker: str, lease_seconds: float) -> JobRecord | None:
+        """Queued -> running for `worker`, with a fresh lease and the next attempt number."""
+
+        def change(job: JobRecord, now: float) -> JobRecord | None:
+            if job.status is not JobStatus.queued:
+                return None
+            return job.model_copy(update={
+                "status": JobStatus.running, "attempt": job.attempt + 1, "worker": worker,
+                "started_at": utcnow(), "lease_expires_at": now + lease_seconds,
+                "progress": ProgressRecord(), "error": None,
+            })
+
+        return self.update(job_id, change)
+
+    def claim_next(self, worker: str, lease_seconds: float) -> JobRecord | None:
+        """Claim the oldest queued job (embedded mode has no broker; the store is the queue)."""
+        while True:
+            queued, _ = self.list([JobStatus.queued], limit=10, oldest_first=True)
+            if not queued:
+                return None
+            for job in queued:
+                claimed = self.claim(job.id, worker, lease_seconds)
+                if claimed is not None:
+                    return claimed
+
+    def heartbeat(
+        self, job_id: str, attempt: int, lease_seconds: float | None, progress: ProgressRecord | None = None,
+    ) -> JobRecord | None:
+        """Renew the lease of `attempt` (when `lease_seconds` is given) and store its progress; returns the
+        record (whose `cancel_requested` the worker obeys), or None when the run is no longer this attempt's."""
+
+        def change(job: JobRecord, now: float) -> JobRecord | None:
+            if job.status is not JobStatus.running or job.attempt != attempt:
+                return None
+            update: dict[str, object] = {}
+            if lease_seconds is not None:
+                update["lease_expires_at"] = now + lease_seconds
+            if progress is not None:
+                update["progress"] = progress
+            return job.model_copy(update=update)
+
+        return self.update(job_id, change)
+
+    def finish(self, job_id: str, attempt: int, status: JobStatus, **fields: object) -> JobRecord | None:
+        """End `attempt` with a final status, or put it back in the queue (status=queued)."""
+
+        def change(job: JobRecord, now: float) -> JobRecord | None:
+            if job.status is not JobStatus.running or job.attempt != attempt:
+                return None
+            update: dict[str, object] = {"status": status, "lease_expires_at": None, **fields}
+            update.setdefault("queued_at" if status is JobStatus.queued else "finished_at", utcnow())
+            return job.model_copy(update=update)
+
+        return self.update(job_id, change)
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """A queued job is cancelled at once; a running one is flagged and stopped by its worker."""
+
+        def change(job: JobRecord, now: float) -> JobRecord | None:
+            if job.status is JobStatus.queued:
+                return job.model_copy(update={
+                    "status": JobStatus.cancelled, "cancel_requested": True, "finished_at": utcnow(),
+                })
+            if job.status is JobStatus.running:
+                return job.model_copy(update={"cancel_requested": True})
+            return None
+
+        return self.update(job_id, change)
+
+    def recover(self, job_id: str, max_recoveries: int) -> JobRecord | None:
+        """A running job whose lease ran out lost its worker: queue it again (or end it if it was being
+        cancelled or has been lost too often). The attempt check inside `update` makes this safe to run
+        from many reapers at once."""
+
+        def change(job: JobRecord, now: float) -> JobRecord | None:
+            if job.status is not JobStatus.running or (job.lease_expires_at or 0) > now:
+                return None
+            lost = f"worker {job.worker} stopped renewing its lease (attempt {job.attempt})"
+            update: dict[str, object] = {"lease_expires_at": None, "notes": [*job.notes, lost]}
+            if job.cancel_requested:
+                update.update(status=JobStatus.cancelled, finished_at=utcnow())
+            elif job.recoveries >= max_recoveries:
+                update.update(status=JobStatus.failed, finished_at=utcnow(), error={
+                    "type": "urn:adapter-merge:problem:worker-lost", "title": "Worker lost", "status": 500,
+                    "detail": f"the job lost its worker {job.recoveries + 1} times; giving up",
+                })
+            else:
+                update.update(status=JobStatus.queued, queued_at=utcnow(), recoveries=job.recoveries + 1,
+                              progress=ProgressRecord())
+            return job.model_copy(update=update)
+
+        return self.update(job_id, change)

@@ -1,0 +1,120 @@
+"""Distributed-mode job store: one JSON document per job in Redis plus a sorted set per status.
+
+Changes use WATCH/MULTI (optimistic transactions) so the API, many workers and many reapers can race on
+the same job and exactly one of them wins each transition. Lease expiry is judged by the Redis server's
+clock (TIME), so skew between worker hosts cannot make a live job look dead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import redis
+
+from service.store.base import Change, JobStore
+from service.store.models import FINISHED_STATUSES, JobRecord, JobStatus
+
+
+class RedisJobStore(JobStore):
+    def __init__(self, url: str, prefix: str) -> None:
+        self.redis = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=15, socket_connect_timeout=5, health_check_interval=30,
+        )
+        self.prefix = prefix
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _status_key(self, status: JobStatus) -> str:
+        return f"{self.prefix}:status:{JobStatus(status).value}"
+
+    def create(self, job: JobRecord) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.set(self._job_key(job.id), job.to_json(), nx=True)
+            pipe.zadd(self._status_key(job.status), {job.id: job.created_at.timestamp()})
+            created, _ = pipe.execute()
+        if not created:
+            raise KeyError(f"job {job.id} already exists")
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.get(self._job_key(job_id))
+        return JobRecord.from_json(raw) if raw else None
+
+    def list(
+        self, statuses: Collection[JobStatus] | None = None, limit: int = 50, offset: int = 0,
+        oldest_first: bool = False,
+    ) -> tuple[list[JobRecord], int]:
+        keys = [self._status_key(s) for s in (statuses if statuses is not None else list(JobStatus))]
+        if not keys:
+            return [], 0
+        if len(keys) == 1:
+            total = self.redis.zcard(keys[0])
+            ids = self.redis.zrange(keys[0], offset, offset + limit - 1, desc=not oldest_first)
+        else:
+            scored = self.redis.zunion(keys, withscores=True)
+            scored.sort(key=lambda item: (item[1], item[0]), reverse=not oldest_first)
+            total = len(scored)
+            ids = [job_id for job_id, _ in scored[offset:offset + limit]]
+        if not ids:
+            return [], total
+        docs = self.redis.mget([self._job_key(job_id) for job_id in ids])
+        return [JobRecord.from_json(doc) for doc in docs if doc], total
+
+    def update(self, job_id: str, change: Change) -> JobRecord | None:
+        key = self._job_key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        return None
+                    old = JobRecord.from_json(raw)
+                    new = change(old, _seconds(pipe.time()))
+                    if new is None:
+                        pipe.unwatch()
+                        return None
+                    pipe.multi()
+                    pipe.set(key, new.to_json())
+                    if new.status is not old.status:
+                        pipe.zrem(self._status_key(old.status), job_id)
+                        pipe.zadd(self._status_key(new.status), {job_id: new.created_at.timestamp()})
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
+
+    def delete(self, job_id: str, only: Collection[JobStatus] = FINISHED_STATUSES) -> bool:
+        key = self._job_key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        return False
+                    job = JobRecord.from_json(raw)
+                    if job.status not in only:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.zrem(self._status_key(job.status), job_id)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def now(self) -> float:
+        return _seconds(self.redis.time())
+
+    def ping(self) -> None:
+        self.redis.ping()
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def _seconds(redis_time: tuple[int, int]) -> float:
+    seconds, micros = redis_time
+    return seconds + micros / 1e6
