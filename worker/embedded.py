@@ -1,0 +1,108 @@
+"""The embedded worker: `adapter-merge serve` starts this process when no Redis is configured.
+
+It takes queued jobs from the local store and runs each in a forked child process, as Celery's prefork pool
+does with one task per child: the memory a merge used goes back to the system when the child exits, peak
+RSS is measured per job, and a crash in the merge cannot take the worker down. On SIGTERM (or when the API
+process that started it disappears) the running merge stops at the next tensor and its job goes back to
+the queue, so a restart picks it up again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from service.settings import Settings, get_settings
+from service.store import JobRecord, open_store
+from worker.runner import JobRunner, worker_identity
+
+log = logging.getLogger("worker.embedded")
+
+
+class EmbeddedWorker:
+    def __init__(self, settings: Settings, parent_pid: int | None) -> None:
+        self.settings = settings
+        self.parent_pid = parent_pid
+        self.stopping = threading.Event()
+        self.child: int | None = None
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+        if self.child is not None:
+            os.kill(self.child, signal.SIGTERM)
+
+    def parent_gone(self) -> bool:
+        return self.parent_pid is not None and os.getppid() != self.parent_pid
+
+    def run(self) -> int:
+        store = open_store(self.settings)
+        identity = worker_identity()
+        log.info("embedded worker %s polling %s", identity, self.settings.data_dir)
+        while not self.stopping.is_set():
+            if self.parent_gone():
+                log.warning("the API process is gone; stopping")
+                break
+            job = store.claim_next(identity, self.settings.lease_seconds)
+            if job is None:
+                self.stopping.wait(self.settings.poll_seconds)
+                continue
+            self.run_in_child(job)
+        return 0
+
+    def run_in_child(self, job: JobRecord) -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_child_main(self.settings, job))
+        self.child = pid
+        try:
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if self.parent_gone() and not self.stopping.is_set():
+                    self.on_signal(signal.SIGTERM, None)
+                time.sleep(0.1)
+        finally:
+            self.child = None
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            log.error("job %s: merge process ended with %s; the lease reaper will recover it", job.id,
+                      f"signal {-code}" if code < 0 else f"exit code {code}")
+
+
+def _child_main(settings: Settings, job: JobRecord) -> int:
+    try:
+        runner = JobRunner(settings)
+
+        def shutdown(signum: int, frame: FrameType | None) -> None:
+            runner.shutdown.set()
+
+        signal.signal(signal.SIGTERM, shutdown)
+        signal.signal(signal.SIGINT, shutdown)
+        runner.execute(job)
+        return 0
+    except BaseException:
+        log.exception("job %s: merge process failed", job.id)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.embedded", description=__doc__.splitlines()[0])
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (the API server) exits")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = EmbeddedWorker(settings, args.parent_pid)
+    signal.signal(signal.SIGTERM, worker.on_signal)
+    signal.signal(signal.SIGINT, worker.on_signal)
+    return worker.run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The job runner: the one piece of code that executes a merge job, for Celery tasks and the embedded
+worker alike.
+
+A run claims the job (queued -> running, next attempt, fresh lease), starts from an empty scratch folder,
+resolves the references again, lets the engine write into scratch, renames the finished folder into the
+artifacts area and records timings, metrics and artifacts. Every write to the job is fenced by the attempt
+number, so a worker that lost its lease (and whose job now runs elsewhere) cannot overwrite the rerun.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from service.layout import DataLayout
+from service.preflight import input_problem, resolve_request
+from service.problems import Problem
+from service.refs import LocalRootsResolver
+from service.schemas import MergeRequest
+from service.settings import Settings
+from service.store import ArtifactRecord, JobRecord, JobStatus, JobStore, open_store, utcnow
+from worker.engine import InputError, MergeCancelled, MergeError, MergeReport, NumericError
+from worker.watch import JobWatch
+
+log = logging.getLogger(__name__)
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, store: JobStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or open_store(settings)
+        self.layout = DataLayout(settings.data_dir)
+        self.resolver = LocalRootsResolver(settings.roots)
+        self.shutdown = threading.Event()
+        """Set to stop the current merge and put its job back in the queue (worker shutting down)."""
+
+    def run(self, job_id: str) -> JobRecord | None:
+        """Claim `job_id` and run it. A job that is not queued (a duplicate delivery, or already claimed,
+        finished or cancelled) is left alone: that is what makes the Celery task idempotent."""
+        job = self.store.claim(job_id, worker_identity(), self.settings.lease_seconds)
+        if job is None:
+            log.info("job %s is not queued; nothing to do", job_id)
+            return None
+        return self.execute(job)
+
+    def execute(self, job: JobRecord) -> JobRecord | None:
+        """Run a job this process has claimed; returns the final record (None if the run was superseded)."""
+        log.info("job %s: attempt %d starts on %s", job.id, job.attempt, worker_identity())
+        self.layout.clean_work(job.id)
+        with JobWatch(self.store, job, self.settings, self.shutdown) as watch:
+            try:
+                return self._merge(job, watch)
+            except MergeCancelled:
+                return self._stopped(job, watch)
+            except Exception as error:
+                return self._fail(job, error, watch)
+            finally:
+                self.layout.clean_work(job.id)
+
+    def _merge(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
+        from worker.engine import merge  # imports torch: only where merges run
+
+        resolved = resolve_request(MergeRequest.model_validate(job.request), self.resolver)
+        # From the claim on: starting the merge process and loading the engine count as getting ready.
+        resolve_seconds = _seconds(job.started_at, utcnow())
+        try:
+            report = merge(resolved.base, resolved.adapters, self.layout.attempt_output(job.id, job.attempt),
+                           resolved.options, progress=watch.progress, should_stop=watch.should_stop)
+        except InputError as error:
+            raise input_problem(error, resolved) from error
+        if watch.lost or watch.cancel_requested:  # superseded or cancelled after the last tensor
+            raise MergeCancelled("stopped before publishing")
+        publish_started = time.perf_counter()
+        self.layout.publish(job.id, report.output_dir)
+        publish_seconds = time.perf_counter() - publish_started
+        finished_at = utcnow()
+        final = self.store.finish(
+            job.id, job.attempt, JobStatus.succeeded, finished_at=finished_at,
+            artifacts=[ArtifactRecord(**entry) for entry in report.files],
+            progress=watch.latest or job.progress,
+            timings=_timings(job, finished_at, resolve_seconds, report, publish_seconds),
+            metrics=_metrics(report), notes=[*job.notes, *report.notes],
+        )
+        if final is None:
+            log.warning("job %s: attempt %d finished after losing the job; result left to the owner",
+                        job.id, job.attempt)
+            if self.store.get(job.id) is None:
+                self.layout.remove_job(job.id)
+        else:
+            log.info("job %s: succeeded in %.2f s", job.id, final.timings["total"])
+        return final
+
+    def _stopped(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
+        if watch.lost:
+            return None
+        if watch.cancel_requested:
+            log.info("job %s: cancelled, partial output removed", job.id)
+            return self.store.finish(job.id, job.attempt, JobStatus.cancelled, progress=watch.latest or job.progress)
+        log.info("job %s: worker shutting down; back to the queue", job.id)
+        return self.store.finish(job.id, job.attempt, JobStatus.queued, worker=None)
+
+    def _fail(self, job: JobRecord, error: Exception, watch: JobWatch) -> JobRecord | None:
+        problem = _problem_of(error)
+        if problem.status >= 500:
+            log.exception("job %s: failed", job.id, exc_info=error)
+        else:
+            log.info("job %s: failed: %s", job.id, problem.detail)
+        return self.store.finish(job.id, job.attempt, JobStatus.failed, error=problem.to_dict(),
+                                 progress=watch.latest or job.progress)
+
+
+def _problem_of(error: Exception) -> Problem:
+    """How a failed run is reported: the same problem shape the API uses for its own errors."""
+    if isinstance(error, Problem):
+        return error
+    if isinstance(error, NumericError):
+        return Problem(422, "numeric-error", str(error), title="Merge produced invalid numbers")
+    if isinstance(error, MergeError):
+        return Problem(422, "merge-error", str(error), title="Merge failed")
+    if isinstance(error, OSError):
+        return Problem(500, "storage-error", f"{type(error).__name__}: {error}", title="Storage error")
+    return Problem(500, "internal-error", f"{type(error).__name__}: {error}", title="Internal error")
+
+
+def _seconds(start: datetime | None, end: datetime) -> float:
+    return max(0.0, (end - start).total_seconds()) if start else 0.0
+
+
+def _timings(job: JobRecord, finished_at: datetime, resolve: float, report: MergeReport,
+             publish: float) -> dict[str, float]:
+    engine = report.timings
+    after_merge = engine["total"] - engine["plan"] - engine["merge"]
+    return {
+        "queued": _seconds(job.created_at, job.started_at or finished_at),
+        "resolve": resolve + engine["plan"],
+        "merge": engine["merge"],
+        "write": after_merge + publish,
+        "total": _seconds(job.created_at, finished_at),
+    }
+
+
+def _metrics(report: MergeReport) -> dict[str, Any]:
+    seconds = report.timings["total"]
+    return {
+        "peak_rss_bytes": report.peak_rss_bytes,
+        "bytes_written": report.bytes_written,
+        "bytes_per_second": report.bytes_written / seconds if seconds > 0 else None,
+        "tensors_merged": report.tensors_merged,
+        "tensors_copied": report.tensors_copied,
+        "worker_host": socket.gethostname(),
+        "worker": worker_identity(),
+    }

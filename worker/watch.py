@@ -1,0 +1,90 @@
+"""The companion thread of a running merge: renews the job's lease, publishes progress, and notices when
+the merge must stop (cancel requested, worker shutting down, or the lease lost to a rerun elsewhere).
+
+The engine only polls `should_stop()` between tensors and calls `progress()` after each; both are cheap
+memory reads here, and all store traffic happens on this thread at a steady pace.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from types import TracebackType
+
+from service.settings import Settings
+from service.store import JobRecord, JobStore, ProgressRecord
+from worker.engine import Progress
+
+log = logging.getLogger(__name__)
+
+
+class JobWatch:
+    def __init__(self, store: JobStore, job: JobRecord, settings: Settings, shutdown: threading.Event) -> None:
+        self.store, self.job, self.settings, self.shutdown = store, job, settings, shutdown
+        self.cancel_requested = job.cancel_requested
+        self.lost = False
+        self._latest: Progress | None = None
+        self._sent: Progress | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{job.id}", daemon=True)
+
+    def __enter__(self) -> JobWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._done.set()
+        self._thread.join()
+
+    # -- called from the merge thread --------------------------------------------------------------------
+
+    def progress(self, progress: Progress) -> None:
+        self._latest = progress
+
+    def should_stop(self) -> bool:
+        return self.cancel_requested or self.lost or self.shutdown.is_set()
+
+    @property
+    def latest(self) -> ProgressRecord | None:
+        return _record(self._latest) if self._latest is not None else None
+
+    # -- the thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_renewal = time.monotonic() + self.settings.heartbeat_seconds
+        while not self._done.wait(self.settings.poll_seconds):
+            renew = time.monotonic() >= next_renewal
+            try:
+                self._beat(renew)
+            except Exception:  # keep beating: the lease only lapses if this lasts lease_seconds
+                log.exception("job %s: heartbeat failed", self.job.id)
+                continue
+            if renew:
+                next_renewal = time.monotonic() + self.settings.heartbeat_seconds
+
+    def _beat(self, renew: bool) -> None:
+        latest = self._latest
+        progress = _record(latest) if latest is not None and latest != self._sent else None
+        if renew or progress is not None:
+            lease = self.settings.lease_seconds if renew else None
+            record = self.store.heartbeat(self.job.id, self.job.attempt, lease, progress)
+        else:
+            record = self.store.get(self.job.id)
+            if record is not None and (record.attempt != self.job.attempt or record.status != "running"):
+                record = None
+        if record is None:
+            if not self.lost:
+                log.warning("job %s: attempt %d no longer owns the job; stopping", self.job.id, self.job.attempt)
+            self.lost = True
+            return
+        self._sent = latest if progress is not None else self._sent
+        if record.cancel_requested and not self.cancel_requested:
+            log.info("job %s: cancel requested", self.job.id)
+            self.cancel_requested = True
+
+
+def _record(progress: Progress) -> ProgressRecord:
+    return ProgressRecord(tensors_done=progress.tensors_done, tensors_total=progress.tensors_total,
+                          bytes_done=progress.bytes_done, bytes_total=progress.bytes_total)
