@@ -24,6 +24,7 @@ def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--weights", help="comma-separated multiplier per adapter, default 1.0 each")
     merge.add_argument("--max-shard-size", help="re-shard the output, e.g. 5GB; default keeps the base layout")
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.add_argument("--fsync", action="store_true", help="flush the output to disk before finishing")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,13 @@ class ProgressBar:
         sys.stderr.flush()
 
 
+def checksum_cache_dir() -> Path:
+    """Where the CLI remembers input checksums: $ADAPTER_MERGE_CACHE, else the user's cache folder."""
+    if folder := os.environ.get("ADAPTER_MERGE_CACHE"):
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adapter-merge"
+
+
 def parse_weights(text: str | None, count: int) -> list[float]:
     if text is None:
         return [1.0] * count
@@ -50,6 +58,8 @@ def run_merge(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
             overwrite=args.overwrite,
+            fsync=args.fsync,
+            checksum_cache=checksum_cache_dir(),
         )
         adapters = [AdapterSpec(Path(path), weight) for path, weight in zip(args.adapters, weights, strict=True)]
         report = merge(Path(args.base), adapters, Path(args.out), options, progress=ProgressBar(not args.quiet))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -10,9 +9,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from worker.engine.checksums import ChecksumCache, describe_files
 from worker.engine.plan import MergePlan
-
-HASH_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 def engine_version() -> str:
@@ -22,35 +20,22 @@ def engine_version() -> str:
         return "0+unknown"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(HASH_CHUNK_BYTES)
-    view = memoryview(buffer)
-    with path.open("rb", buffering=0) as handle:
-        while count := handle.readinto(buffer):
-            digest.update(view[:count])
-    return digest.hexdigest()
-
-
-def describe_files(root: Path, paths: list[Path]) -> list[dict[str, Any]]:
-    """path (relative to root), size and sha256 of each file."""
-    return [{"path": str(path.relative_to(root)), "size": path.stat().st_size, "sha256": sha256_file(path)}
-            for path in paths]
-
-
-def input_files(plan: MergePlan) -> dict[str, list[Path]]:
-    """Every file the merge reads, grouped by where it came from."""
-    groups = {"base": sorted(p for p in plan.base.root.iterdir() if p.is_file())}
+def input_files(plan: MergePlan) -> dict[str, tuple[Path, list[Path]]]:
+    """Every file the merge reads, grouped by where it came from, with the folder paths are relative to."""
+    groups = {"base": (plan.base.root, sorted(p for p in plan.base.root.iterdir() if p.is_file()))}
     for adapter in plan.adapters:
-        groups[f"adapter {adapter.index}"] = [adapter.config.path, adapter.weights_file]
+        groups[f"adapter {adapter.index}"] = (adapter.root, [adapter.config.path, adapter.weights_file])
     return groups
 
 
-def hash_inputs_in_background(plan: MergePlan, pool: ThreadPoolExecutor) -> Future[dict[str, list[dict[str, Any]]]]:
+def hash_inputs_in_background(
+    plan: MergePlan, cache: ChecksumCache, pool: ThreadPoolExecutor
+) -> Future[dict[str, list[dict[str, Any]]]]:
     """Checksum the inputs on another thread while the merge runs (hashlib releases the GIL)."""
     groups = input_files(plan)
-    roots = {"base": plan.base.root} | {f"adapter {a.index}": a.root for a in plan.adapters}
-    return pool.submit(lambda: {key: describe_files(roots[key], paths) for key, paths in groups.items()})
+    return pool.submit(
+        lambda: {key: describe_files(root, paths, cache.sha256) for key, (root, paths) in groups.items()}
+    )
 
 
 def build_manifest(

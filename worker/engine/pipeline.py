@@ -1,26 +1,32 @@
 """Run a merge plan: stream every output tensor into its shard, then the side files and the manifest.
 
-Verbatim tensors are copied by the kernel; changed tensors are computed a row block at a time and written
-as soon as each block is ready. Inputs are checksummed on another thread meanwhile. On any failure or
-cancellation the temporary output folder is removed, so the target either appears complete or not at all.
+The calling thread reads and computes; a writer thread writes and checksums what it produced, in order;
+a third thread checksums the inputs. Changed tensors are computed a cache-sized block at a time and handed
+over in chunks, so memory stays at a few chunks whatever the model size. On any failure or cancellation
+the temporary output folder is removed: the target appears complete or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from worker.engine.checksums import ChecksumCache, describe_files
 from worker.engine.errors import MergeCancelled
-from worker.engine.manifest import build_manifest, describe_files, hash_inputs_in_background
+from worker.engine.manifest import build_manifest, hash_inputs_in_background
 from worker.engine.plan import MergePlan, plan_merge
 from worker.engine.side_files import MANIFEST_FILE, write_json, write_side_files
 from worker.engine.spec import AdapterSpec, MergeOptions, MergeReport, Progress, ProgressCallback, StopCheck
-from worker.engine.tensor_io import TensorReader, tensor_bytes
-from worker.engine.tensor_merge import ChangeStats, TensorMerger
-from worker.engine.writer import OutputFolder, ShardWriter
+from worker.engine.tensor_io import BufferPool, TensorReader, tensor_bytes
+from worker.engine.tensor_merge import CHUNK_BYTES, ChangeStats, TensorMerger
+from worker.engine.writer import QUEUED_CHUNKS, OutputFolder, ShardSink
 
 
 def merge(
@@ -38,25 +44,27 @@ def merge(
     plan = plan_merge(base_dir, adapters, options)
     timings = {"plan": time.perf_counter() - started}
     folder = OutputFolder(Path(out_dir), options.overwrite)
+    checksums = ChecksumCache(options.checksum_cache)
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-hash") as pool:
-            inputs = hash_inputs_in_background(plan, pool)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-inputs") as pool, torch_threads(options.threads):
+            inputs = hash_inputs_in_background(plan, checksums, pool)
             phase = time.perf_counter()
-            changes = _write_shards(plan, folder.path, progress, should_stop)
+            shards, changes = _write_shards(plan, folder.path, progress, should_stop)
             timings["merge"] = time.perf_counter() - phase
             phase = time.perf_counter()
             notes = [*plan.notes, *write_side_files(plan, folder.path)]
-            outputs = describe_files(folder.path, sorted(p for p in folder.path.iterdir() if p.is_file()))
+            side = sorted(p for p in folder.path.iterdir() if p.is_file() and p.name not in plan.shards)
+            outputs = sorted([*shards, *describe_files(folder.path, side)], key=lambda entry: entry["path"])
+            input_checksums = inputs.result()
             timings["finalize"] = time.perf_counter() - phase
             timings["total"] = time.perf_counter() - started
-            manifest = build_manifest(plan, inputs.result(), outputs, changes, timings, notes)
-        write_json(folder.path / MANIFEST_FILE, manifest)
+        write_json(folder.path / MANIFEST_FILE, build_manifest(plan, input_checksums, outputs, changes, timings, notes))
         folder.commit()
     except BaseException:
         folder.abort()
         raise
-    timings["total"] = time.perf_counter() - started
-    outputs = [*outputs, *describe_files(folder.target, [folder.target / MANIFEST_FILE])]
+    checksums.save()
+    outputs.extend(describe_files(folder.target, [folder.target / MANIFEST_FILE]))
     return MergeReport(
         output_dir=folder.target,
         tensors_total=len(plan.outputs),
@@ -70,31 +78,51 @@ def merge(
     )
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with `count` torch threads, restoring the caller's setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _write_shards(
     plan: MergePlan, folder: Path, progress: ProgressCallback | None, should_stop: StopCheck | None
-) -> dict[str, float]:
-    """Write every shard; returns the relative change of each changed tensor, for the manifest."""
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Write every shard; returns their descriptions and the relative change of each changed tensor."""
     labels = {adapter.index: adapter.label for adapter in plan.adapters}
     tensors_total, bytes_total = len(plan.outputs), plan.bytes_total
     done = bytes_done = 0
-    changes: dict[str, Any] = {}
-    with TensorReader() as reader:
-        merger = TensorMerger(reader, labels)
-        for shard_name, tensors in plan.shards.items():
-            writer = ShardWriter(folder / shard_name, tensors)
-            for tensor in tensors:
-                if should_stop is not None and should_stop():
-                    raise MergeCancelled("merge cancelled")
-                if tensor.verbatim:
-                    writer.copy_tensor(tensor.name, reader, tensor)
-                else:
-                    stats = ChangeStats()
-                    for block in merger.blocks(tensor, stats):
-                        writer.write_block(tensor.name, tensor_bytes(block))
-                    if tensor.changed:
-                        changes[tensor.name] = stats.relative_change
-                done, bytes_done = done + 1, bytes_done + tensor.nbytes
-                if progress is not None:
-                    progress(Progress(done, tensors_total, bytes_done, bytes_total))
-            writer.close()
-    return changes
+    changes: dict[str, float] = {}
+    sink = ShardSink(fsync=plan.options.fsync)
+    pool = BufferPool(CHUNK_BYTES, QUEUED_CHUNKS + 2)
+    try:
+        with TensorReader() as reader:
+            merger = TensorMerger(reader, labels, pool)
+            for shard_name, tensors in plan.shards.items():
+                sink.open_shard(folder / shard_name, tensors)
+                for tensor in tensors:
+                    if should_stop is not None and should_stop():
+                        raise MergeCancelled("merge cancelled")
+                    if tensor.verbatim:
+                        for raw, release in reader.raw_chunks(tensor.source, pool):
+                            sink.write(tensor_bytes(raw), release)
+                    else:
+                        stats = ChangeStats()
+                        for chunk, release in merger.chunks(tensor, stats):
+                            sink.write(tensor_bytes(chunk), release)
+                        if tensor.changed:
+                            changes[tensor.name] = stats.relative_change
+                    done, bytes_done = done + 1, bytes_done + tensor.nbytes
+                    if progress is not None:
+                        progress(Progress(done, tensors_total, bytes_done, bytes_total))
+                sink.close_shard()
+            written = sink.finish()
+    except BaseException:
+        sink.abandon()
+        raise
+    shards = [{"path": f.path.name, "size": f.size, "sha256": f.sha256} for f in written]
+    return shards, changes

@@ -8,16 +8,15 @@ copies their byte range from the base file into the output file.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
+import queue
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from worker.engine.errors import InputError
 from worker.engine.safetensors_format import TensorInfo
-
-COPY_CHUNK_BYTES = 8 * 1024 * 1024
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
@@ -42,6 +41,27 @@ def legacy_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{path}: legacy adapter weights are not a dict of tensors")
     return state
+
+
+class BufferPool:
+    """A few fixed-size byte buffers, reused: fresh multi-MB allocations would page-fault on every chunk."""
+
+    def __init__(self, nbytes: int, count: int) -> None:
+        self.nbytes = nbytes
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
+
+    def acquire(self, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A buffer of exactly `nbytes` and the callback that returns it; oversized requests are not pooled."""
+        if nbytes > self.nbytes:
+            return torch.empty(nbytes, dtype=torch.uint8), _nothing
+        buffer = self._free.get()
+        return buffer[:nbytes], lambda: self._free.put(buffer)
+
+
+def _nothing() -> None:
+    pass
 
 
 class TensorReader:
@@ -71,40 +91,25 @@ class TensorReader:
     def read(self, info: TensorInfo) -> torch.Tensor:
         return self.read_rows(info, 0, info.shape[0] if info.shape else 1)
 
-    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the tensor's first dimension, in the stored dtype."""
+    def read_rows(self, info: TensorInfo, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the tensor's first dimension, in the stored dtype, into `buffer` if given."""
         if info.offset < 0:
             return self._legacy_tensor(info)[start:stop]
         row_bytes = info.nbytes // info.shape[0] if info.shape else info.nbytes
-        buffer = bytearray((stop - start) * row_bytes)
-        read_exact(self._fd(info.file), buffer, info.offset + start * row_bytes, info.file)
+        nbytes = (stop - start) * row_bytes
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = buffer[:nbytes]
+        read_exact(self._fd(info.file), tensor_bytes(buffer), info.offset + start * row_bytes, info.file)
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        if not buffer:
-            return torch.empty(shape, dtype=TORCH_DTYPES[info.dtype])
-        return torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]).reshape(shape)
+        return buffer.view(TORCH_DTYPES[info.dtype]).reshape(shape)
 
-    def copy_to(self, info: TensorInfo, destination_fd: int) -> None:
-        """Append a tensor's stored bytes to `destination_fd`, copied inside the kernel where it can."""
-        source_fd, offset, remaining = self._fd(info.file), info.offset, info.nbytes
-        try:
-            while remaining:
-                copied = os.copy_file_range(source_fd, destination_fd, remaining, offset)
-                if copied == 0:
-                    raise InputError(f"{info.file}: file ended early (was it truncated while merging?)")
-                offset, remaining = offset + copied, remaining - copied
-        except OSError as error:
-            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            self._copy_by_reading(source_fd, offset, remaining, destination_fd, info.file)
-
-    @staticmethod
-    def _copy_by_reading(source_fd: int, offset: int, remaining: int, destination_fd: int, path: Path) -> None:
-        chunk = bytearray(min(remaining, COPY_CHUNK_BYTES))
-        while remaining:
-            view = memoryview(chunk)[: min(remaining, len(chunk))]
-            read_exact(source_fd, view, offset, path)
-            write_all(destination_fd, view)
-            offset, remaining = offset + len(view), remaining - len(view)
+    def raw_chunks(self, info: TensorInfo, pool: BufferPool) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
+        """A stored tensor's bytes in pooled chunks, for verbatim copies; each comes with its release callback."""
+        for start in range(0, info.nbytes, pool.nbytes):
+            buffer, release = pool.acquire(min(pool.nbytes, info.nbytes - start))
+            read_exact(self._fd(info.file), tensor_bytes(buffer), info.offset + start, info.file)
+            yield buffer, release
 
     def _legacy_tensor(self, info: TensorInfo) -> torch.Tensor:
         if info.file not in self._legacy:

@@ -1,9 +1,10 @@
-"""Compute one changed output tensor, block by block: read the source rows, apply the plan's operations in
-fp32, check the result, and round once to the output dtype."""
+"""Compute one changed output tensor: read its source a chunk of rows at a time, apply the plan's operations
+to cache-sized blocks in fp32, check them, and round each block once into the output chunk."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,86 +15,114 @@ from worker.engine.merge_math import (
     accumulate_column_squares,
     apply_update,
     as_matrix,
+    lowrank_change_squares,
     replace_rows,
     rows_per_block,
 )
 from worker.engine.operations import BiasOp, LoraOp, Op, OutputTensor, TokenRowsOp
 from worker.engine.safetensors_format import TensorInfo
-from worker.engine.tensor_io import TORCH_DTYPES, TensorReader
+from worker.engine.tensor_io import TORCH_DTYPES, BufferPool, TensorReader
 
-BLOCK_ELEMENTS = 4 * 1024 * 1024
-"""fp32 elements per row block (16 MiB): small enough to stay in cache-friendly, bounded memory."""
+BLOCK_ELEMENTS = 64 * 1024
+"""fp32 elements a block works on (256 KiB): all of a block's steps then run in the CPU's cache."""
+CHUNK_BYTES = 16 * 1024 * 1024
+"""Bytes read or written per chunk: large enough for efficient I/O, small enough to bound memory."""
+
+# The smallest magnitude that rounds to infinity in each 16-bit dtype (max finite + half an ulp).
+OVERFLOW_AT = {torch.float16: 65520.0, torch.bfloat16: (2 - 2**-8) * 2.0**127}
 
 
 @dataclass
 class ChangeStats:
-    """Σ(out − W₀)² and ΣW₀² over a tensor, for the manifest's relative change."""
+    """Σ(W - W₀)² and ΣW₀² over a tensor (before rounding), for the manifest's relative change."""
 
     change_squares: float = 0.0
     base_squares: float = 0.0
 
     @property
     def relative_change(self) -> float:
-        return (self.change_squares / self.base_squares) ** 0.5 if self.base_squares else float("inf")
+        return math.sqrt(self.change_squares / self.base_squares) if self.base_squares else float("inf")
 
 
 class TensorMerger:
-    def __init__(self, reader: TensorReader, labels: dict[int, str], block_elements: int = BLOCK_ELEMENTS) -> None:
+    def __init__(self, reader: TensorReader, labels: dict[int, str], pool: BufferPool) -> None:
         self.reader = reader
         self.labels = labels
         """Adapter index -> how messages name it."""
-        self.block_elements = block_elements
+        self.pool = pool
+        self._staging = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
+        """Source rows are read here, one chunk at a time; reused so its pages are touched only once."""
 
-    def blocks(self, tensor: OutputTensor, stats: ChangeStats) -> Iterator[torch.Tensor]:
-        """The output tensor as consecutive row blocks in the output dtype, flattened to 2D."""
+    def chunks(self, tensor: OutputTensor, stats: ChangeStats) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
+        """The output tensor as consecutive chunks of rows in the output dtype, each in a pooled buffer
+        that the callback returns once the chunk is written."""
         compute = torch.float64 if "F64" in (tensor.dtype, tensor.source.dtype) else torch.float32
         out_dtype = TORCH_DTYPES[tensor.dtype]
         updates = [self._prepare(op, compute) for op in tensor.ops]
-        source_rows = tensor.shape[0] if tensor.shape else 1
         rows, columns = as_matrix(torch.empty(tensor.shape, device="meta")).shape
-        step = rows_per_block(columns, self.block_elements)
-        if source_rows != rows:  # a vector or scalar: one block of one row
-            step = source_rows
-        self._column_norms(tensor, updates, step, compute)
-        for start in range(0, source_rows, step):
-            stop = min(start + step, source_rows)
-            base_block = as_matrix(self.reader.read_rows(tensor.source, start, stop)).to(compute)
-            current = base_block.clone()
-            for op, update in zip(tensor.ops, updates, strict=True):
-                self._apply(tensor, op, update, current, base_block, start if rows == source_rows else 0)
-            yield self._finish_block(tensor, current, base_block, out_dtype, stats, start)
+        self._column_norms(tensor, updates, rows, columns, compute)
+        plain_lora = tensor.ops and all(isinstance(u, LowRank) and u.magnitude is None for u in updates)
+        if plain_lora and not tensor.replaced:
+            stats.change_squares = lowrank_change_squares(updates)  # type: ignore[arg-type]
+        measure_change = tensor.changed and stats.change_squares == 0.0
+        keep_base = measure_change or any(isinstance(u, LowRank) and u.magnitude is not None for u in updates)
+        block = rows_per_block(columns, BLOCK_ELEMENTS)
+        widest = max(out_dtype.itemsize, TORCH_DTYPES[tensor.source.dtype].itemsize)
+        chunk_rows = rows_per_block(columns * widest, CHUNK_BYTES)
+        for chunk_start in range(0, rows, chunk_rows):
+            chunk_stop = min(chunk_start + chunk_rows, rows)
+            source = as_matrix(self._read_rows(tensor.source, chunk_start, chunk_stop, rows))
+            buffer, release = self.pool.acquire((chunk_stop - chunk_start) * columns * out_dtype.itemsize)
+            out = buffer.view(out_dtype).reshape(chunk_stop - chunk_start, columns)
+            for offset in range(0, chunk_stop - chunk_start, block):
+                end = min(offset + block, chunk_stop - chunk_start)
+                start = chunk_start + offset
+                base_block = source[offset:end].to(compute)
+                base_flat = base_block.reshape(-1)
+                stats.base_squares += float(torch.dot(base_flat, base_flat))
+                current = base_block.clone() if keep_base or base_block is source else base_block
+                self._merge_block(tensor, updates, current, base_block, start)
+                self._check(tensor, current, out_dtype, start)
+                if measure_change:
+                    stats.change_squares += float(torch.dist(current, base_block)) ** 2
+                out[offset:end].copy_(current)
+            yield out, release
 
-    def _apply(self, tensor: OutputTensor, op: Op, update: object, current: torch.Tensor,
-               base_block: torch.Tensor, start: int) -> None:
-        if isinstance(op, LoraOp):
-            assert isinstance(update, LowRank)
-            if not apply_update(current, base_block, update, start):
-                raise NumericError(
-                    f"tensor {tensor.name!r}: DoRA weight norm is zero in {self.labels[op.adapter]} "
-                    f"(module {op.module!r}); the merge would divide by zero"
-                )
-        elif isinstance(op, BiasOp):
-            assert isinstance(update, torch.Tensor)
-            current += update.reshape(1, -1) * op.scale
-        else:
-            assert isinstance(update, tuple)
-            replace_rows(current, start, *update)
+    def _read_rows(self, info: TensorInfo, start: int, stop: int, rows: int) -> torch.Tensor:
+        if info.shape and rows == info.shape[0]:
+            return self.reader.read_rows(info, start, stop, self._staging)
+        return self.reader.read(info)  # a vector or scalar is a single row
 
-    def _finish_block(self, tensor: OutputTensor, current: torch.Tensor, base_block: torch.Tensor,
-                      out_dtype: torch.dtype, stats: ChangeStats, start: int) -> torch.Tensor:
-        if not bool(torch.isfinite(current).all()):
+    def _merge_block(self, tensor: OutputTensor, updates: list[object], current: torch.Tensor,
+                     base_block: torch.Tensor, start: int) -> None:
+        """Apply every operation to `current` in place; DoRA norms read the untouched `base_block`."""
+        for index, (op, update) in enumerate(zip(tensor.ops, updates, strict=True)):
+            if isinstance(op, LoraOp):
+                assert isinstance(update, LowRank)
+                if not apply_update(current, base_block, update, start, first=index == 0):
+                    raise NumericError(
+                        f"tensor {tensor.name!r}: DoRA weight norm is zero in {self.labels[op.adapter]} "
+                        f"(module {op.module!r}); the merge would divide by zero"
+                    )
+            elif isinstance(op, BiasOp):
+                assert isinstance(update, torch.Tensor)
+                current.add_(update.reshape(1, -1), alpha=op.scale)
+            else:
+                assert isinstance(update, tuple)
+                replace_rows(current, start, *update)
+
+    @staticmethod
+    def _check(tensor: OutputTensor, current: torch.Tensor, out_dtype: torch.dtype, start: int) -> None:
+        """NaN, inf and 16-bit overflow are errors; one min/max reduction finds all three."""
+        if current.numel() == 0:
+            return
+        low, high = (float(v) for v in torch.aminmax(current))
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise NumericError(f"tensor {tensor.name!r}: merged values are not finite (row block from {start})")
-        rounded = current.to(out_dtype)
-        if out_dtype != current.dtype and not bool(torch.isfinite(rounded).all()):
-            largest = float(current.abs().max())
-            raise NumericError(
-                f"tensor {tensor.name!r}: merged value {largest:.6g} overflows {tensor.dtype}; "
-                "choose a wider output dtype"
-            )
-        change = rounded.to(current.dtype) - base_block
-        stats.change_squares += float(change.square().sum(dtype=torch.float64))
-        stats.base_squares += float(base_block.square().sum(dtype=torch.float64))
-        return rounded
+        largest = max(-low, high)
+        if largest >= OVERFLOW_AT.get(out_dtype, math.inf):
+            raise NumericError(f"tensor {tensor.name!r}: merged value {largest:.6g} overflows "
+                               f"{tensor.dtype}; choose a wider output dtype")
 
     def _prepare(self, op: Op, compute: torch.dtype) -> object:
         """Load an operation's adapter tensors once per output tensor, checked for NaN/inf."""
@@ -116,16 +145,17 @@ class TensorMerger:
             raise NumericError(f"{info.file}: tensor {info.name!r} of {self.labels[adapter]} contains NaN or inf")
         return tensor
 
-    def _column_norms(self, tensor: OutputTensor, updates: list[object], step: int, compute: torch.dtype) -> None:
+    def _column_norms(self, tensor: OutputTensor, updates: list[object], rows: int, columns: int,
+                      compute: torch.dtype) -> None:
         """First pass for DoRA in the columns layout: the norm of each column needs every row."""
         pending = [u for u in updates if isinstance(u, LowRank) and u.magnitude is not None and u.layout == "columns"]
         if not pending:
             return
-        rows, columns = as_matrix(torch.empty(tensor.shape, device="meta")).shape
         totals = [torch.zeros(columns, dtype=torch.float64) for _ in pending]
+        step = rows_per_block(columns * TORCH_DTYPES[tensor.source.dtype].itemsize, CHUNK_BYTES)
         for start in range(0, rows, step):
-            base_block = as_matrix(self.reader.read_rows(tensor.source, start, min(start + step, rows))).to(compute)
+            source = as_matrix(self._read_rows(tensor.source, start, min(start + step, rows), rows)).to(compute)
             for total, update in zip(totals, pending, strict=True):
-                accumulate_column_squares(total, base_block, update, start)
+                accumulate_column_squares(total, source, update, start)
         for total, update in zip(totals, pending, strict=True):
             update.column_norms = total.sqrt().to(compute)

@@ -1,22 +1,29 @@
 """Writing the merged model: an output folder that appears atomically, and shards written front to back.
 
 Each shard's header is fixed before its first tensor is computed (the plan knows every name, dtype and
-shape), so tensors stream into place in order and nothing is held back in memory for a final save.
+shape), so tensors stream into place in order. Bytes are written and checksummed on a thread of their own,
+overlapping the computation of the next tensors; a bounded queue keeps memory to a few chunks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import queue
 import shutil
+import threading
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from worker.engine.errors import InputError
 from worker.engine.operations import OutputTensor
 from worker.engine.safetensors_format import build_header
-from worker.engine.tensor_io import TensorReader, write_all
+from worker.engine.tensor_io import write_all
 
 SAFETENSORS_METADATA = {"format": "pt"}
+QUEUED_CHUNKS = 4
 
 
 class OutputFolder:
@@ -49,46 +56,115 @@ class OutputFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class ShardWriter:
-    """Writes one safetensors file whose tensors must arrive in the planned order with the planned sizes."""
+@dataclass(frozen=True)
+class WrittenFile:
+    path: Path
+    size: int
+    sha256: str
 
+
+class _Shard:
     def __init__(self, path: Path, tensors: list[OutputTensor]) -> None:
-        header, self._planned = build_header(
-            [(tensor.name, tensor.dtype, tensor.shape) for tensor in tensors], SAFETENSORS_METADATA
-        )
+        header, planned = build_header([(t.name, t.dtype, t.shape) for t in tensors], SAFETENSORS_METADATA)
         self.path = path
-        self._next = 0
-        self._written_in_tensor = 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        write_all(self._fd, header)
+        self.header = header
+        self.expected_size = len(header) + sum(p.nbytes for p in planned)
 
-    def _expect(self, name: str) -> int:
-        planned = self._planned[self._next]
-        if planned.name != name:
-            raise RuntimeError(f"{self.path}: expected tensor {planned.name!r}, got {name!r}")
-        return planned.nbytes
 
-    def write_block(self, name: str, data: memoryview) -> None:
-        """Append part of a tensor; the tensor is complete once its planned size has been written."""
-        expected = self._expect(name)
-        self._written_in_tensor += len(data)
-        if self._written_in_tensor > expected:
-            raise RuntimeError(f"{self.path}: tensor {name!r} got more than its {expected} bytes")
-        write_all(self._fd, data)
-        if self._written_in_tensor == expected:
-            self._next += 1
-            self._written_in_tensor = 0
+class ShardSink:
+    """Receives the bytes of consecutive shards, in order, and writes + hashes them on a background thread.
 
-    def copy_tensor(self, name: str, reader: TensorReader, tensor: OutputTensor) -> None:
-        """Append a tensor copied byte for byte from its source file."""
-        if self._expect(name) != tensor.source.nbytes or self._written_in_tensor:
-            raise RuntimeError(f"{self.path}: tensor {name!r} cannot be copied verbatim here")
-        reader.copy_to(tensor.source, self._fd)
-        self._next += 1
+    `data` may be any buffer; `on_written` runs once its bytes are written (it returns a pooled buffer).
+    With `fsync`, each shard is flushed to disk before it counts as written. Errors on the thread are
+    raised in the caller at the next call.
+    """
 
-    def close(self) -> None:
-        if self._next != len(self._planned):
-            os.close(self._fd)
-            raise RuntimeError(f"{self.path}: closed after {self._next} of {len(self._planned)} tensors")
-        os.fsync(self._fd)
-        os.close(self._fd)
+    def __init__(self, fsync: bool) -> None:
+        self._fsync = fsync
+        self._queue: queue.Queue[tuple[str, object, object]] = queue.Queue(maxsize=QUEUED_CHUNKS)
+        self._error: BaseException | None = None
+        self._written: list[WrittenFile] = []
+        self._thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
+        self._thread.start()
+
+    def open_shard(self, path: Path, tensors: list[OutputTensor]) -> None:
+        self._put("open", _Shard(path, tensors), None)
+
+    def write(self, data: memoryview | bytes, on_written: Callable[[], None] | None = None) -> None:
+        self._put("data", data, on_written)
+
+    def close_shard(self) -> None:
+        self._put("close", None, None)
+
+    def finish(self) -> list[WrittenFile]:
+        """Wait until everything is on disk; returns each shard's size and sha256."""
+        self._put("stop", None, None)
+        self._thread.join()
+        self._raise_pending()
+        return self._written
+
+    def abandon(self) -> None:
+        """Stop the thread without finishing (after a failure); the caller removes the files."""
+        if self._thread.is_alive():
+            while True:
+                try:
+                    self._queue.put(("stop", None, None), timeout=0.1)
+                    break
+                except queue.Full:
+                    self._drain()
+            self._thread.join()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _put(self, kind: str, item: object, keepalive: object) -> None:
+        self._raise_pending()
+        while True:
+            try:
+                self._queue.put((kind, item, keepalive), timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        fd, shard, digest, size = -1, None, hashlib.sha256(), 0
+        try:
+            while True:
+                kind, item, on_written = self._queue.get()
+                if kind == "stop":
+                    return
+                if kind == "open":
+                    assert isinstance(item, _Shard)
+                    shard, digest, size = item, hashlib.sha256(), 0
+                    fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    item = shard.header
+                if kind in ("open", "data"):
+                    view = memoryview(item).cast("B")  # type: ignore[arg-type]
+                    digest.update(view)
+                    write_all(fd, view)
+                    size += len(view)
+                    if callable(on_written):
+                        on_written()
+                elif kind == "close":
+                    assert shard is not None
+                    if size != shard.expected_size:
+                        raise RuntimeError(f"{shard.path}: wrote {size} bytes, planned {shard.expected_size}")
+                    if self._fsync:
+                        os.fsync(fd)
+                    os.close(fd)
+                    fd = -1
+                    self._written.append(WrittenFile(shard.path, size, digest.hexdigest()))
+        except BaseException as error:  # handed to the producer thread, which owns error handling
+            self._error = error
+            self._drain()
+        finally:
+            if fd >= 0:
+                os.close(fd)
