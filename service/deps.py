@@ -65,10 +65,10 @@ JobDep = Annotated[JobRecord, Depends(get_job)]
 
 def require_json(request: Request) -> None:
     """A body sent as a form or text is a 415 that says so, not a confusing schema error."""
-    content_type = request.headers.get("content-type")
-    if content_type is None:
-        return
-    media_type = content_type.split(";")[0].strip().lower()
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not media_type:
+        raise Problem(415, "unsupported-media-type", "Content-Type header missing: send the request as "
+                      "application/json", title="Unsupported media type", field="Content-Type")
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise Problem(415, "unsupported-media-type", f"Content-Type {media_type!r}: send the request as "
                       "application/json", title="Unsupported media type", field="Content-Type")

@@ -88,7 +88,7 @@ def validation_problem(errors: Sequence[dict[str, Any]]) -> Problem:
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         if error.get("type") == "extra_forbidden":
             message = "unknown field (not part of the request schema)"
-        elif error.get("type") == "model_attributes_type" and name == "body":
+        elif name == "body" and error.get("type") in ("model_attributes_type", "missing"):
             message = "the request body must be a JSON object"
         items.append({"field": name, "message": message, "type": error.get("type")})
     detail = "; ".join(f"{item['field']}: {item['message']}" for item in items) or "invalid request"

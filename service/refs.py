@@ -38,7 +38,7 @@ class LocalRootsResolver:
 
     def resolve(self, ref: str, field: str) -> Path:
         if "\x00" in ref:
-            raise BadReference(field, ref.replace("\x00", "\\0"), "reference-invalid", "contains a NUL byte")
+            raise BadReference(field, ref, "reference-invalid", "contains a NUL byte")
         given = Path(ref).expanduser() if ref.startswith("~") else Path(ref)
         candidate = given if given.is_absolute() else self.roots[0] / given
         real = Path(os.path.realpath(candidate))

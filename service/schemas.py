@@ -6,13 +6,29 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 
 from service.store import JobRecord, JobStatus
 from worker.engine.spec import parse_size
 
 Ref = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 OutputDtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+def _shard_size(value: object) -> int | None:
+    """Bytes (a positive integer) or a size string such as '5GB'; booleans and fractions are refused."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = parse_size(value)
+        except Exception as exc:  # the engine's message names the option; pydantic wants a ValueError
+            raise ValueError(str(exc).removeprefix("max_shard_size: ")) from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be a number of bytes or a size like '5GB', got {value!r}")
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return value
 
 
 class AdapterIn(BaseModel):
@@ -36,8 +52,9 @@ class MergeRequest(BaseModel):
         json_schema_extra={"items": {"anyOf": [{"$ref": "#/components/schemas/AdapterIn"}, {"type": "string"}]}},
     )
     output_dtype: OutputDtype = Field("auto", description="dtype of the merged weights; auto keeps the base's.")
-    max_shard_size: int | str | None = Field(
+    max_shard_size: Annotated[int | None, BeforeValidator(_shard_size)] = Field(
         None, description="Re-shard the output: bytes or a size like '5GB'; null keeps the base layout.",
+        json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string"}, {"type": "null"}]},
     )
 
     @field_validator("adapters", mode="before")
@@ -46,25 +63,6 @@ class MergeRequest(BaseModel):
         if isinstance(value, list):
             return [{"ref": item} if isinstance(item, str) else item for item in value]
         return value
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _parse_size(cls, value: int | str | None) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool):
-            raise ValueError("must be a number of bytes or a size like '5GB'")
-        size = value if isinstance(value, int) else _size(value)
-        if size <= 0:
-            raise ValueError(f"must be positive, got {value!r}")
-        return size
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except Exception as exc:  # the engine's message names the option; pydantic wants a ValueError
-        raise ValueError(str(exc).removeprefix("max_shard_size: ")) from None
 
 
 class ProgressOut(BaseModel):
@@ -110,6 +108,7 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     attempts: int = Field(description="Runs started; more than 1 after a worker was lost.")
+    worker: str | None = Field(description="host:pid of the worker running (or that last ran) the job.")
     cancel_requested: bool
     progress: ProgressOut
     timings: TimingsOut
@@ -161,7 +160,7 @@ def job_view(job: JobRecord) -> JobOut:
     return JobOut(
         id=job.id, status=job.status, request=MergeRequest.model_validate(job.request),
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        attempts=job.attempt, cancel_requested=job.cancel_requested,
+        attempts=job.attempt, worker=job.worker, cancel_requested=job.cancel_requested,
         progress=ProgressOut(**job.progress.model_dump()), timings=TimingsOut(**job.timings),
         metrics=MetricsOut(**job.metrics), error=job.error,
         artifacts=[ArtifactOut(**artifact.model_dump(), url=f"{base}/artifacts/{quote(artifact.path)}")

@@ -75,12 +75,12 @@ def run_merge(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("adapter-merge: interrupted; no output was written", file=sys.stderr)
         return EXIT_CANCELLED
-    seconds = report.timings["total"]
+    seconds, gigabytes = report.timings["total"], report.bytes_written / 1e9
     print(
         f"merged {report.tensors_merged} of {report.tensors_total} tensors "
         f"({report.tensors_copied} copied unchanged) into {report.output_dir}\n"
-        f"wrote {report.bytes_written / 1e9:.3f} GB in {seconds:.2f} s "
-        f"({report.bytes_written / 1e9 / max(seconds, 1e-9):.2f} GB/s), peak memory {report.peak_rss_bytes / 2**20:.0f} MiB"
+        f"wrote {gigabytes:.3f} GB in {seconds:.2f} s ({gigabytes / max(seconds, 1e-9):.2f} GB/s), "
+        f"peak memory {report.peak_rss_bytes / 2**20:.0f} MiB"
     )
     for note in report.notes:
         print(f"note: {note}")

@@ -150,7 +150,10 @@ def parse_config(path: Path) -> AdapterConfig:
             alpha=float(raw.get("lora_alpha", 8)),
             use_rslora=bool(raw.get("use_rslora", False)),
             use_dora=bool(raw.get("use_dora", False)),
-            rank_pattern={k: _positive_int(v, f"rank_pattern[{k!r}]") for k, v in (raw.get("rank_pattern") or {}).items()},
+            rank_pattern={
+                key: _positive_int(value, f"rank_pattern[{key!r}]")
+                for key, value in (raw.get("rank_pattern") or {}).items()
+            },
             alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
             trainable_token_indices=raw.get("trainable_token_indices"),
         )

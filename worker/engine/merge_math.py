@@ -41,7 +41,7 @@ class LowRank:
 
 
 def lowrank_change_squares(updates: list[LowRank]) -> float:
-    """‖Σ sₖ·Bₖ@Aₖ‖² without forming the matrix: Σₖₗ sₖsₗ·tr((BₖᵀBₗ)(AₗAₖᵀ)), from r×r products only."""
+    """‖Σ sₖ·Bₖ@Aₖ‖² without forming the matrix: Σₖₗ sₖsₗ·tr((BₖᵀBₗ)(AₗAₖᵀ)), from rank-sized products only."""
     total = 0.0
     for first in updates:
         for second in updates:

@@ -46,7 +46,10 @@ def merge(
     folder = OutputFolder(Path(out_dir), options.overwrite)
     checksums = ChecksumCache(options.checksum_cache)
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-inputs") as pool, torch_threads(options.threads):
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-inputs") as pool,
+            torch_threads(options.threads),
+        ):
             inputs = hash_inputs_in_background(plan, checksums, pool)
             phase = time.perf_counter()
             shards, changes = _write_shards(plan, folder.path, progress, should_stop)

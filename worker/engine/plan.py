@@ -79,7 +79,9 @@ def plan_merge(
     base = load_base_model(Path(base_dir))
     for info in base.tensors.values():
         if info.dtype in FP8_DTYPES:
-            raise UnsupportedOptionError(f"{info.file}: tensor {info.name!r} is {info.dtype}; fp8 bases are not supported")
+            raise UnsupportedOptionError(
+                f"{info.file}: tensor {info.name!r} is {info.dtype}; fp8 bases are not supported"
+            )
     builder = _PlanBuilder(base, options)
     loaded = tuple(load_adapter(Path(spec.path), index, spec.weight) for index, spec in enumerate(adapters))
     for adapter in loaded:
@@ -262,7 +264,9 @@ class _PlanBuilder:
             return base_info.dtype
         return OUTPUT_DTYPE_CODES[self.options.dtype]
 
-    def _assign_shards(self, outputs: dict[str, OutputTensor], head: OutputTensor | None) -> dict[str, list[OutputTensor]]:
+    def _assign_shards(
+        self, outputs: dict[str, OutputTensor], head: OutputTensor | None
+    ) -> dict[str, list[OutputTensor]]:
         ordered: list[OutputTensor] = []
         for shard in self.base.shards:
             for name in shard.tensors:
