@@ -1,0 +1,106 @@
+"""Inputs for the service tests, built once per session with tools.synthetic, and the Redis namespace.
+
+Two model sets live under one model root: a small demo-sized model (fast end-to-end checks) and a large one
+(~0.6 GB: a merge that lasts seconds, so a test can cancel or kill it mid-way). Each merge the service runs is
+compared with the engine CLI's output for the same inputs, computed here once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.service.harness import REPO
+from tools.synthetic import DEMO, write_llama_base, write_lora_adapter
+
+REDIS_URL_BASE = "redis://127.0.0.1:6379"
+REDIS_DB = 15
+BIG_SHAPE = {"hidden": 1024, "intermediate": 2816, "layers": 24, "heads": 8, "kv_heads": 2, "vocab": 8000,
+             "max_shard_bytes": 150_000_000}
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    root: Path
+    outside: Path
+    """A folder outside the root, holding a perfectly good model (for the escape tests)."""
+
+
+def cli_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, dtype: str = "auto") -> Path:
+    """The engine's own CLI on the same inputs: the reference every service result must equal."""
+    command = [sys.executable, "-m", "service.cli", "merge", str(base), *(str(path) for path, _ in adapters),
+               "--out", str(out), "--dtype", dtype, "--quiet",
+               "--weights", ",".join(str(weight) for _, weight in adapters)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"engine CLI failed: {result.stderr}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> ModelSet:
+    root = tmp_path_factory.mktemp("models")
+    base = write_llama_base(root / "small/base", **DEMO)
+    write_lora_adapter(base, root / "small/lora", r=8)
+    write_lora_adapter(base, root / "small/dora", r=8, dora=True, seed=2)
+    # An adapter trained for a differently shaped model: valid on its own, but it does not fit small/base.
+    other = write_llama_base(root / "other/base", hidden=128, intermediate=344, layers=2, heads=4, kv_heads=2,
+                             vocab=512)
+    write_lora_adapter(other, root / "other/lora", r=4)
+    outside = tmp_path_factory.mktemp("outside")
+    write_llama_base(outside / "base", hidden=64, intermediate=172, layers=1, heads=2, kv_heads=1, vocab=128)
+    (root / "escape").symlink_to(outside / "base", target_is_directory=True)
+    return ModelSet(root, outside)
+
+
+@pytest.fixture(scope="session")
+def small_request() -> dict:
+    """Both adapter spellings (bare ref and {ref, weight}), two adapters, one weighted."""
+    return {"base_model": "small/base", "adapters": ["small/lora", {"ref": "small/dora", "weight": 0.5}]}
+
+
+@pytest.fixture(scope="session")
+def small_reference(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = models.root / "small"
+    return cli_merge(root / "base", [(root / "lora", 1.0), (root / "dora", 0.5)],
+                     tmp_path_factory.mktemp("reference") / "small")
+
+
+@pytest.fixture(scope="session")
+def big_request(models: ModelSet) -> dict:
+    """A merge of a few seconds: ~0.6 GB base, a DoRA and a LoRA adapter."""
+    root = models.root / "big"
+    if not root.exists():
+        base = write_llama_base(root / "base", **BIG_SHAPE)
+        write_lora_adapter(base, root / "dora", r=16, dora=True, seed=3)
+        write_lora_adapter(base, root / "lora", r=16, seed=4)
+    return {"base_model": "big/base", "adapters": ["big/dora", "big/lora"], "output_dtype": "float32"}
+
+
+@pytest.fixture(scope="session")
+def big_reference(models: ModelSet, big_request: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = models.root / "big"
+    return cli_merge(root / "base", [(root / "dora", 1.0), (root / "lora", 1.0)],
+                     tmp_path_factory.mktemp("reference") / "big", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def redis_namespace() -> Iterator[dict[str, str]]:
+    """MERGE_* variables for a private Redis namespace (key prefix and queue), removed afterwards."""
+    client = redis.Redis.from_url(f"{REDIS_URL_BASE}/{REDIS_DB}")
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail("Redis is not running on 127.0.0.1:6379 (start it: redis-server --daemonize yes)")
+    prefix = f"amtest-{uuid.uuid4().hex[:10]}"
+    yield {"MERGE_REDIS_URL": f"{REDIS_URL_BASE}/{REDIS_DB}", "MERGE_REDIS_PREFIX": prefix, "MERGE_QUEUE": prefix}
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()

@@ -1,0 +1,198 @@
+"""Embedded mode end to end: `adapter-merge serve` with its own worker process and SQLite state, over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.store import JobStatus
+from service.store.local import SQLiteJobStore
+from tests.service.checks import assert_no_leftovers, assert_result_matches
+from tests.service.conftest import ModelSet
+from tests.service.harness import Api, Proc, service_env, start_server
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedded-data")
+
+
+@pytest.fixture(scope="module")
+def server(models: ModelSet, data_dir: Path) -> Iterator[tuple[Proc, Api]]:
+    proc, api = start_server(service_env(data_dir, models.root), data_dir / "server.log")
+    yield proc, api
+    api.close()
+    assert proc.stop() == 0, proc.log_text()[-2000:]
+
+
+@pytest.fixture
+def api(server: tuple[Proc, Api]) -> Api:
+    return server[1]
+
+
+def running_with_progress(job: dict) -> bool:
+    return job["status"] == "running" and job["progress"]["tensors_done"] > 0
+
+
+def test_merge_end_to_end(api: Api, data_dir: Path, small_request: dict, small_reference: Path,
+                          tmp_path: Path) -> None:
+    submitted = api.submit(small_request)
+    assert submitted["status"] == "queued" and submitted["progress"]["tensors_total"] > 0
+    assert submitted["request"]["adapters"] == [{"ref": "small/lora", "weight": 1.0},
+                                                {"ref": "small/dora", "weight": 0.5}]
+    job = api.wait(submitted["id"], ["succeeded", "failed"], timeout=60)
+    assert job["status"] == "succeeded", job["error"]
+    progress = job["progress"]
+    assert progress["tensors_done"] == progress["tensors_total"] > 0
+    assert progress["bytes_done"] == progress["bytes_total"] > 0
+    timings, metrics = job["timings"], job["metrics"]
+    assert all(timings[phase] >= 0 for phase in ("queued", "resolve", "merge", "write", "total"))
+    assert timings["total"] >= timings["merge"] + timings["write"]
+    assert metrics["peak_rss_bytes"] > 0 and metrics["bytes_per_second"] > 0
+    assert metrics["worker_host"] == socket.gethostname() and job["attempts"] == 1
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+
+    dest = tmp_path / "download"
+    digests = assert_result_matches(api, job, small_reference, dest, compare_tensors=True)
+    check_ranges_and_conditionals(api, job, dest)
+    check_archive(api, job, digests)
+    assert_no_leftovers(data_dir, job["id"])
+
+    listed = api.http.get("/jobs", params={"status": "succeeded", "limit": 1}).json()
+    assert listed["total"] >= 1 and listed["limit"] == 1 and len(listed["items"]) == 1
+    assert api.http.delete(f"/jobs/{job['id']}").status_code == 204
+    assert api.http.get(f"/jobs/{job['id']}").status_code == 404
+    assert not (data_dir / "artifacts" / job["id"]).exists()
+
+
+def check_ranges_and_conditionals(api: Api, job: dict, dest: Path) -> None:
+    artifact = max(job["artifacts"], key=lambda item: item["size"])
+    data = (dest / artifact["path"]).read_bytes()
+    size = len(data)
+    for header, start, end in [("bytes=100-299", 100, 299), ("bytes=-64", size - 64, size - 1),
+                               (f"bytes={size - 10}-", size - 10, size - 1)]:
+        response = api.http.get(artifact["url"], headers={"Range": header})
+        assert response.status_code == 206, response.text
+        assert response.content == data[start:end + 1]
+        assert response.headers["content-range"] == f"bytes {start}-{end}/{size}"
+        assert int(response.headers["content-length"]) == end - start + 1
+    etag = f'"{artifact["sha256"]}"'
+    assert api.http.get(artifact["url"], headers={"If-None-Match": etag}).status_code == 304
+    stale = api.http.get(artifact["url"], headers={"Range": "bytes=0-9", "If-Range": '"other"'})
+    assert stale.status_code == 200 and len(stale.content) == size  # If-Range mismatch: whole file
+    head = api.http.head(artifact["url"])
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) == size
+
+
+def check_archive(api: Api, job: dict, digests: dict[str, str]) -> None:
+    response = api.http.get(job["archive_url"])
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
+    assert int(response.headers["content-length"]) == len(response.content)
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+        members = {member.name: hashlib.sha256(archive.extractfile(member).read()).hexdigest()
+                   for member in archive.getmembers()}
+    assert members == {f"{job['id']}/{path}": sha for path, sha in digests.items()}
+
+
+def test_cancel_running_job_stops_fast_and_leaves_nothing(api: Api, data_dir: Path, big_request: dict) -> None:
+    job = api.submit(big_request)
+    api.wait(job["id"], running_with_progress, timeout=60)
+    asked = time.monotonic()
+    response = api.http.post(f"/jobs/{job['id']}/cancel")
+    assert response.status_code == 202 and response.json()["cancel_requested"], response.text
+    cancelled = api.wait(job["id"], FINISHED_OR_CANCELLED, timeout=30)
+    latency = time.monotonic() - asked
+    assert cancelled["status"] == "cancelled", cancelled
+    assert cancelled["progress"]["bytes_done"] < cancelled["progress"]["bytes_total"]  # it really was mid-merge
+    assert latency < 5, f"cancel took {latency:.1f} s"
+    print(f"\n[measure] embedded cancel latency: {latency:.2f} s")
+    assert not (data_dir / "artifacts" / job["id"]).exists() and cancelled["artifacts"] == []
+    assert_no_leftovers(data_dir, job["id"])
+    assert api.http.post(f"/jobs/{job['id']}/cancel").status_code == 200  # idempotent
+    assert api.http.delete(f"/jobs/{job['id']}").status_code == 204
+
+
+FINISHED_OR_CANCELLED = ("succeeded", "failed", "cancelled")
+
+
+def test_cancel_queued_job_is_immediate(api: Api, big_request: dict, small_request: dict) -> None:
+    running = api.submit(big_request)
+    api.wait(running["id"], ["running"], timeout=60)
+    queued = api.submit(small_request)
+    response = api.http.post(f"/jobs/{queued['id']}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert api.http.delete(f"/jobs/{running['id']}").status_code == 409  # still active
+    api.http.post(f"/jobs/{running['id']}/cancel")
+    assert api.wait(running["id"], FINISHED_OR_CANCELLED, timeout=30)["status"] == "cancelled"
+    assert api.job(queued["id"])["started_at"] is None  # never ran
+
+
+def test_restart_resumes_queued_and_interrupted_jobs(models: ModelSet, tmp_path: Path, big_request: dict,
+                                                     small_request: dict, big_reference: Path,
+                                                     small_reference: Path) -> None:
+    env = service_env(tmp_path / "data", models.root)
+    proc, api = start_server(env, tmp_path / "first.log")
+    try:
+        interrupted = api.submit(big_request)
+        api.wait(interrupted["id"], running_with_progress, timeout=60)
+        queued = api.submit(small_request)
+    finally:
+        api.close()
+        assert proc.stop() == 0, proc.log_text()[-2000:]
+    assert "back to the queue" in proc.log_text()
+    store = SQLiteJobStore(tmp_path / "data" / "jobs.sqlite3")  # state on disk between the two servers
+    assert [store.get(job["id"]).status for job in (interrupted, queued)] == [JobStatus.queued] * 2
+    assert_no_leftovers(tmp_path / "data", interrupted["id"])
+
+    proc, api = start_server(env, tmp_path / "second.log")
+    try:
+        first = api.wait(interrupted["id"], FINISHED_OR_CANCELLED, timeout=120)
+        second = api.wait(queued["id"], FINISHED_OR_CANCELLED, timeout=60)
+        assert first["status"] == second["status"] == "succeeded", (first["error"], second["error"])
+        assert first["attempts"] == 2 and second["attempts"] == 1
+        assert_result_matches(api, first, big_reference)
+        assert_result_matches(api, second, small_reference)
+    finally:
+        api.close()
+        assert proc.stop() == 0
+
+
+def test_crashed_server_recovers_its_job_after_restart(models: ModelSet, tmp_path: Path, big_request: dict,
+                                                       big_reference: Path) -> None:
+    env = service_env(tmp_path / "data", models.root)
+    proc, api = start_server(env, tmp_path / "first.log")
+    try:
+        job = api.submit(big_request)
+        api.wait(job["id"], running_with_progress, timeout=60)
+    finally:
+        api.close()
+        proc.kill_group()  # API, worker and merge process die at once: no chance to requeue
+        proc.reap_group()
+    assert SQLiteJobStore(tmp_path / "data" / "jobs.sqlite3").get(job["id"]).status is JobStatus.running
+
+    proc, api = start_server(env, tmp_path / "second.log")
+    try:
+        done = api.wait(job["id"], FINISHED_OR_CANCELLED, timeout=120)
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert any("stopped renewing its lease" in note for note in done["notes"])
+        assert_result_matches(api, done, big_reference)
+        assert_no_leftovers(tmp_path / "data", job["id"])
+    finally:
+        api.close()
+        assert proc.stop() == 0
+
+
+def test_manifest_describes_the_request(api: Api, small_request: dict) -> None:
+    job = api.wait(api.submit(small_request)["id"], ["succeeded"], timeout=60)
+    manifest_url = next(item["url"] for item in job["artifacts"] if item["path"] == "merge_manifest.json")
+    manifest = json.loads(api.http.get(manifest_url).content)
+    assert [adapter["weight"] for adapter in manifest["adapters"]] == [1.0, 0.5]
+    assert manifest["base"]["path"].endswith("small/base")
