@@ -19,6 +19,8 @@ class DataLayout:
         self.root = data_dir.absolute()
         self.work_root = self.root / "work"
         self.artifacts_root = self.root / "artifacts"
+        self.checksum_cache = self.root / "cache"
+        """Input checksums remembered between merges (the engine's cache)."""
 
     def ensure(self) -> None:
         for folder in (self.root, self.work_root, self.artifacts_root):
@@ -45,6 +47,7 @@ class DataLayout:
         if target.exists():  # left by an attempt that finished after losing its lease
             _remove_tree(target)
         os.replace(output, target)
+        _fsync_dir(target.parent)  # the rename itself must survive a crash once success is reported
         return target
 
     def remove_job(self, job_id: str) -> None:
@@ -60,6 +63,14 @@ class DataLayout:
             return True
         except OSError:
             return False
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:

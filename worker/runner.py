@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -72,9 +73,12 @@ class JobRunner:
         resolved = resolve_request(MergeRequest.model_validate(job.request), self.resolver)
         # From the claim on: starting the merge process and loading the engine count as getting ready.
         resolve_seconds = _seconds(job.started_at, utcnow())
+        # Success is only reported for a result on disk (fsync); inputs are hashed once per file version.
+        options = replace(resolved.options, fsync=True, threads=self.settings.threads,
+                          checksum_cache=self.layout.checksum_cache)
         try:
             report = merge(resolved.base, resolved.adapters, self.layout.attempt_output(job.id, job.attempt),
-                           resolved.options, progress=watch.progress, should_stop=watch.should_stop)
+                           options, progress=watch.progress, should_stop=watch.should_stop)
         except InputError as error:
             raise input_problem(error, resolved) from error
         if watch.lost or watch.cancel_requested:  # superseded or cancelled after the last tensor
