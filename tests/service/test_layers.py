@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from service.openapi import openapi_text
 from tests.service.conftest import ModelSet
-from tests.service.harness import REPO
+from tests.service.harness import REPO, service_env
 
 NO_TORCH = """
 import sys
@@ -34,6 +38,66 @@ def test_api_never_imports_torch(models: ModelSet, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", NO_TORCH, str(tmp_path), str(models.root)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "no torch" in result.stdout, result.stderr
+
+
+API_IMPORTS = """
+import json, sys
+from importlib.metadata import packages_distributions
+import service.server
+from service.deps import Services
+from service.preflight import preflight
+from service.schemas import MergeRequest
+from service.settings import Settings
+settings = Settings()
+services = Services.open(settings)
+preflight(MergeRequest(base_model="small/base", adapters=["small/lora"]), services.resolver)
+services.dispatcher.ping()
+services.close()
+owners = packages_distributions()
+tops = {name.split(".")[0] for name in sys.modules} - set(sys.stdlib_module_names)
+print(json.dumps(sorted({dist for top in tops for dist in owners.get(top, [])})))
+"""
+
+
+# Imported when present, never needed: uvicorn and kombu try PyYAML; setuptools' .pth hook in any venv.
+OPTIONAL = {"pyyaml", "setuptools"}
+
+
+def requirement_closure(lines: list[str]) -> set[str]:
+    """Every distribution installing `lines` brings in, from the installed metadata."""
+    seen: set[str] = set()
+    stack = [Requirement(line) for line in lines]
+    while stack:
+        requirement = stack.pop()
+        name = canonicalize_name(requirement.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = distribution(requirement.name).requires or []
+        except PackageNotFoundError:
+            continue
+        for text in requires:
+            child = Requirement(text)
+            extras = ["", *sorted(requirement.extras)]
+            if child.marker is None or any(child.marker.evaluate({"extra": extra}) for extra in extras):
+                stack.append(child)
+    return seen
+
+
+def test_api_image_requirements_cover_what_the_api_imports(models: ModelSet, tmp_path: Path,
+                                                           redis_namespace: dict[str, str]) -> None:
+    """docker/Dockerfile.api installs only docker/api-requirements.txt: the distributed API (store, broker,
+    preflight, server) must import nothing else, and never torch."""
+    env = service_env(tmp_path, models.root, **redis_namespace)
+    result = subprocess.run([sys.executable, "-c", API_IMPORTS], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    imported = {canonicalize_name(name) for name in json.loads(result.stdout.splitlines()[-1])}
+    lines = [line.split("#")[0].strip() for line in (REPO / "docker/api-requirements.txt").read_text().splitlines()]
+    allowed = requirement_closure([line for line in lines if line]) | {"adapter-merge"} | OPTIONAL
+    assert "torch" not in imported
+    assert imported <= allowed, f"the API image lacks {sorted(imported - allowed)}"
 
 
 def test_openapi_json_is_current() -> None:
