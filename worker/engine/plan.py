@@ -235,9 +235,8 @@ class _PlanBuilder:
 
     def _check_vocab(self, tensors: list[OutputTensor], config: dict[str, Any]) -> None:
         """A saved, resized embedding changes the vocabulary: every vocabulary-sized tensor must agree."""
-        resized = [
-            t for t in tensors if t.replaced and t.name in self.base.tensors and t.shape != self.base.tensors[t.name].shape
-        ]
+        base = self.base.tensors
+        resized = [t for t in tensors if t.replaced and t.name in base and t.shape != base[t.name].shape]
         for tensor in resized:
             base_shape = self.base.tensors[tensor.name].shape
             if len(base_shape) != 2 or tensor.shape[1:] != base_shape[1:]:

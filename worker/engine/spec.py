@@ -33,14 +33,9 @@ class MergeOptions:
     fsync: bool = False
     """Flush every output file to disk before the folder is renamed into place. Off, like `cp`, the files
     reach disk when the kernel writes them back; the service turns it on before it reports success."""
-    threads: int = 1
-    """Compute threads. One compute thread plus the writer thread fill two cores; more rarely helps."""
-
     def __post_init__(self) -> None:
         if self.dtype not in OUTPUT_DTYPES:
             raise InputError(f"dtype: {self.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
-        if self.threads < 1:
-            raise InputError(f"threads: must be at least 1, got {self.threads}")
         if self.max_shard_size is not None and self.max_shard_size <= 0:
             raise InputError(f"max_shard_size: must be positive, got {self.max_shard_size}")
 
