@@ -36,7 +36,6 @@ class Settings(BaseSettings):
     worker_max_tasks_per_child: int = Field(
         1, ge=0, description="Recycle a Celery pool process after this many jobs to hand its memory back; 0 never."
     )
-    threads: int = Field(1, ge=1, description="Compute threads per merge (plus one writer thread).")
     lease_seconds: float = Field(60.0, gt=0, description="A running job whose lease is not renewed for this long "
                                  "is considered lost (its worker died) and is re-run.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a running job renews its lease.")

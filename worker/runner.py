@@ -74,8 +74,7 @@ class JobRunner:
         # From the claim on: starting the merge process and loading the engine count as getting ready.
         resolve_seconds = _seconds(job.started_at, utcnow())
         # Success is only reported for a result on disk (fsync); inputs are hashed once per file version.
-        options = replace(resolved.options, fsync=True, threads=self.settings.threads,
-                          checksum_cache=self.layout.checksum_cache)
+        options = replace(resolved.options, fsync=True, checksum_cache=self.layout.checksum_cache)
         try:
             report = merge(resolved.base, resolved.adapters, self.layout.attempt_output(job.id, job.attempt),
                            options, progress=watch.progress, should_stop=watch.should_stop)
