@@ -60,7 +60,7 @@ class JobStore(ABC):
             return job.model_copy(update={
                 "status": JobStatus.running, "attempt": job.attempt + 1, "worker": worker,
                 "started_at": utcnow(), "lease_expires_at": now + lease_seconds,
-                "progress": ProgressRecord(), "error": None,
+                "progress": _restarted(job.progress), "error": None,
             })
 
         return self.update(job_id, change)
@@ -139,7 +139,12 @@ class JobStore(ABC):
                 })
             else:
                 update.update(status=JobStatus.queued, queued_at=utcnow(), recoveries=job.recoveries + 1,
-                              progress=ProgressRecord())
+                              progress=_restarted(job.progress))
             return job.model_copy(update=update)
 
         return self.update(job_id, change)
+
+
+def _restarted(progress: ProgressRecord) -> ProgressRecord:
+    """A new run starts from nothing done, but the totals planned at submission still hold."""
+    return ProgressRecord(tensors_total=progress.tensors_total, bytes_total=progress.bytes_total)
