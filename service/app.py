@@ -11,6 +11,7 @@ from service.deps import Services
 from service.problems import install_problem_handlers
 from service.routes import artifacts, health, jobs, merge
 from service.settings import Settings, get_settings
+from service.store import STORE_UNAVAILABLE
 
 API_VERSION = "0.1.0"
 DESCRIPTION = """Merge PEFT LoRA/DoRA adapters into base models.
@@ -34,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.services.close()
 
     app = FastAPI(title="adapter-merge", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)
-    install_problem_handlers(app)
+    install_problem_handlers(app, unavailable=STORE_UNAVAILABLE)
     for module in (merge, jobs, artifacts, health):
         app.include_router(module.router)
     return app

@@ -15,7 +15,7 @@ from datetime import timedelta
 from service.dispatch import Dispatcher, LocalDispatcher
 from service.layout import DataLayout
 from service.settings import Settings
-from service.store import FINISHED_STATUSES, JobStatus, JobStore, open_store, utcnow
+from service.store import FINISHED_STATUSES, STORE_UNAVAILABLE, JobStatus, JobStore, open_store, utcnow
 
 log = logging.getLogger(__name__)
 PAGE = 200
@@ -72,7 +72,10 @@ class Maintenance:
             if not root.is_dir():
                 continue
             for folder in root.iterdir():
-                if folder.stat().st_mtime >= cutoff:
+                try:
+                    if folder.stat().st_mtime >= cutoff:
+                        continue
+                except FileNotFoundError:  # removed meanwhile by someone else
                     continue
                 job = None if folder.name.startswith(".") else self.store.get(folder.name)
                 if job is None or (root == self.layout.work_root and job.status is not JobStatus.running):
@@ -108,7 +111,9 @@ class MaintenanceThread:
                 if self.retention and time.monotonic() >= next_clean:
                     next_clean = time.monotonic() + self.settings.cleanup_interval_seconds
                     work.clean()
-            except Exception:  # a store or disk hiccup must not end upkeep for good
+            except STORE_UNAVAILABLE as error:
+                log.warning("maintenance: job store unavailable (%s); retrying", error)
+            except Exception:  # a disk hiccup or a bug must not end upkeep for good
                 log.exception("maintenance pass failed; retrying in %.0f s", self.settings.reap_interval_seconds)
             self._stop.wait(self.settings.reap_interval_seconds)
         if self._store is None:

@@ -116,13 +116,23 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(Problem(exc.status_code, slug, detail, headers=dict(exc.headers or {})), request)
 
 
+async def _on_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("job store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    problem = Problem(503, "store-unavailable", f"the job store cannot be reached ({type(exc).__name__}: {exc}); "
+                      "try again shortly", title="Service unavailable", headers={"Retry-After": "5"})
+    return problem_response(problem, request)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(Problem(500, "internal-error", "the server failed; the error has been logged"), request)
 
 
-def install_problem_handlers(app: FastAPI) -> None:
+def install_problem_handlers(app: FastAPI, unavailable: Sequence[type[Exception]] = ()) -> None:
+    """Every error becomes a problem document; `unavailable` errors (store down) become 503s."""
     app.add_exception_handler(Problem, _on_problem)
+    for error in unavailable:
+        app.add_exception_handler(error, _on_unavailable)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from celery import Celery, signals
+from pydantic import ValidationError
 
 from service.settings import Settings, get_settings
 
@@ -59,12 +60,13 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-app = create_celery(get_settings())
-
-
 def run_worker(concurrency: int | None = None) -> int:
     """`adapter-merge worker`: a Celery worker consuming the merge queue (default one merge at a time)."""
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as error:
+        print(f"adapter-merge worker: invalid settings:\n{error}", file=sys.stderr)
+        return 2
     if not settings.distributed:
         print("adapter-merge worker: MERGE_REDIS_URL is not set; the worker only serves distributed mode "
               "(`adapter-merge serve` runs its own worker in embedded mode)", file=sys.stderr)
@@ -75,7 +77,7 @@ def run_worker(concurrency: int | None = None) -> int:
         f"--loglevel={settings.log_level.upper()}", f"--hostname=merge-{os.getpid()}@{socket.gethostname()}",
         "--without-gossip", "--without-mingle", "--pool=prefork",
     ]
-    app.worker_main(argv)
+    create_celery(settings).worker_main(argv)
     return 0
 
 

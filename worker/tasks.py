@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+from celery import shared_task
+
 from service.settings import get_settings
-from worker.celery_app import TASK_NAME, app
+from worker.celery_app import TASK_NAME
 from worker.runner import JobRunner
 
 _runner: tuple[int, JobRunner] | None = None
@@ -19,7 +21,7 @@ def job_runner() -> JobRunner:
     return _runner[1]
 
 
-@app.task(name=TASK_NAME, ignore_result=True)
+@shared_task(name=TASK_NAME, ignore_result=True)
 def run_job(job_id: str) -> None:
     """Claim and run one job; a duplicate or late delivery finds it claimed or finished and returns."""
     job_runner().run(job_id)

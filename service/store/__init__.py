@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+
+import redis
+
 from service.settings import Settings
 from service.store.base import JobStore
 from service.store.models import (
@@ -17,6 +21,7 @@ from service.store.models import (
 __all__ = [
     "ACTIVE_STATUSES",
     "FINISHED_STATUSES",
+    "STORE_UNAVAILABLE",
     "ArtifactRecord",
     "JobRecord",
     "JobStatus",
@@ -25,6 +30,11 @@ __all__ = [
     "open_store",
     "utcnow",
 ]
+
+STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, sqlite3.OperationalError,
+)
+"""Errors that mean 'the store is down or busy, try again', not a bug."""
 
 
 def open_store(settings: Settings) -> JobStore:

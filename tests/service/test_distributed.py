@@ -124,3 +124,20 @@ def test_cancel_running_job(cluster: Cluster, big_request: dict) -> None:
     assert cancelled["status"] == "cancelled" and latency < 5
     assert_no_leftovers(cluster.data_dir, job["id"])
     assert not (cluster.data_dir / "artifacts" / job["id"]).exists()
+
+
+def test_unreachable_redis_is_503_not_500(models: ModelSet, tmp_path: Path, small_request: dict) -> None:
+    """Nothing listens on port 1: the API still starts, says what is down, and refuses work with a 503."""
+    env = service_env(tmp_path, models.root, MERGE_REDIS_URL="redis://127.0.0.1:1/0")
+    server, api = start_server(env, tmp_path / "server.log")
+    try:
+        ready = api.http.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["content-type"] == "application/problem+json"
+        checks = ready.json()["checks"]
+        assert checks["data_dir"] == "ok" and "Connection" in checks["store"] and checks["broker"] != "ok"
+        submitted = api.http.post("/merge", json=small_request)
+        assert submitted.status_code == 503 and "job store cannot be reached" in submitted.json()["detail"]
+        assert api.http.get("/jobs/anything").status_code == 503
+    finally:
+        api.close()
+        assert server.stop() == 0
