@@ -104,3 +104,11 @@ def test_openapi_json_is_current() -> None:
     committed = (REPO / "openapi.json").read_text()
     assert json.loads(committed) == json.loads(openapi_text()), (
         "openapi.json is stale: run `python -m service.openapi > openapi.json`")
+
+
+def test_every_setting_is_documented() -> None:
+    from service.settings import Settings
+
+    docs = (REPO / "docs/service.md").read_text()
+    missing = [f"MERGE_{name.upper()}" for name in Settings.model_fields if f"`MERGE_{name.upper()}`" not in docs]
+    assert not missing, f"docs/service.md does not document {missing}"

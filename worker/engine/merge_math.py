@@ -67,35 +67,45 @@ def accumulate_column_squares(total: torch.Tensor, base_block: torch.Tensor, upd
     total += merged.square().sum(dim=0, dtype=torch.float64)
 
 
-def apply_update(current: torch.Tensor, base_block: torch.Tensor, update: LowRank, start: int, first: bool) -> bool:
-    """current ← current + D (LoRA) or (m/N)·(current + D) (DoRA); False where a DoRA norm is zero.
+def apply_update(current: torch.Tensor, base_block: torch.Tensor, update: LowRank, start: int) -> torch.Tensor:
+    """current + D (LoRA) or (m/N)·(current + D) (DoRA), N the norm of W₀ + D per output unit.
 
     PEFT's rule for several adapters: each applies to the weight as merged so far, but a DoRA norm always
-    uses the unmerged base plus that adapter's own delta. `first` says `current` still equals the base,
-    so that W₀ + D is `current` itself after the update and need not be formed separately.
+    uses the unmerged base plus that adapter's own delta. While `current` is still the base block itself,
+    the update is made out of place (the base stays intact and W₀ + D is the result); later updates work in
+    place. A zero norm is not checked here: it makes the block non-finite, which the caller detects.
     """
-    if update.magnitude is None:
+    if current is base_block:
+        current = base_block.clone()
         update.add_delta(current, start)
-        return True
+        own = current
+    else:
+        update.add_delta(current, start)
+        own = None
+    if update.magnitude is None:
+        return current
     if update.layout == "rows":
-        if first:
-            update.add_delta(current, start)
-            norms = torch.linalg.vector_norm(current, dim=1)
-        else:
+        if own is None:
             own = base_block.clone()
             update.add_delta(own, start)
-            norms = torch.linalg.vector_norm(own, dim=1)
-            update.add_delta(current, start)
-        magnitude = update.magnitude[start : start + current.shape[0]]
-        factor_shape: tuple[int, int] = (-1, 1)
+        norms = torch.linalg.vector_norm(own, dim=1)
+        current.mul_((update.magnitude[start : start + current.shape[0]] / norms).unsqueeze(1))
     else:
         assert update.column_norms is not None
-        update.add_delta(current, start)
-        norms, magnitude, factor_shape = update.column_norms, update.magnitude, (1, -1)
-    if bool((norms == 0).any()):
+        current.mul_((update.magnitude / update.column_norms).unsqueeze(0))
+    return current
+
+
+def has_zero_norm(base_block: torch.Tensor, update: LowRank, start: int) -> bool:
+    """Whether this DoRA update divides by a zero norm in this block (to explain a non-finite result)."""
+    if update.magnitude is None:
         return False
-    current.mul_((magnitude / norms).reshape(factor_shape))
-    return True
+    if update.layout == "columns":
+        assert update.column_norms is not None
+        return bool((update.column_norms == 0).any())
+    own = base_block.clone()
+    update.add_delta(own, start)
+    return bool((torch.linalg.vector_norm(own, dim=1) == 0).any())
 
 
 def replace_rows(current: torch.Tensor, start: int, indices: torch.Tensor, rows: torch.Tensor) -> None:

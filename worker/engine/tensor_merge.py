@@ -15,6 +15,7 @@ from worker.engine.merge_math import (
     accumulate_column_squares,
     apply_update,
     as_matrix,
+    has_zero_norm,
     lowrank_change_squares,
     replace_rows,
     rows_per_block,
@@ -65,7 +66,6 @@ class TensorMerger:
         if plain_lora and not tensor.replaced:
             stats.change_squares = lowrank_change_squares(updates)  # type: ignore[arg-type]
         measure_change = tensor.changed and stats.change_squares == 0.0
-        keep_base = measure_change or any(isinstance(u, LowRank) and u.magnitude is not None for u in updates)
         block = rows_per_block(columns, BLOCK_ELEMENTS)
         widest = max(out_dtype.itemsize, TORCH_DTYPES[tensor.source.dtype].itemsize)
         chunk_rows = rows_per_block(columns * widest, CHUNK_BYTES)
@@ -80,9 +80,8 @@ class TensorMerger:
                 base_block = source[offset:end].to(compute)
                 base_flat = base_block.reshape(-1)
                 stats.base_squares += float(torch.dot(base_flat, base_flat))
-                current = base_block.clone() if keep_base or base_block is source else base_block
-                self._merge_block(tensor, updates, current, base_block, start)
-                self._check(tensor, current, out_dtype, start)
+                current = self._merge_block(tensor, updates, base_block, start)
+                self._check(tensor, updates, current, base_block, out_dtype, start)
                 if measure_change:
                     stats.change_squares += float(torch.dist(current, base_block)) ** 2
                 out[offset:end].copy_(current)
@@ -93,31 +92,38 @@ class TensorMerger:
             return self.reader.read_rows(info, start, stop, self._staging)
         return self.reader.read(info)  # a vector or scalar is a single row
 
-    def _merge_block(self, tensor: OutputTensor, updates: list[object], current: torch.Tensor,
-                     base_block: torch.Tensor, start: int) -> None:
-        """Apply every operation to `current` in place; DoRA norms read the untouched `base_block`."""
-        for index, (op, update) in enumerate(zip(tensor.ops, updates, strict=True)):
-            if isinstance(op, LoraOp):
-                assert isinstance(update, LowRank)
-                if not apply_update(current, base_block, update, start, first=index == 0):
-                    raise NumericError(
-                        f"tensor {tensor.name!r}: DoRA weight norm is zero in {self.labels[op.adapter]} "
-                        f"(module {op.module!r}); the merge would divide by zero"
-                    )
-            elif isinstance(op, BiasOp):
+    def _merge_block(self, tensor: OutputTensor, updates: list[object], base_block: torch.Tensor,
+                     start: int) -> torch.Tensor:
+        """The block with every operation applied; `base_block` itself is never modified."""
+        current = base_block
+        for op, update in zip(tensor.ops, updates, strict=True):
+            if isinstance(update, LowRank):
+                current = apply_update(current, base_block, update, start)
+                continue
+            if current is base_block:
+                current = base_block.clone()
+            if isinstance(op, BiasOp):
                 assert isinstance(update, torch.Tensor)
                 current.add_(update.reshape(1, -1), alpha=op.scale)
             else:
                 assert isinstance(update, tuple)
                 replace_rows(current, start, *update)
+        return current
 
-    @staticmethod
-    def _check(tensor: OutputTensor, current: torch.Tensor, out_dtype: torch.dtype, start: int) -> None:
+    def _check(self, tensor: OutputTensor, updates: list[object], current: torch.Tensor,
+               base_block: torch.Tensor, out_dtype: torch.dtype, start: int) -> None:
         """NaN, inf and 16-bit overflow are errors; one min/max reduction finds all three."""
         if current.numel() == 0:
             return
         low, high = (float(v) for v in torch.aminmax(current))
         if not (math.isfinite(low) and math.isfinite(high)):
+            for op, update in zip(tensor.ops, updates, strict=True):
+                if isinstance(update, LowRank) and has_zero_norm(base_block, update, start):
+                    assert isinstance(op, LoraOp)
+                    raise NumericError(
+                        f"tensor {tensor.name!r}: DoRA weight norm is zero in {self.labels[op.adapter]} "
+                        f"(module {op.module!r}); the merge would divide by zero"
+                    )
             raise NumericError(f"tensor {tensor.name!r}: merged values are not finite (row block from {start})")
         largest = max(-low, high)
         if largest >= OVERFLOW_AT.get(out_dtype, math.inf):
