@@ -15,13 +15,28 @@ import json
 import re
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from tools.shapes import (
+    DEMO,
+    LLAMA_3B_SHAPE,
+    PRESETS,
+    TINYLLAMA_1_1B,
+    LlamaShape,
+    llama_tensor_shapes,
+    numel,
+)
+
+__all__ = [
+    "ALL_TARGETS", "DEMO", "LLAMA_3B_SHAPE", "PRESETS", "TINYLLAMA_1_1B", "LlamaShape", "llama_tensor_shapes",
+    "write_llama_base", "write_lora_adapter",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -33,71 +48,6 @@ LORA_B_STD = 5e-3
 """Makes the adapter's change a few percent of the weight, as after training, and well above bf16's ulp."""
 MAGNITUDE_NOISE = 0.05
 """DoRA magnitudes are the base row norms times (1 + up to this), as after some training."""
-
-
-@dataclass(frozen=True)
-class LlamaShape:
-    """The dimensions `write_llama_base` takes; `write_llama_base(out, **PRESET)` works (it is a mapping)."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    max_shard_bytes: int | None = None
-
-    def keys(self) -> list[str]:
-        return list(asdict(self))
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def param_count(self) -> int:
-        shapes = llama_tensor_shapes(self.hidden, self.intermediate, self.layers, self.heads, self.kv_heads,
-                                     self.vocab)
-        return sum(_numel(shape) for _, shape in shapes)
-
-
-TINYLLAMA_1_1B = LlamaShape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000,
-                            max_shard_bytes=10**9)
-LLAMA_3B_SHAPE = LlamaShape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, vocab=32000,
-                            max_shard_bytes=10**9)
-DEMO = LlamaShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=2, vocab=2048,
-                  max_shard_bytes=3 * 10**6)
-"""About 7.6 MB in bf16, in 3 shards: big enough to exercise sharding, small enough for a quick demo."""
-PRESETS: dict[str, LlamaShape] = {"tinyllama-1.1b": TINYLLAMA_1_1B, "llama-3b": LLAMA_3B_SHAPE, "demo": DEMO}
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def llama_tensor_shapes(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
-                        vocab: int) -> list[tuple[str, tuple[int, ...]]]:
-    """HF Llama tensor names and shapes, in `state_dict` order (the order save_pretrained shards them in)."""
-    if hidden % heads or heads % kv_heads:
-        raise ValueError(f"hidden {hidden} must divide by heads {heads}, and heads by kv_heads {kv_heads}")
-    kv_dim = hidden // heads * kv_heads
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        shapes += [
-            (f"{p}.self_attn.q_proj.weight", (hidden, hidden)),
-            (f"{p}.self_attn.k_proj.weight", (kv_dim, hidden)),
-            (f"{p}.self_attn.v_proj.weight", (kv_dim, hidden)),
-            (f"{p}.self_attn.o_proj.weight", (hidden, hidden)),
-            (f"{p}.mlp.gate_proj.weight", (intermediate, hidden)),
-            (f"{p}.mlp.up_proj.weight", (intermediate, hidden)),
-            (f"{p}.mlp.down_proj.weight", (hidden, intermediate)),
-            (f"{p}.input_layernorm.weight", (hidden,)),
-            (f"{p}.post_attention_layernorm.weight", (hidden,)),
-        ]
-    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return shapes
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -119,7 +69,7 @@ def _plan_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes:
-        nbytes = _numel(shape) * itemsize
+        nbytes = numel(shape) * itemsize
         if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -199,7 +149,7 @@ def write_llama_base(out: Path, *, hidden: int, intermediate: int, layers: int, 
         del tensors
         weight_map.update(dict.fromkeys(names, filename))
     if len(shards) > 1:
-        total = sum(_numel(s) for _, s in shapes) * itemsize
+        total = sum(numel(s) for _, s in shapes) * itemsize
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _write_json(out / "model.safetensors.index.json", index)
     return out

@@ -1,0 +1,476 @@
+"""`make bench`: our merge against the I/O floor (`cp -r`) and PEFT, on generated Llama-shaped models.
+
+Every measured operation is a real command in its own process: `cp -r`, our CLI (`python -m service.cli
+merge ... --quiet`) and `python -m tools.peft_merge` (PEFT's load + merge_and_unload + save_pretrained).
+
+How it measures, and why:
+- Wall time: from spawning the process to reaping it, so interpreter start-up and imports count, as they do
+  for a user.
+- Peak RSS: the larger of (a) the summed RSS of the process and all its descendants, sampled every 20 ms with
+  psutil (catches multi-process trees), and (b) the child's `ru_maxrss` from `wait4` (the kernel's exact
+  per-process peak, catches spikes between samples). `ru_maxrss` also counts the child's life as a fork of
+  the benchmark before exec, so the benchmark process never imports torch (its ~30 MB is the floor).
+  MB = 10**6 bytes, GB = 10**9 bytes.
+- Page cache: the models fit in RAM, so after one warm-up round every contender reads from the page cache.
+  Contenders are interleaved within each repetition (cp, ours LoRA, ours DoRA, PEFT LoRA, PEFT DoRA, repeat)
+  so they all see the same cache state and the same background noise; figures are medians over `--runs`
+  repetitions and the ratios are computed from medians of the same run.
+- Outputs go to a fresh folder each run and are deleted afterwards, followed by `sync` (not timed) so one
+  run's write-back does not slow down the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import psutil
+
+from tools.shapes import PRESETS, LlamaShape
+
+REPO = Path(__file__).resolve().parent.parent
+MB = 10**6
+GB = 10**9
+SAMPLE_SECONDS = 0.02
+LORA_RANK, LORA_ALPHA = 16, 32
+LINEARITY_TOLERANCE = 0.15
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A generated base model and its two adapters, cached under `--data-dir/<slug>`."""
+
+    label: str
+    preset: str
+    """Name in `tools.shapes.PRESETS`; also the cache folder's name."""
+
+    @property
+    def slug(self) -> str:
+        return self.preset
+
+    @property
+    def shape(self) -> LlamaShape:
+        return PRESETS[self.preset]
+
+    def folder(self, data_dir: Path) -> Path:
+        return data_dir / self.slug
+
+
+MODEL_1B = BenchModel("1.1B", "tinyllama-1.1b")
+MODEL_3B = BenchModel("3B", "llama-3b")
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One measured operation on one model: a command that writes into `out`."""
+
+    key: str
+    """Stable id, e.g. 'ours-lora'; results and targets refer to it."""
+    label: str
+    argv: tuple[str, ...]
+    out: Path
+
+
+@dataclass
+class Measurement:
+    wall_s: float
+    peak_rss: int
+
+
+@dataclass
+class Result:
+    model: str
+    key: str
+    label: str
+    runs: list[Measurement] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(m.wall_s for m in self.runs)
+
+    @property
+    def min_s(self) -> float:
+        return min(m.wall_s for m in self.runs)
+
+    @property
+    def peak_rss(self) -> int:
+        """The worst run: a memory limit has to hold every time, not on average."""
+        return max(m.peak_rss for m in self.runs)
+
+
+@dataclass
+class Target:
+    name: str
+    measured: str
+    limit: str
+    ok: bool
+
+
+def ensure_models(model: BenchModel, data_dir: Path) -> Path:
+    """Generate base + LoRA + DoRA adapters unless a complete set with the same parameters is cached."""
+    folder = model.folder(data_dir)
+    stamp = folder / "complete.json"
+    wanted = {"shape": asdict(model.shape), "dtype": "bfloat16", "r": LORA_RANK, "alpha": LORA_ALPHA}
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"generating the {model.label} model and adapters in {folder} (cached for later runs) ...", flush=True)
+    # In a child process: this process must not import torch (see `measure`).
+    synthetic = [sys.executable, "-m", "tools.synthetic"]
+    base = str(folder / "base")
+    subprocess.run([*synthetic, "base", base, "--preset", model.preset, "--dtype", "bfloat16"], cwd=REPO,
+                   check=True)
+    for name, flags in (("lora", []), ("dora", ["--dora"])):
+        subprocess.run([*synthetic, "adapter", base, str(folder / name), "-r", str(LORA_RANK),
+                        "--alpha", str(LORA_ALPHA), *flags], cwd=REPO, check=True)
+    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+    return folder
+
+
+def model_bytes(base: Path) -> int:
+    """Tensor bytes, from the index's `total_size` (the same number for any shard layout)."""
+    return json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+
+
+def contenders(model: BenchModel, data_dir: Path, with_peft: bool) -> list[Contender]:
+    folder = model.folder(data_dir)
+    base = str(folder / "base")
+    out_root = data_dir / "out"
+    py = sys.executable
+
+    def out(key: str) -> Path:
+        return out_root / f"{model.slug}-{key}"
+
+    items = [Contender("cp", "cp -r (I/O floor)", ("cp", "-r", base, str(out("cp"))), out("cp"))]
+    for kind in ("lora", "dora"):
+        argv = (py, "-m", "service.cli", "merge", base, str(folder / kind), "--out", str(out(f"ours-{kind}")),
+                "--quiet")
+        items.append(Contender(f"ours-{kind}", f"ours {kind_label(kind)}", argv, out(f"ours-{kind}")))
+    if with_peft:
+        for kind in ("lora", "dora"):
+            argv = (py, "-m", "tools.peft_merge", base, str(folder / kind), str(out(f"peft-{kind}")))
+            items.append(Contender(f"peft-{kind}", f"PEFT {kind_label(kind)}", argv, out(f"peft-{kind}")))
+    return items
+
+
+def kind_label(kind: str) -> str:
+    return {"lora": "LoRA", "dora": "DoRA"}[kind]
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    """RSS of a process and all its descendants; processes that exit mid-walk count as 0."""
+    total = 0
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for p in family:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def measure(argv: Sequence[str], log: Path) -> Measurement:
+    """Run one command to completion; wall time and whole-tree peak RSS. Raises if it fails.
+
+    A child's `ru_maxrss` includes the memory it had as a fork of this process before exec, so this process
+    stays small (no torch): its own RSS is the floor under every measured peak.
+    """
+    if "torch" in sys.modules:
+        raise RuntimeError("the benchmark process imported torch; every ru_maxrss would include it")
+    with log.open("wb") as sink:
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
+        proc = psutil.Process(child.pid)
+        sampled = 0
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            sampled = max(sampled, _tree_rss(proc))
+            time.sleep(SAMPLE_SECONDS)
+        wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4; keeps Popen from waiting again
+    if child.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(argv)} exited with {child.returncode}; log {log}:\n{tail}")
+    return Measurement(wall, max(sampled, usage.ru_maxrss * 1024))  # ru_maxrss is in KiB on Linux
+
+
+def _clean(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+def run_contender(c: Contender, log_dir: Path) -> Measurement:
+    _clean(c.out)
+    c.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return measure(c.argv, log_dir / f"{c.out.name}.log")
+    finally:
+        _clean(c.out)
+
+
+def bench_model(model: BenchModel, items: list[Contender], runs: int, data_dir: Path) -> list[Result]:
+    """One warm-up round, then `runs` interleaved rounds of every contender."""
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results = [Result(model.label, c.key, c.label) for c in items]
+    for rnd in range(runs + 1):
+        what = "warm-up" if rnd == 0 else f"run {rnd}/{runs}"
+        for c, result in zip(items, results, strict=True):
+            print(f"  {model.label} {what}: {c.label} ...", end=" ", flush=True)
+            m = run_contender(c, log_dir)
+            print(f"{m.wall_s:.2f} s, {m.peak_rss / MB:.0f} MB", flush=True)
+            if rnd:
+                result.runs.append(m)
+    return results
+
+
+def find(results: list[Result], model: str, key: str) -> Result | None:
+    return next((r for r in results if r.model == model and r.key == key), None)
+
+
+def evaluate(results: list[Result], bytes_by_model: dict[str, int]) -> tuple[list[Target], list[str]]:
+    """The issue's targets (PASS/MISS) and informative comparisons, all from medians of this run."""
+    targets: list[Target] = []
+    notes: list[str] = []
+
+    def get(model: str, key: str) -> Result | None:
+        return find(results, model, key)
+
+    cp, lora, dora = get("1.1B", "cp"), get("1.1B", "ours-lora"), get("1.1B", "ours-dora")
+    if cp and lora:
+        x = lora.median_s / cp.median_s
+        targets.append(Target("LoRA merge time vs cp -r (1.1B)", f"{x:.2f}x", "<= 1.5x", x <= 1.5))
+    if lora and dora:
+        x = dora.median_s / lora.median_s
+        targets.append(Target("DoRA merge time vs our LoRA merge (1.1B)", f"{x:.2f}x", "<= 1.2x", x <= 1.2))
+    for model, limit in (("1.1B", 1.0), ("3B", 1.2)):
+        for key in ("ours-lora", "ours-dora"):
+            r = get(model, key)
+            if r:
+                gb = r.peak_rss / GB
+                targets.append(Target(f"peak RSS, {r.label} ({model})", f"{gb:.2f} GB", f"<= {limit} GB",
+                                      gb <= limit))
+    if "3B" in bytes_by_model and "1.1B" in bytes_by_model:
+        byte_ratio = bytes_by_model["3B"] / bytes_by_model["1.1B"]
+        for key in ("ours-lora", "ours-dora"):
+            small, big = get("1.1B", key), get("3B", key)
+            if small and big:
+                time_ratio = big.median_s / small.median_s
+                dev = time_ratio / byte_ratio - 1
+                targets.append(Target(
+                    f"time linear in bytes, {small.label} (3B/1.1B)",
+                    f"time {time_ratio:.2f}x vs bytes {byte_ratio:.2f}x ({dev:+.0%})",
+                    f"within {LINEARITY_TOLERANCE:.0%}", abs(dev) <= LINEARITY_TOLERANCE))
+    peft_lora, peft_dora = get("1.1B", "peft-lora"), get("1.1B", "peft-dora")
+    if peft_lora and peft_dora:
+        notes.append(f"PEFT DoRA / PEFT LoRA time: {peft_dora.median_s / peft_lora.median_s:.2f}x")
+    for ours, peft in ((lora, peft_lora), (dora, peft_dora)):
+        if ours and peft:
+            notes.append(f"{peft.label} vs {ours.label}: {peft.median_s / ours.median_s:.1f}x the time, "
+                         f"{peft.peak_rss / ours.peak_rss:.1f}x the peak RSS")
+    return targets, notes
+
+
+def table_rows(results: list[Result]) -> list[list[str]]:
+    header = ["model", "operation", "median s", "min s", "peak RSS MB", "x cp -r"]
+    rows = [header]
+    for r in results:
+        cp = find(results, r.model, "cp")
+        ratio = f"{r.median_s / cp.median_s:.2f}" if cp else "-"
+        rows.append([r.model, r.label, f"{r.median_s:.2f}", f"{r.min_s:.2f}", f"{r.peak_rss / MB:.0f}", ratio])
+    return rows
+
+
+def target_rows(targets: list[Target]) -> list[list[str]]:
+    return [["target", "measured", "limit", "result"]] + [
+        [t.name, t.measured, t.limit, "PASS" if t.ok else "MISS"] for t in targets]
+
+
+def text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("---" for _ in rows[0]) + "|")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def pkg(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit or "unknown",
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": pkg("torch"),
+        "transformers": pkg("transformers"),
+        "peft": pkg("peft"),
+        "safetensors": pkg("safetensors"),
+    }
+
+
+def write_chart(results: list[Result], path: Path) -> None:
+    """Time and peak-RSS bars from the same numbers as the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.label.removesuffix(' (I/O floor)')}\n{r.model}" for r in results]
+    colors = ["#9e9e9e" if r.key == "cp" else "#1f77b4" if r.key.startswith("ours") else "#ff7f0e"
+              for r in results]
+    hatches = ["//" if r.model == "3B" else "" for r in results]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 0.55 * len(results) + 1.8))
+    for ax, values, unit in ((ax_t, [r.median_s for r in results], "s"),
+                             (ax_m, [r.peak_rss / MB for r in results], "MB")):
+        bars = ax.barh(range(len(results)), values, color=colors, hatch=hatches, edgecolor="white")
+        ax.bar_label(bars, labels=[f"{v:.1f} {unit}" if unit == "s" else f"{v:.0f} {unit}" for v in values],
+                     padding=3, fontsize=8)
+        ax.set_yticks(range(len(results)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.margins(x=0.18)
+    ax_t.set_title(f"wall time, median of {len(results[0].runs)} runs")
+    ax_m.set_title("peak RSS (whole process tree, worst run)")
+    for limit, model in ((1000, "1.1B"), (1200, "3B")):
+        if any(r.model == model for r in results):
+            ax_m.axvline(limit, color="#d62728", linestyle="--", linewidth=1)
+            ax_m.text(limit, -0.6, f" target {model}", color="#d62728", fontsize=7, va="bottom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_docs(results: list[Result], targets: list[Target], notes: list[str], info: dict[str, str],
+               bytes_by_model: dict[str, int], runs: int, docs: Path) -> Path:
+    docs.mkdir(parents=True, exist_ok=True)
+    chart = docs / "benchmarks.png"
+    write_chart(results, chart)
+    sizes = ", ".join(f"{m} = {b / GB:.2f} GB" for m, b in bytes_by_model.items())
+    method = (__doc__ or "").split("How it measures, and why:\n", 1)[1].strip()
+    text = "\n".join([
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`python -m tools.bench`); do not edit by hand.",
+        "",
+        "Models: generated Llama-shaped bf16 bases (`tools/synthetic.py`), sharded at 1 GB, untied: "
+        "TinyLlama-1.1B dimensions (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, "
+        "vocab 32000) and a 3B shape (hidden 3072, intermediate 8192, 28 layers, 24 heads, 8 KV heads). "
+        f"Tensor bytes: {sizes}. Adapters: r={LORA_RANK}, alpha={LORA_ALPHA} on all seven projections, "
+        "one LoRA and one DoRA. PEFT is run on the 1.1B model only.",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        "",
+        f"## Results (median of {runs} runs)",
+        "",
+        markdown_table(table_rows(results)),
+        "",
+        "![time and peak RSS](benchmarks.png)",
+        "",
+        "## Targets",
+        "",
+        markdown_table(target_rows(targets)),
+        "",
+        *[f"- {n}" for n in notes],
+        "",
+        "## Method",
+        "",
+        method,
+        "",
+    ])
+    page = docs / "benchmarks.md"
+    page.write_text(text)
+    return page
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="measured repetitions per contender (default 3)")
+    parser.add_argument("--quick", action="store_true", help="skip PEFT and the 3B model")
+    parser.add_argument("--skip-peft", action="store_true", help="do not run the PEFT baseline")
+    parser.add_argument("--skip-3b", action="store_true", help="do not run the 3B-shaped model")
+    parser.add_argument("--data-dir", type=Path, default=REPO / "bench-data",
+                        help="generated models, outputs and logs (default bench-data/, reused between runs)")
+    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs")
+    parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
+                        help="write docs/benchmarks.md + .png (default: only for a full run)")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.quick:
+        args.skip_peft = args.skip_3b = True
+    if args.write_docs is None:
+        args.write_docs = not (args.skip_peft or args.skip_3b)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    data_dir = args.data_dir.resolve()
+    models = [MODEL_1B] + ([] if args.skip_3b else [MODEL_3B])
+    results: list[Result] = []
+    bytes_by_model: dict[str, int] = {}
+    for model in models:
+        folder = ensure_models(model, data_dir)
+        bytes_by_model[model.label] = model_bytes(folder / "base")
+        items = contenders(model, data_dir, with_peft=not args.skip_peft and model is MODEL_1B)
+        print(f"{model.label}: {bytes_by_model[model.label] / GB:.2f} GB of tensors, "
+              f"{len(items)} contenders x ({args.runs} runs + 1 warm-up)", flush=True)
+        results += bench_model(model, items, args.runs, data_dir)
+
+    targets, notes = evaluate(results, bytes_by_model)
+    print()
+    print(text_table(table_rows(results)))
+    print()
+    print(text_table(target_rows(targets)))
+    for note in notes:
+        print(f"- {note}")
+    if args.write_docs:
+        page = write_docs(results, targets, notes, machine_info(), bytes_by_model, args.runs, args.docs_dir)
+        print(f"\nwrote {page} and {page.with_suffix('.png')}")
+    else:
+        print("\n(partial run: docs/benchmarks.md not written; pass --write-docs to force)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
