@@ -1,13 +1,14 @@
 """Where a job's files live under MERGE_DATA_DIR, and the moves that make results appear atomically.
 
     <data_dir>/work/<job>/attempt-<n>/model   scratch of one attempt (the engine's out_dir)
-    <data_dir>/artifacts/<job>/               the published result, renamed into place in one step
+    <data_dir>/artifacts/<job>/attempt-<n>/   the published result, renamed into place in one step
 
 The data dir must be one filesystem (shared by all nodes in distributed mode) so the final rename is atomic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -29,29 +30,42 @@ class DataLayout:
     def work_dir(self, job_id: str) -> Path:
         return self.work_root / job_id
 
+    def attempt_dir(self, job_id: str, attempt: int) -> Path:
+        return self.work_dir(job_id) / f"attempt-{attempt}"
+
     def attempt_output(self, job_id: str, attempt: int) -> Path:
         """The engine writes here (through its own temporary sibling), never straight into artifacts."""
-        return self.work_dir(job_id) / f"attempt-{attempt}" / "model"
+        return self.attempt_dir(job_id, attempt) / "model"
 
-    def artifacts_dir(self, job_id: str) -> Path:
+    def job_artifacts(self, job_id: str) -> Path:
+        """Everything published for a job."""
         return self.artifacts_root / job_id
+
+    def result_dir(self, job_id: str, attempt: int) -> Path:
+        """What one run published. Per attempt, so a run that lost its lease can never clobber the result of
+        the run that replaced it; the job record names the attempt whose files are served."""
+        return self.job_artifacts(job_id) / f"attempt-{attempt}"
 
     def clean_work(self, job_id: str) -> None:
         """Drop whatever earlier (dead or cancelled) attempts left, so a rerun starts clean."""
         _remove_tree(self.work_dir(job_id))
 
-    def publish(self, job_id: str, output: Path) -> Path:
+    def clean_attempt(self, job_id: str, attempt: int) -> None:
+        """Drop one run's scratch only: a later run of the same job may already be writing beside it."""
+        _remove_tree(self.attempt_dir(job_id, attempt))
+        with contextlib.suppress(OSError):
+            self.work_dir(job_id).rmdir()  # only if empty
+
+    def publish(self, job_id: str, attempt: int, output: Path) -> Path:
         """Move a finished output into place with one rename; readers see all of it or nothing."""
-        target = self.artifacts_dir(job_id)
+        target = self.result_dir(job_id, attempt)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():  # left by an attempt that finished after losing its lease
-            _remove_tree(target)
         os.replace(output, target)
         _fsync_dir(target.parent)  # the rename itself must survive a crash once success is reported
         return target
 
     def remove_job(self, job_id: str) -> None:
-        _remove_tree(self.artifacts_dir(job_id))
+        _remove_tree(self.job_artifacts(job_id))
         _remove_tree(self.work_dir(job_id))
 
     def is_writable(self) -> bool:

@@ -6,11 +6,13 @@ so exactly one reaper wins each recovery, and deletions are idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from service.dispatch import Dispatcher, LocalDispatcher
 from service.layout import DataLayout
@@ -38,7 +40,8 @@ class Maintenance:
                 recovered = self.store.recover(job.id, self.settings.max_recoveries)
                 if recovered is None:
                     continue
-                self.layout.clean_work(job.id)
+                if recovered.status is not JobStatus.queued:  # a queued job's scratch is its next run's to clear
+                    self.layout.clean_work(job.id)
                 log.warning("job %s lost worker %s; now %s", job.id, job.worker, recovered.status.value)
                 if recovered.status is JobStatus.queued:
                     self.dispatcher.submit(job.id)
@@ -67,19 +70,29 @@ class Maintenance:
         return expired
 
     def _sweep_orphans(self, cutoff: float) -> None:
-        """Folders no job owns any more: crashed deletions, results of jobs deleted mid-publish."""
+        """Folders no run owns any more (all older than `cutoff`): crashed deletions, results of jobs deleted
+        mid-publish, results of runs that lost their lease, scratch of runs that died."""
         for root in (self.layout.artifacts_root, self.layout.work_root):
-            if not root.is_dir():
-                continue
-            for folder in root.iterdir():
-                try:
-                    if folder.stat().st_mtime >= cutoff:
-                        continue
-                except FileNotFoundError:  # removed meanwhile by someone else
-                    continue
+            for folder in _older_than(root, cutoff):
                 job = None if folder.name.startswith(".") else self.store.get(folder.name)
-                if job is None or (root == self.layout.work_root and job.status is not JobStatus.running):
+                if job is None:
                     shutil.rmtree(folder, ignore_errors=True)
+                    continue
+                for run in _older_than(folder, cutoff):
+                    if run.name != f"attempt-{job.attempt}" or (root == self.layout.work_root
+                                                                 and job.status is not JobStatus.running):
+                        shutil.rmtree(run, ignore_errors=True)
+
+
+def _older_than(folder: Path, cutoff: float) -> list[Path]:
+    """Sub-folders last changed before `cutoff` (epoch seconds); tolerant of concurrent removal."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in folder.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_dir() and entry.stat().st_mtime < cutoff:
+                    found.append(entry)
+    return found
 
 
 class MaintenanceThread:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from service.layout import DataLayout
@@ -65,7 +67,7 @@ class JobRunner:
             except Exception as error:
                 return self._fail(job, error, watch)
             finally:
-                self.layout.clean_work(job.id)
+                self.layout.clean_attempt(job.id, job.attempt)
 
     def _merge(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
         from worker.engine import merge  # imports torch: only where merges run
@@ -83,7 +85,7 @@ class JobRunner:
         if watch.lost or watch.cancel_requested:  # superseded or cancelled after the last tensor
             raise MergeCancelled("stopped before publishing")
         publish_started = time.perf_counter()
-        self.layout.publish(job.id, report.output_dir)
+        self.layout.publish(job.id, job.attempt, report.output_dir)
         publish_seconds = time.perf_counter() - publish_started
         finished_at = utcnow()
         final = self.store.finish(
@@ -94,10 +96,9 @@ class JobRunner:
             metrics=_metrics(report), notes=[*job.notes, *report.notes],
         )
         if final is None:
-            log.warning("job %s: attempt %d finished after losing the job; result left to the owner",
+            log.warning("job %s: attempt %d finished after losing the job; its result is dropped",
                         job.id, job.attempt)
-            if self.store.get(job.id) is None:
-                self.layout.remove_job(job.id)
+            _remove_quietly(self.layout.result_dir(job.id, job.attempt))
         else:
             log.info("job %s: succeeded in %.2f s", job.id, final.timings["total"])
         return final
@@ -119,6 +120,10 @@ class JobRunner:
             log.info("job %s: failed: %s", job.id, problem.detail)
         return self.store.finish(job.id, job.attempt, JobStatus.failed, error=problem.to_dict(),
                                  progress=watch.latest or job.progress)
+
+
+def _remove_quietly(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _problem_of(error: Exception) -> Problem:

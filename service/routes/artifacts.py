@@ -46,7 +46,7 @@ def download_artifact(
         names = ", ".join(item.path for item in job.artifacts)
         raise Problem(404, "artifact-not-found", f"job {job.id} has no artifact {path!r} (it has: {names})",
                       title="Unknown artifact", field="path")
-    file = services.layout.artifacts_dir(job.id) / artifact.path
+    file = services.layout.result_dir(job.id, job.attempt) / artifact.path
     if not file.is_file():
         raise Problem(404, "artifact-gone", f"artifact {path!r} of job {job.id} is no longer on disk",
                       title="Artifact gone", field="path")
@@ -60,7 +60,7 @@ def download_artifact(
 def download_archive(job: JobDep, services: ServicesDep) -> StreamingResponse:
     """The whole merged model as one tar stream (with Content-Length), under a folder named after the job."""
     _require_success(job)
-    root = services.layout.artifacts_dir(job.id)
+    root = services.layout.result_dir(job.id, job.attempt)
     mtime = job.finished_at.timestamp() if job.finished_at else 0.0
     try:
         length, chunks = tar_stream(root, [item.path for item in job.artifacts], job.id, mtime)

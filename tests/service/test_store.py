@@ -149,8 +149,8 @@ def test_retention_deletes_old_results_and_their_files(tmp_path: Path) -> None:
         store.request_cancel(job.id)
         store.update(job.id, lambda record, now, age=age: record.model_copy(
             update={"finished_at": utcnow() - age}))
-        (layout.artifacts_dir(job.id)).mkdir(parents=True)
-        (layout.artifacts_dir(job.id) / "model.safetensors").write_bytes(b"x")
+        layout.result_dir(job.id, 1).mkdir(parents=True)
+        (layout.result_dir(job.id, 1) / "model.safetensors").write_bytes(b"x")
     assert Maintenance(store, layout, settings, dispatcher=None).clean() == [old.id]  # type: ignore[arg-type]
-    assert store.get(old.id) is None and not layout.artifacts_dir(old.id).exists()
-    assert store.get(recent.id) is not None and layout.artifacts_dir(recent.id).exists()
+    assert store.get(old.id) is None and not layout.job_artifacts(old.id).exists()
+    assert store.get(recent.id) is not None and layout.job_artifacts(recent.id).exists()
