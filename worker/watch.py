@@ -54,13 +54,19 @@ class JobWatch:
 
     def _run(self) -> None:
         next_renewal = time.monotonic() + self.settings.heartbeat_seconds
+        failing = False
         while not self._done.wait(self.settings.poll_seconds):
             renew = time.monotonic() >= next_renewal
             try:
                 self._beat(renew)
             except Exception:  # keep beating: the lease only lapses if this lasts lease_seconds
-                log.exception("job %s: heartbeat failed", self.job.id)
+                if not failing:
+                    log.exception("job %s: heartbeat failed; retrying", self.job.id)
+                failing = True
                 continue
+            if failing:
+                log.info("job %s: heartbeat works again", self.job.id)
+            failing = False
             if renew:
                 next_renewal = time.monotonic() + self.settings.heartbeat_seconds
 

@@ -28,11 +28,16 @@ class RedisJobStore(JobStore):
     def _status_key(self, status: JobStatus) -> str:
         return f"{self.prefix}:status:{JobStatus(status).value}"
 
+    @property
+    def _all_key(self) -> str:
+        return f"{self.prefix}:jobs"
+
     def create(self, job: JobRecord) -> None:
         with self.redis.pipeline() as pipe:
             pipe.set(self._job_key(job.id), job.to_json(), nx=True)
             pipe.zadd(self._status_key(job.status), {job.id: job.created_at.timestamp()})
-            created, _ = pipe.execute()
+            pipe.zadd(self._all_key, {job.id: job.created_at.timestamp()})
+            created, *_ = pipe.execute()
         if not created:
             raise KeyError(f"job {job.id} already exists")
 
@@ -44,7 +49,7 @@ class RedisJobStore(JobStore):
         self, statuses: Collection[JobStatus] | None = None, limit: int = 50, offset: int = 0,
         oldest_first: bool = False,
     ) -> tuple[list[JobRecord], int]:
-        keys = [self._status_key(s) for s in (statuses if statuses is not None else list(JobStatus))]
+        keys = [self._all_key] if statuses is None else [self._status_key(s) for s in set(statuses)]
         if not keys:
             return [], 0
         if len(keys) == 1:
@@ -100,6 +105,7 @@ class RedisJobStore(JobStore):
                     pipe.multi()
                     pipe.delete(key)
                     pipe.zrem(self._status_key(job.status), job_id)
+                    pipe.zrem(self._all_key, job_id)
                     pipe.execute()
                     return True
                 except redis.WatchError:
