@@ -96,6 +96,7 @@ def test_sigkill_of_a_worker_mid_merge(cluster: Cluster, big_request: dict, big_
     assert_no_leftovers(cluster.data_dir, job["id"])
 
     # The killed worker's message is still unacknowledged in Redis; if it ever comes back it must be a no-op.
+    victim.reap_group()
     cluster.workers[cluster.workers.index(victim)] = start_worker(cluster.env, victim.log)
 
 
