@@ -232,6 +232,10 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("bert_cls_head", BaseSpec("bert", "float32"), (AdapterRecipe("bert_cls_head", {
         "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}, seed=13),),
         dtypes=("auto", "bfloat16")),
+    # bias="all" also saves the modules_to_save wrapper's own biases (`classifier.original_module.bias`, ...).
+    Case("bert_bias_all_cls_head", BaseSpec("bert", "bfloat16"), (AdapterRecipe("bert_bias_all_cls_head", {
+        "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "bias": "all", "task_type": "SEQ_CLS"},
+        seed=16),), dtypes=("auto", "float32")),
     # transformers 5 renames ViT's encoder modules in memory but not on disk, so only the conv patch
     # projection (same name in both) is targeted: an adapter's keys must match the checkpoint's.
     Case("vit_conv_lora", BaseSpec("vit", "float32"), (AdapterRecipe("vit_conv_lora", {

@@ -62,7 +62,7 @@ def merge(
             timings["finalize"] = time.perf_counter() - phase
             timings["total"] = time.perf_counter() - started
         write_json(folder.path / MANIFEST_FILE, build_manifest(plan, input_checksums, outputs, changes, timings, notes))
-        folder.commit()
+        folder.commit(durable=options.fsync)
     except BaseException:
         folder.abort()
         raise

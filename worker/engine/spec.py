@@ -31,7 +31,7 @@ class MergeOptions:
     checksum_cache: Path | None = None
     """Folder where input checksums are remembered between merges; None hashes every input every time."""
     fsync: bool = False
-    """Flush every output file to disk before the folder is renamed into place. Off, like `cp`, the files
+    """Flush every output file and the folder to disk around the rename into place. Off, like `cp`, files
     reach disk when the kernel writes them back; the service turns it on before it reports success."""
     def __post_init__(self) -> None:
         if self.dtype not in OUTPUT_DTYPES:
@@ -68,6 +68,8 @@ class MergeReport:
     timings: dict[str, float]
     """Seconds per phase: plan, merge (reading, computing and writing tensors), finalize, total."""
     peak_rss_bytes: int
+    """The process's peak resident memory so far (getrusage): the merge's own peak only in a process that
+    runs one merge, as the CLI and the service's per-job worker processes do."""
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

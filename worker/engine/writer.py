@@ -42,18 +42,36 @@ class OutputFolder:
         except OSError as error:
             raise InputError(f"{target}: cannot create the output folder: {error.strerror}") from error
 
-    def commit(self) -> None:
-        """Move the finished folder into place; an overwritten folder is swapped out first, then deleted."""
+    def commit(self, durable: bool) -> None:
+        """Move the finished folder into place; an overwritten folder is swapped out first, then deleted.
+
+        `durable` flushes every file not yet flushed (the shard writer flushes its own), the folder, and
+        after the rename its parent, so a power loss cannot leave a complete-looking folder with empty files.
+        """
+        if durable:
+            for path in self.path.iterdir():
+                _fsync_path(path)
+            _fsync_path(self.path)
         previous = None
         if self.target.exists():
             previous = self.target.parent / f".{self.target.name}.replaced-{uuid.uuid4().hex[:12]}"
             self.target.rename(previous)
         self.path.rename(self.target)
+        if durable:
+            _fsync_path(self.target.parent)
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
