@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Service configuration; see docs/service.md for the table of variables."""
+    """Service configuration; see the README for the table of variables."""
 
     model_config = SettingsConfigDict(env_prefix="MERGE_", extra="ignore")
 
