@@ -7,12 +7,15 @@ clock (TIME), so skew between worker hosts cannot make a live job look dead.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import TypeVar
 
 import redis
 
 from service.store.base import Change, JobStore
 from service.store.models import FINISHED_STATUSES, JobRecord, JobStatus
+
+_T = TypeVar("_T")
 
 
 class RedisJobStore(JobStore):
@@ -65,7 +68,10 @@ class RedisJobStore(JobStore):
         docs = self.redis.mget([self._job_key(job_id) for job_id in ids])
         return [JobRecord.from_json(doc) for doc in docs if doc], total
 
-    def update(self, job_id: str, change: Change) -> JobRecord | None:
+    def _transact(self, job_id: str, body: Callable[[redis.client.Pipeline, JobRecord], _T | None]) -> _T | None:
+        """Run `body` on the job's current record in a WATCH/MULTI transaction, retried when another client
+        changed the record meanwhile. `body` queues its writes after `pipe.multi()` and returns the result,
+        or returns None to leave the record alone; a missing job is None too."""
         key = self._job_key(job_id)
         with self.redis.pipeline() as pipe:
             while True:
@@ -74,42 +80,40 @@ class RedisJobStore(JobStore):
                     raw = pipe.get(key)
                     if raw is None:
                         return None
-                    old = JobRecord.from_json(raw)
-                    new = change(old, _seconds(pipe.time()))
-                    if new is None:
+                    result = body(pipe, JobRecord.from_json(raw))
+                    if result is None:
                         pipe.unwatch()
                         return None
-                    pipe.multi()
-                    pipe.set(key, new.to_json())
-                    if new.status is not old.status:
-                        pipe.zrem(self._status_key(old.status), job_id)
-                        pipe.zadd(self._status_key(new.status), {job_id: new.created_at.timestamp()})
                     pipe.execute()
-                    return new
+                    return result
                 except redis.WatchError:
                     continue
 
+    def update(self, job_id: str, change: Change) -> JobRecord | None:
+        def write(pipe: redis.client.Pipeline, old: JobRecord) -> JobRecord | None:
+            new = change(old, _seconds(pipe.time()))
+            if new is None:
+                return None
+            pipe.multi()
+            pipe.set(self._job_key(job_id), new.to_json())
+            if new.status is not old.status:
+                pipe.zrem(self._status_key(old.status), job_id)
+                pipe.zadd(self._status_key(new.status), {job_id: new.created_at.timestamp()})
+            return new
+
+        return self._transact(job_id, write)
+
     def delete(self, job_id: str, only: Collection[JobStatus] = FINISHED_STATUSES) -> bool:
-        key = self._job_key(job_id)
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        return False
-                    job = JobRecord.from_json(raw)
-                    if job.status not in only:
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.zrem(self._status_key(job.status), job_id)
-                    pipe.zrem(self._all_key, job_id)
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+        def remove(pipe: redis.client.Pipeline, job: JobRecord) -> bool | None:
+            if job.status not in only:
+                return None
+            pipe.multi()
+            pipe.delete(self._job_key(job_id))
+            pipe.zrem(self._status_key(job.status), job_id)
+            pipe.zrem(self._all_key, job_id)
+            return True
+
+        return bool(self._transact(job_id, remove))
 
     def now(self) -> float:
         return _seconds(self.redis.time())
