@@ -216,6 +216,13 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("llama_tied_lm_head", BaseSpec("llama_tied", "bfloat16"), (AdapterRecipe("tied_lm_head", {
         "r": 4, "lora_alpha": 8, "target_modules": ["lm_head", "q_proj"]}, seed=8),),
         dtypes=("auto", "float32"), untie=True),
+    # Tied bases whose embedding (and so lm_head) changes: the output may stay tied.
+    Case("llama_tied_trainable_tokens", BaseSpec("llama_tied", "bfloat16"), (AdapterRecipe(
+        "tied_trainable_tokens", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                  "trainable_token_indices": [2, 7]}, seed=17),), dtypes=("auto", "float32")),
+    Case("llama_tied_resized_vocab", BaseSpec("llama_tied", "bfloat16"), (AdapterRecipe("tied_resized_vocab", {
+        "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        resize_vocab=100, save_embedding_layers=True, seed=18),), dtypes=("auto", "float32")),
     Case("llama_stacked", LLAMA_BF16, (_LORA, _DORA), weights=(1.0, 0.5), dtypes=("auto", "float32")),
     Case("gpt2_lora", BaseSpec("gpt2", "float32"), (AdapterRecipe("gpt2_lora", {
         "r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"],
