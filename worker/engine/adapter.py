@@ -168,8 +168,17 @@ def _positive_int(value: Any, option: str) -> int:
 
 
 def split_key(adapter: Adapter, key: str) -> tuple[str, str]:
-    """`base_model.model.<module>.<suffix>` -> (module path, role); a non-LoRA key is a replacement tensor."""
+    """`base_model.model.<module>.<suffix>` -> (module path, role); a non-LoRA key is a replacement tensor.
+
+    With `bias="all"`, PEFT also saves the insides of a modules_to_save wrapper: `<m>.original_module.*`
+    (the untouched base: role "base_copy") and `<m>.modules_to_save.*` (the trained copy, also saved as
+    plain `<m>.*`: role "wrapped_copy").
+    """
     body = key[len(KEY_PREFIX):]
+    if ".original_module." in body:
+        return body.replace(".original_module.", "."), "base_copy"
+    if ".modules_to_save." in body:
+        return body.replace(".modules_to_save.", "."), "wrapped_copy"
     for suffix, role in LORA_SUFFIXES.items():
         if body.endswith(suffix):
             return body[: -len(suffix)], role

@@ -19,7 +19,7 @@ from worker.engine.base_model import SINGLE_FILE, BaseModel, load_base_model
 from worker.engine.errors import InputError, UnsupportedOptionError
 from worker.engine.name_mapping import find_rewrite
 from worker.engine.operations import BiasOp, Layout, LoraOp, Op, OutputTensor, TokenRowsOp
-from worker.engine.safetensors_format import FLOAT_DTYPES, FP8_DTYPES, TensorInfo
+from worker.engine.safetensors_format import FLOAT_DTYPES, FP8_DTYPES, TensorInfo, same_bytes
 from worker.engine.spec import AdapterSpec, MergeOptions
 
 # GPT-2-style models store these Linear-like layers as Conv1D, (in, out): a property of the architecture,
@@ -112,12 +112,15 @@ class _PlanBuilder:
 
     def add(self, adapter: Adapter) -> None:
         modules: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
+        wrapped_copies: dict[str, TensorInfo] = {}
         for key, info in adapter.tensors.items():
             module, role = split_key(adapter, key)
-            if role == "replacement":
-                modules[module]["replacement"] = info
-            else:
+            if role == "wrapped_copy":
+                wrapped_copies[module] = info
+            elif role != "base_copy":
                 modules[module][role] = info
+        for module, info in wrapped_copies.items():
+            modules[module].setdefault("replacement", info)
         wanted = {name for module, roles in modules.items() for name in _target_names(module, roles)}
         heads = {name for name in wanted if self._is_tied_head(name)}
         rewrite = find_rewrite(sorted(wanted - heads), self.base.tensors.keys(), adapter.weights_file)
@@ -218,15 +221,15 @@ class _PlanBuilder:
         embed = outputs.get(self.input_embedding or "")
         if not self.tied or embed is None:
             return None
-        head_ops = list(self.ops.get(self.head_name or "", []))
-        token_ops = [op for op in embed.ops if isinstance(op, TokenRowsOp)]
-        embed_changed = bool(len(embed.ops) - len(token_ops)) or self.input_embedding in self.sources
-        head_changed = bool(head_ops) or (self.head_name in self.sources)
-        if not (embed_changed or head_changed):
-            return None
         name = self.head_name or "lm_head.weight"
-        source = self.sources.get(name) or self.sources.get(embed.name) or self.base.tensors[embed.name]
-        head = OutputTensor(name, source, "", ops=token_ops + head_ops, replaced=True)
+        head_ops = list(self.ops.get(name, []))
+        token_ops = [op for op in embed.ops if isinstance(op, TokenRowsOp)]
+        embed_lora = len(embed.ops) > len(token_ops)  # trainable tokens apply to both sides of a tied pair
+        head_source = self.sources.get(name)
+        head_replaced = head_source is not None and not same_bytes(head_source, embed.source)
+        if not (embed_lora or head_ops or head_replaced):
+            return None
+        head = OutputTensor(name, head_source or embed.source, "", ops=token_ops + head_ops, replaced=True)
         self.notes.append(
             f"tie_word_embeddings: the adapters change {embed.name} and {name} differently, so the output is "
             f"untied: {name} is written separately and config.json says tie_word_embeddings=false"

@@ -121,6 +121,23 @@ def _check_contiguous(path: Path, tensors: list[TensorInfo], data_start: int, da
         raise _corrupt(path, f"{data_start + data_size - position} bytes after the last tensor")
 
 
+COMPARE_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def same_bytes(first: TensorInfo, second: TensorInfo) -> bool:
+    """Whether two stored tensors are identical (dtype, shape and every byte); legacy pickles never are."""
+    if (first.dtype, first.shape) != (second.dtype, second.shape) or first.offset < 0 or second.offset < 0:
+        return False
+    with first.file.open("rb") as a, second.file.open("rb") as b:
+        a.seek(first.offset)
+        b.seek(second.offset)
+        for start in range(0, first.nbytes, COMPARE_CHUNK_BYTES):
+            size = min(COMPARE_CHUNK_BYTES, first.nbytes - start)
+            if a.read(size) != b.read(size):
+                return False
+    return True
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """One tensor of a shard to be written: its bytes go at `offset` relative to the data start."""
