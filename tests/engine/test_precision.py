@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,19 @@ def test_bin_adapter_matches_safetensors(workspace: Workspace, tmp_path: Path) -
     from_safetensors = load_dir_tensors(workspace.merged(case))
     assert sorted(from_bin) == sorted(from_safetensors)
     assert all(torch.equal(from_bin[k], from_safetensors[k]) for k in from_bin)
+
+
+def test_planning_a_bin_adapter_does_not_import_torch(workspace: Workspace) -> None:
+    """The API preflights with plan_merge and has no torch: a legacy adapter's shapes are read torch-free."""
+    case = CASES["llama_dora"]
+    bin_dir = workspace.adapter(case.base, case.adapters[0], safe=False)
+    script = (
+        "import sys\n"
+        "from worker.engine import AdapterSpec, plan_merge\n"
+        f"plan = plan_merge({str(workspace.base(case.base))!r}, [AdapterSpec({str(bin_dir)!r})])\n"
+        "assert 'torch' not in sys.modules, 'planning imported torch'\n"
+        "print(sum(1 for t in plan.outputs if t.ops))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 0  # the adapter's LoRA/DoRA ops were planned from the pickle's shapes

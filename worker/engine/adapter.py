@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import io
 import math
+import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from worker.engine.base_model import read_json
 from worker.engine.errors import InputError, UnsupportedOptionError
@@ -187,12 +191,57 @@ def split_key(adapter: Adapter, key: str) -> tuple[str, str]:
     return body.replace(".base_layer.", "."), "replacement"
 
 
-def _legacy_tensor_infos(path: Path) -> dict[str, TensorInfo]:
-    """Shapes and dtypes of a legacy pickle adapter, loaded with `weights_only=True` (never plain pickle)."""
-    from worker.engine.tensor_io import legacy_state_dict, safetensors_dtype
+_STORAGE_DTYPES = {
+    "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16", "DoubleStorage": "F64",
+    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8", "ByteStorage": "U8",
+    "BoolStorage": "BOOL",
+}
 
-    infos = {}
-    for name, tensor in legacy_state_dict(path).items():
-        dtype = safetensors_dtype(tensor.dtype, f"{path}: tensor {name!r}")
-        infos[name] = TensorInfo(name, dtype, tuple(tensor.shape), path, -1, tensor.numel() * DTYPE_SIZES[dtype])
-    return infos
+
+def _tensor_header(dtype: str, _offset: int, size: tuple[int, ...], *_rest: object) -> tuple[str, tuple[int, ...]]:
+    return dtype, tuple(size)
+
+
+def _parameter(data: object, *_rest: object) -> object:
+    return data
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Reads names, dtypes and shapes from torch's zip-pickle format without torch and without running
+    anything: only the few globals a saved state dict uses are allowed, and storages are never loaded."""
+
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        ("torch._utils", "_rebuild_tensor_v2"): _tensor_header,
+        ("torch._utils", "_rebuild_parameter"): _parameter,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in adapter weights")
+
+    def persistent_load(self, pid: Any) -> str:
+        return str(pid[1])  # ('storage', <dtype code from find_class>, key, location, numel)
+
+
+def _legacy_tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of a legacy `adapter_model.bin`, read torch-free so planning stays torch-free.
+
+    The values themselves are loaded later by the merge with `torch.load(weights_only=True)`.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+            state = _HeaderUnpickler(io.BytesIO(archive.read(pickled))).load()
+    except (OSError, zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, ValueError, TypeError,
+            IndexError, EOFError) as error:
+        raise InputError(f"{path}: not a readable PyTorch state dict ({error or type(error).__name__})") from error
+    if not isinstance(state, dict) or not all(isinstance(v, tuple) for v in state.values()):
+        raise InputError(f"{path}: legacy adapter weights are not a dict of tensors")
+    return {
+        name: TensorInfo(name, dtype, shape, path, -1, math.prod(shape) * DTYPE_SIZES[dtype])
+        for name, (dtype, shape) in state.items()
+    }

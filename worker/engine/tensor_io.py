@@ -23,15 +23,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
-_SAFETENSORS_CODES = {dtype: code for code, dtype in TORCH_DTYPES.items()}
-
-
-def safetensors_dtype(dtype: torch.dtype, where: str) -> str:
-    if dtype not in _SAFETENSORS_CODES:
-        raise InputError(f"{where} has dtype {dtype}, which cannot be stored in safetensors")
-    return _SAFETENSORS_CODES[dtype]
-
-
 def legacy_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A legacy `adapter_model.bin`, loaded with `weights_only=True` so no pickled code can run."""
     try:
