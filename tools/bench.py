@@ -54,6 +54,8 @@ SAMPLE_SECONDS = 0.02
 LORA_RANK, LORA_ALPHA = 16, 32
 LINEARITY_TOLERANCE = 0.15
 INPUT_FOLDERS = ("base", "lora", "dora")
+RSS_LIMITS_GB = {"1.1B": 1.0, "3B": 1.2}
+CHART_COLORS = {"cp": "#9e9e9e", "startup": "#9e9e9e", "ours": "#1f77b4", "peft": "#ff7f0e"}
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,7 @@ def evaluate(results: list[Result], bytes_by_model: dict[str, int]) -> tuple[lis
     if lora and dora:
         x = dora.median_s / lora.median_s
         targets.append(Target("DoRA merge time vs our LoRA merge (1.1B)", f"{x:.2f}x", "<= 1.2x", x <= 1.2))
-    for model, limit in (("1.1B", 1.0), ("3B", 1.2)):
+    for model, limit in RSS_LIMITS_GB.items():
         for key in ("ours-lora", "ours-dora"):
             r = get(model, key)
             if r:
@@ -378,10 +380,10 @@ def write_chart(results: list[Result], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     labels = [f"{r.label.removesuffix(' (I/O floor)')}\n{r.model}" for r in results]
-    colors = ["#9e9e9e" if r.key == "cp" else "#1f77b4" if r.key.startswith("ours") else "#ff7f0e"
-              for r in results]
+    colors = [CHART_COLORS[r.key.split("-")[0]] for r in results]
     hatches = ["//" if r.model == "3B" else "" for r in results]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 0.55 * len(results) + 1.8))
     for ax, values, unit in ((ax_t, [r.median_s for r in results], "s"),
@@ -394,10 +396,16 @@ def write_chart(results: list[Result], path: Path) -> None:
         ax.margins(x=0.18)
     ax_t.set_title(f"wall time, median of {len(results[0].runs)} runs")
     ax_m.set_title("peak RSS (whole process tree, worst run)")
-    for limit, model in ((1000, "1.1B"), (1200, "3B")):
-        if any(r.model == model for r in results):
-            ax_m.axvline(limit, color="#d62728", linestyle="--", linewidth=1)
-            ax_m.text(limit, -0.6, f" target {model}", color="#d62728", fontsize=7, va="bottom")
+    for model, limit_gb in RSS_LIMITS_GB.items():
+        rows = [i for i, r in enumerate(results) if r.model == model]
+        if rows:  # the limit line spans only that model's bars
+            x = limit_gb * GB / MB
+            ax_m.vlines(x, rows[0] - 0.45, rows[-1] + 0.45, color="#d62728", linestyle="--", linewidth=1)
+            ax_m.text(x, rows[0] - 0.45, f" target {model}", color="#d62728", fontsize=7, va="top")
+    ax_t.legend(handles=[Patch(color=c, label=n) for n, c in (("reference", CHART_COLORS["cp"]),
+                                                                ("ours", CHART_COLORS["ours"]),
+                                                                ("PEFT", CHART_COLORS["peft"]))],
+                fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -461,6 +469,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=REPO / "bench-data",
                         help="generated models, outputs and logs (default bench-data/, reused between runs)")
     parser.add_argument("--docs-dir", type=Path, default=REPO / "docs")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only rebuild the docs from a saved benchmarks.json, measuring nothing")
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
                         help="write docs/benchmarks.md + .png (default: only for a full run)")
     args = parser.parse_args(argv)
@@ -475,6 +485,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        render(args.render, args.docs_dir)
+        return 0
     data_dir = args.data_dir.resolve()
     # Our CLI's input-checksum cache: kept with the benchmark data, filled by the warm-up round.
     os.environ["ADAPTER_MERGE_CACHE"] = str(data_dir / "checksum-cache")
@@ -489,6 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(items)} contenders x ({args.runs} runs + 1 warm-up)", flush=True)
         results += bench_model(model, items, args.runs, data_dir)
 
+    report(results, bytes_by_model, machine_info(), args.runs, args.docs_dir if args.write_docs else None)
+    return 0
+
+
+def report(results: list[Result], bytes_by_model: dict[str, int], info: dict[str, str], runs: int,
+           docs_dir: Path | None) -> None:
+    """Print the tables and, with a `docs_dir`, write the page, chart and raw numbers."""
     targets, notes = evaluate(results, bytes_by_model)
     print()
     print(text_table(table_rows(results)))
@@ -496,12 +516,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text_table(target_rows(targets)))
     for note in notes:
         print(f"- {note}")
-    if args.write_docs:
-        page = write_docs(results, targets, notes, machine_info(), bytes_by_model, args.runs, args.docs_dir)
-        print(f"\nwrote {page}, {page.with_suffix('.png')} and {page.with_suffix('.json')}")
-    else:
+    if docs_dir is None:
         print("\n(partial run: docs/benchmarks.md not written; pass --write-docs to force)")
-    return 0
+        return
+    page = write_docs(results, targets, notes, info, bytes_by_model, runs, docs_dir)
+    print(f"\nwrote {page}, {page.with_suffix('.png')} and {page.with_suffix('.json')}")
+
+
+def render(raw_path: Path, docs_dir: Path) -> None:
+    """Rebuild the page and chart from a saved `benchmarks.json` (after a formatting change), no measuring."""
+    raw = json.loads(raw_path.read_text())
+    results = [Result(r["model"], r["key"], r["operation"], [Measurement(**m) for m in r["runs"]])
+               for r in raw["results"]]
+    report(results, raw["tensor_bytes"], raw["machine"], raw["runs"], docs_dir)
 
 
 if __name__ == "__main__":
