@@ -9,11 +9,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-EXIT_OK = 0
-EXIT_MERGE_FAILED = 1
-EXIT_USAGE = 2
-EXIT_CANCELLED = 130
-
 
 def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     merge = subparsers.add_parser("merge", help="merge adapters into a base model folder")

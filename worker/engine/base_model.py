@@ -26,10 +26,6 @@ class BaseModel:
     def model_type(self) -> str:
         return str(self.config.get("model_type", ""))
 
-    @property
-    def sharded(self) -> bool:
-        return len(self.shards) > 1 or self.shards[0].path.name != SINGLE_FILE
-
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """Load a JSON object, with an error that names the file when it is missing or malformed."""

@@ -32,7 +32,6 @@ INPUT_EMBEDDING_SUFFIXES = (
     "tok_embeddings.weight",
 )
 OUTPUT_DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-DTYPE_NAMES = {code: name for name, code in OUTPUT_DTYPE_CODES.items()} | {"F64": "float64"}
 
 
 @dataclass
