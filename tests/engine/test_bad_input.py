@@ -327,3 +327,28 @@ def test_numeric_faults_raise_numeric_error(inputs: Inputs, corrupt: Callable) -
                      engine.MergeOptions(dtype=dtype))
     assert any(n in str(caught.value) for n in needles), str(caught.value)
     assert os.listdir(inputs.out_parent) == []
+
+
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    """For a child process: writes past `limit` bytes fail with EFBIG, as on a full disk (not a signal)."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_write_failure_mid_merge_is_an_error_not_a_hang(inputs: Inputs) -> None:
+    """A shard write that fails part-way (here: a file size limit) ends the merge at once with one error
+    line naming the file, and removes the partial output: the writer thread must not strand the merge."""
+    limit = (inputs.base / BASE_FILE).stat().st_size // 2
+    env = {**os.environ, "ADAPTER_MERGE_CACHE": str(inputs.out_parent.parent / "checksum-cache")}
+    command = [sys.executable, "-m", "service.cli", "merge", str(inputs.base), str(inputs.lora), str(inputs.dora),
+               "--out", str(inputs.out), "--quiet"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                            check=False, preexec_fn=_limit_file_size(limit))
+    assert_refused(result, ("File too large",), inputs.out_parent)
+    assert BASE_FILE in result.stderr

@@ -124,20 +124,8 @@ class ShardSink:
     def abandon(self) -> None:
         """Stop the thread without finishing (after a failure); the caller removes the files."""
         if self._thread.is_alive():
-            while True:
-                try:
-                    self._queue.put(("stop", None, None), timeout=0.1)
-                    break
-                except queue.Full:
-                    self._drain()
+            self._queue.put(("stop", None, None))
             self._thread.join()
-
-    def _drain(self) -> None:
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
 
     def _put(self, kind: str, item: object, keepalive: object) -> None:
         self._raise_pending()
@@ -153,12 +141,16 @@ class ShardSink:
             raise self._error
 
     def _run(self) -> None:
+        """Write items until "stop". After an error, keep taking items (returning their buffers) until
+        "stop", so a producer waiting for a pooled buffer always gets one and then sees the error."""
         fd, shard, digest, size = -1, None, hashlib.sha256(), 0
-        try:
-            while True:
-                kind, item, on_written = self._queue.get()
-                if kind == "stop":
-                    return
+        while True:
+            kind, item, on_written = self._queue.get()
+            if kind == "stop":
+                break
+            try:
+                if self._error is not None:
+                    continue
                 if kind == "open":
                     assert isinstance(item, _Shard)
                     shard, digest, size = item, hashlib.sha256(), 0
@@ -169,8 +161,6 @@ class ShardSink:
                     digest.update(view)
                     write_all(fd, view)
                     size += len(view)
-                    if callable(on_written):
-                        on_written()
                 elif kind == "close":
                     assert shard is not None
                     if size != shard.expected_size:
@@ -180,9 +170,12 @@ class ShardSink:
                     os.close(fd)
                     fd = -1
                     self._written.append(WrittenFile(shard.path, size, digest.hexdigest()))
-        except BaseException as error:  # handed to the producer thread, which owns error handling
-            self._error = error
-            self._drain()
-        finally:
-            if fd >= 0:
-                os.close(fd)
+            except BaseException as error:  # handed to the producer thread, which owns error handling
+                if isinstance(error, OSError) and error.filename is None and shard is not None:
+                    error = OSError(error.errno, error.strerror, str(shard.path))  # say which file failed
+                self._error = error
+            finally:
+                if callable(on_written):
+                    on_written()
+        if fd >= 0:
+            os.close(fd)
