@@ -210,9 +210,9 @@ class _PlanBuilder:
                 _check_op_shapes(tensor, op, adapters[op.adapter])
         shards = self._assign_shards(outputs, head)
         if self.options.dtype != "auto":
-            for key in ("torch_dtype", "dtype"):
-                if key in config or key == "torch_dtype":
-                    config[key] = self.options.dtype
+            config["torch_dtype"] = self.options.dtype
+            if "dtype" in config:  # transformers 5's name for it
+                config["dtype"] = self.options.dtype
         return MergePlan(self.base, adapters, self.options, shards, config, self.notes)
 
     def _untied_head(self, outputs: dict[str, OutputTensor]) -> OutputTensor | None:
@@ -257,8 +257,12 @@ class _PlanBuilder:
         config["vocab_size"] = vocab.pop()
         self.notes.append(f"vocab_size: {config['vocab_size']}, from an embedding saved with the adapter")
 
+    def _base_info(self, tensor: OutputTensor) -> TensorInfo:
+        """The base tensor an output stems from: its own, or for an untied head the shared embedding."""
+        return self.base.tensors.get(tensor.name) or self.base.tensors[self.input_embedding or ""]
+
     def _output_dtype(self, tensor: OutputTensor) -> str:
-        base_info = self.base.tensors.get(tensor.name) or self.base.tensors[self.input_embedding or ""]
+        base_info = self._base_info(tensor)
         if base_info.dtype not in FLOAT_DTYPES:
             if tensor.ops:
                 raise InputError(f"tensor {tensor.name!r} is {base_info.dtype}; adapters can only change float tensors")
@@ -279,8 +283,7 @@ class _PlanBuilder:
         limit = self.options.max_shard_size
         if limit is None:
             for tensor in ordered:
-                source = self.base.tensors.get(tensor.name) or self.base.tensors[self.input_embedding or ""]
-                tensor.shard = source.file.name
+                tensor.shard = self._base_info(tensor).file.name
         else:
             _pack(ordered, limit)
         shards: dict[str, list[OutputTensor]] = {}

@@ -138,29 +138,17 @@ def same_bytes(first: TensorInfo, second: TensorInfo) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
-    """One tensor of a shard to be written: its bytes go at `offset` relative to the data start."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-
 def build_header(
     entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
-) -> tuple[bytes, list[PlannedTensor]]:
-    """Serialize a header for tensors written in the given order; returns the bytes to put before the data."""
+) -> tuple[bytes, int]:
+    """Serialize a header for tensors written in the given order; returns the bytes to put before the data
+    and the number of data bytes that must follow."""
     header: dict[str, object] = {"__metadata__": metadata}
-    planned = []
     offset = 0
     for name, dtype, shape in entries:
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        planned.append(PlannedTensor(name, dtype, shape, offset, nbytes))
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % HEADER_ALIGNMENT)
-    return struct.pack("<Q", len(raw)) + raw, planned
+    return struct.pack("<Q", len(raw)) + raw, offset

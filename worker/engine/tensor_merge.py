@@ -62,10 +62,15 @@ class TensorMerger:
         updates = [self._prepare(op, compute) for op in tensor.ops]
         rows, columns = as_matrix(torch.empty(tensor.shape, device="meta")).shape
         self._column_norms(tensor, updates, rows, columns, compute)
-        plain_lora = tensor.ops and all(isinstance(u, LowRank) and u.magnitude is None for u in updates)
-        if plain_lora and not tensor.replaced:
+        # Plain LoRA on an unreplaced tensor: ‖ΣD‖ comes in closed form from the factors; anything else
+        # that changes the tensor is measured block by block.
+        closed_form = (
+            bool(tensor.ops) and not tensor.replaced
+            and all(isinstance(u, LowRank) and u.magnitude is None for u in updates)
+        )
+        if closed_form:
             stats.change_squares = lowrank_change_squares(updates)  # type: ignore[arg-type]
-        measure_change = tensor.changed and stats.change_squares == 0.0
+        measure_change = tensor.changed and not closed_form
         block = rows_per_block(columns, BLOCK_ELEMENTS)
         widest = max(out_dtype.itemsize, TORCH_DTYPES[tensor.source.dtype].itemsize)
         chunk_rows = rows_per_block(columns * widest, CHUNK_BYTES)

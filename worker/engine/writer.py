@@ -83,10 +83,10 @@ class WrittenFile:
 
 class _Shard:
     def __init__(self, path: Path, tensors: list[OutputTensor]) -> None:
-        header, planned = build_header([(t.name, t.dtype, t.shape) for t in tensors], SAFETENSORS_METADATA)
+        header, data_bytes = build_header([(t.name, t.dtype, t.shape) for t in tensors], SAFETENSORS_METADATA)
         self.path = path
         self.header = header
-        self.expected_size = len(header) + sum(p.nbytes for p in planned)
+        self.expected_size = len(header) + data_bytes
 
 
 class ShardSink:
