@@ -7,11 +7,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.deps import Services
-from service.problems import install_problem_handlers
-from service.routes import artifacts, health, jobs, merge
-from service.settings import Settings, get_settings
-from service.store import STORE_UNAVAILABLE
+from adapter_merge.core.settings import Settings, get_settings
+from adapter_merge.core.store import STORE_UNAVAILABLE
+from adapter_merge.service.deps import Services
+from adapter_merge.service.problems import install_problem_handlers
+from adapter_merge.service.routes import artifacts, health, jobs, merge
 
 API_VERSION = "0.1.0"
 DESCRIPTION = """Merge PEFT LoRA/DoRA adapters into base models.

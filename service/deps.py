@@ -7,13 +7,13 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from service.dispatch import Dispatcher, open_dispatcher
-from service.layout import DataLayout
-from service.maintenance import MaintenanceThread
-from service.problems import Problem
-from service.refs import LocalRootsResolver, Resolver
-from service.settings import Settings
-from service.store import JobRecord, JobStore, open_store
+from adapter_merge.core.layout import DataLayout
+from adapter_merge.core.maintenance import MaintenanceThread
+from adapter_merge.core.refs import LocalRootsResolver, Resolver
+from adapter_merge.core.settings import Settings
+from adapter_merge.core.store import JobRecord, JobStore, open_store
+from adapter_merge.service.dispatch import Dispatcher, open_dispatcher
+from adapter_merge.service.problems import Problem
 
 
 @dataclass

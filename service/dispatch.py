@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from service.settings import Settings
+from adapter_merge.core.settings import Settings
 
 
 class Dispatcher(Protocol):
@@ -33,7 +33,7 @@ class CeleryDispatcher:
     """Distributed mode: one Celery message per (re)queued job on the configured queue."""
 
     def __init__(self, settings: Settings) -> None:
-        from worker.celery_app import TASK_NAME, create_celery
+        from adapter_merge.worker.celery_app import TASK_NAME, create_celery
 
         self.app = create_celery(settings)
         self.task_name = TASK_NAME

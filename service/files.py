@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import Response
 from fastapi.responses import StreamingResponse
 
-from service.problems import Problem
+from adapter_merge.service.problems import Problem
 
 CHUNK_BYTES = 1024 * 1024
 TAR_BLOCK = 512

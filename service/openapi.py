@@ -1,12 +1,12 @@
-"""`python -m service.openapi > openapi.json`: the API description, generated from the app itself."""
+"""`python -m adapter_merge.service.openapi > openapi.json`: the API description, generated from the app itself."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from service.app import create_app
-from service.settings import Settings
+from adapter_merge.core.settings import Settings
+from adapter_merge.service.app import create_app
 
 
 def openapi_text() -> str:

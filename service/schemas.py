@@ -8,8 +8,8 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 
-from service.store import JobRecord, JobStatus
-from worker.engine.spec import parse_size
+from adapter_merge.core.store import JobRecord, JobStatus
+from adapter_merge.worker.engine.spec import parse_size
 
 Ref = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 OutputDtype = Literal["auto", "bfloat16", "float16", "float32"]

@@ -1,6 +1,6 @@
 """`make bench`: our merge against the I/O floor (`cp -r`) and PEFT, on generated Llama-shaped models.
 
-Every measured operation is a real command in its own process: `cp -r`, our CLI (`python -m service.cli
+Every measured operation is a real command in its own process: `cp -r`, our CLI (`python -m adapter_merge.cli
 merge ... --quiet`) and `python -m tools.peft_merge` (PEFT's load + merge_and_unload + save_pretrained).
 
 How it measures, and why:
@@ -167,7 +167,7 @@ def contenders(model: BenchModel, data_dir: Path, with_peft: bool) -> list[Conte
              # Not a target, but every Python merge pays it: how much of the I/O floor's budget start-up uses.
              Contender("startup", "python -c 'import torch'", (py, "-c", "import torch"), out("startup"))]
     for kind in ("lora", "dora"):
-        argv = (py, "-m", "service.cli", "merge", base, str(folder / kind), "--out", str(out(f"ours-{kind}")),
+        argv = (py, "-m", "adapter_merge.cli", "merge", base, str(folder / kind), "--out", str(out(f"ours-{kind}")),
                 "--quiet")
         items.append(Contender(f"ours-{kind}", f"ours {kind_label(kind)}", argv, out(f"ours-{kind}")))
     if with_peft:

@@ -51,7 +51,7 @@ def start_server(port: int, log: Path) -> subprocess.Popen[bytes]:
     env.update(MERGE_DATA_DIR=str(DATA / "service"), MERGE_MODEL_ROOTS=str(DATA / "models"),
                MERGE_LOG_LEVEL="warning", PYTHONPATH=str(REPO))
     with log.open("wb") as handle:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=REPO,
+        return subprocess.Popen([sys.executable, "-m", "adapter_merge.cli", "serve", "--port", str(port)], cwd=REPO,
                                 env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Celery, signals
 from pydantic import ValidationError
 
-from service.settings import Settings, get_settings
+from adapter_merge.core.settings import Settings, get_settings
 
 TASK_NAME = "adapter_merge.run_job"
 
@@ -55,7 +55,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def create_celery(settings: Settings) -> Celery:
-    app = Celery("adapter_merge", include=["worker.tasks"])
+    app = Celery("adapter_merge", include=["adapter_merge.worker.tasks"])
     app.config_from_object(celery_config(settings))
     return app
 
@@ -89,8 +89,8 @@ _maintenance: Any = None
 @signals.worker_ready.connect
 def _start_reaper(**_: Any) -> None:
     global _maintenance
-    from service.dispatch import CeleryDispatcher
-    from service.maintenance import MaintenanceThread
+    from adapter_merge.core.maintenance import MaintenanceThread
+    from adapter_merge.service.dispatch import CeleryDispatcher
 
     settings = get_settings()
     _maintenance = MaintenanceThread(settings, dispatcher=CeleryDispatcher(settings), retention=False)

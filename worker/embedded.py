@@ -18,11 +18,11 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from service.settings import Settings, get_settings
-from service.store import JobRecord, open_store
-from worker.runner import JobRunner, worker_identity
+from adapter_merge.core.settings import Settings, get_settings
+from adapter_merge.core.store import JobRecord, open_store
+from adapter_merge.worker.runner import JobRunner, worker_identity
 
-log = logging.getLogger("worker.embedded")
+log = logging.getLogger("adapter_merge.worker.embedded")
 
 
 class EmbeddedWorker:
@@ -93,7 +93,8 @@ def _child_main(settings: Settings, job: JobRecord) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.embedded", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="adapter_merge.worker.embedded",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the API server) exits")
     args = parser.parse_args(argv)
     settings = get_settings()

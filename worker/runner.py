@@ -20,15 +20,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from service.layout import DataLayout
-from service.preflight import input_problem, resolve_request
-from service.problems import Problem
-from service.refs import LocalRootsResolver
-from service.schemas import MergeRequest
-from service.settings import Settings
-from service.store import ArtifactRecord, JobRecord, JobStatus, JobStore, open_store, utcnow
-from worker.engine import InputError, MergeCancelled, MergeError, MergeReport, NumericError
-from worker.watch import JobWatch
+from adapter_merge.core.layout import DataLayout
+from adapter_merge.core.preflight import input_problem, resolve_request
+from adapter_merge.core.refs import LocalRootsResolver
+from adapter_merge.core.settings import Settings
+from adapter_merge.core.store import ArtifactRecord, JobRecord, JobStatus, JobStore, open_store, utcnow
+from adapter_merge.service.problems import Problem
+from adapter_merge.service.schemas import MergeRequest
+from adapter_merge.worker.engine import InputError, MergeCancelled, MergeError, MergeReport, NumericError
+from adapter_merge.worker.watch import JobWatch
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class JobRunner:
                 self.layout.clean_attempt(job.id, job.attempt)
 
     def _merge(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
-        from worker.engine import merge  # imports torch: only where merges run
+        from adapter_merge.worker.engine import merge  # imports torch: only where merges run
 
         resolved = resolve_request(MergeRequest.model_validate(job.request), self.resolver)
         # From the claim on: starting the merge process and loading the engine count as getting ready.

@@ -6,9 +6,9 @@ import os
 
 from celery import shared_task
 
-from service.settings import get_settings
-from worker.celery_app import TASK_NAME
-from worker.runner import JobRunner
+from adapter_merge.core.settings import get_settings
+from adapter_merge.worker.celery_app import TASK_NAME
+from adapter_merge.worker.runner import JobRunner
 
 _runner: tuple[int, JobRunner] | None = None
 

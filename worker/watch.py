@@ -12,9 +12,9 @@ import threading
 import time
 from types import TracebackType
 
-from service.settings import Settings
-from service.store import JobRecord, JobStore, ProgressRecord
-from worker.engine import Progress
+from adapter_merge.core.settings import Settings
+from adapter_merge.core.store import JobRecord, JobStore, ProgressRecord
+from adapter_merge.worker.engine import Progress
 
 log = logging.getLogger(__name__)
 

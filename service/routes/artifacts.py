@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.deps import JobDep, ServicesDep
-from service.files import file_response, tar_stream
-from service.problems import Problem
-from service.schemas import problem_responses
-from service.store import JobRecord, JobStatus
+from adapter_merge.core.store import JobRecord, JobStatus
+from adapter_merge.service.deps import JobDep, ServicesDep
+from adapter_merge.service.files import file_response, tar_stream
+from adapter_merge.service.problems import Problem
+from adapter_merge.service.schemas import problem_responses
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import ServicesDep
-from service.problems import Problem
-from service.schemas import Health, Readiness, problem_responses
+from adapter_merge.service.deps import ServicesDep
+from adapter_merge.service.problems import Problem
+from adapter_merge.service.schemas import Health, Readiness, problem_responses
 
 router = APIRouter(tags=["health"])
 

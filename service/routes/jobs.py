@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from service.deps import JobDep, ServicesDep
-from service.problems import Problem
-from service.schemas import JobOut, JobPage, job_view, problem_responses
-from service.store import ACTIVE_STATUSES, JobStatus
+from adapter_merge.core.store import ACTIVE_STATUSES, JobStatus
+from adapter_merge.service.deps import JobDep, ServicesDep
+from adapter_merge.service.problems import Problem
+from adapter_merge.service.schemas import JobOut, JobPage, job_view, problem_responses
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

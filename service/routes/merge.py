@@ -7,11 +7,11 @@ import uuid
 
 from fastapi import APIRouter, Depends, Response
 
-from service.deps import ServicesDep, require_json
-from service.preflight import preflight
-from service.problems import Problem
-from service.schemas import JobOut, MergeRequest, job_view, problem_responses
-from service.store import JobRecord, JobStatus, ProgressRecord
+from adapter_merge.core.preflight import preflight
+from adapter_merge.core.store import JobRecord, JobStatus, ProgressRecord
+from adapter_merge.service.deps import ServicesDep, require_json
+from adapter_merge.service.problems import Problem
+from adapter_merge.service.schemas import JobOut, MergeRequest, job_view, problem_responses
 
 router = APIRouter(tags=["merge"])
 log = logging.getLogger(__name__)

@@ -67,7 +67,7 @@ class Workspace:
 def run_merge(base_dir: Path, adapters: list[tuple[Path, float]], out: Path, *, dtype: str = "auto",
               max_shard_size: int | None = None) -> None:
     """Call the engine's public API (imported here so collection works while the engine is unfinished)."""
-    from worker.engine import AdapterSpec, MergeOptions, merge
+    from adapter_merge.worker.engine import AdapterSpec, MergeOptions, merge
 
     merge(base_dir, [AdapterSpec(path, weight) for path, weight in adapters], out,
           MergeOptions(dtype=dtype, max_shard_size=max_shard_size))

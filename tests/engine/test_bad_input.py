@@ -57,7 +57,7 @@ def inputs(workspace: Workspace, tmp_path: Path) -> Inputs:
 def run_cli(*args: str | Path, out: Path) -> subprocess.CompletedProcess[str]:
     """`adapter-merge merge ARGS --out OUT --quiet` in a fresh interpreter."""
     env = {**os.environ, "ADAPTER_MERGE_CACHE": str(out.parent.parent / "checksum-cache")}
-    command = [sys.executable, "-m", "service.cli", "merge", *map(str, args), "--out", str(out), "--quiet"]
+    command = [sys.executable, "-m", "adapter_merge.cli", "merge", *map(str, args), "--out", str(out), "--quiet"]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -304,7 +304,7 @@ PLAN_ERRORS = [
 @pytest.mark.parametrize(("corrupt", "error"), PLAN_ERRORS, ids=lambda x: getattr(x, "__name__", x))
 def test_plan_merge_refuses_before_writing(inputs: Inputs, corrupt: Callable, error: str) -> None:
     """Preflight (`plan_merge`) finds input faults from headers and configs alone, as the API's 4xx needs."""
-    import worker.engine as engine
+    import adapter_merge.worker.engine as engine
 
     args, needles = corrupt(inputs)
     adapters = [engine.AdapterSpec(Path(a)) for a in args[1:]]
@@ -317,7 +317,7 @@ def test_plan_merge_refuses_before_writing(inputs: Inputs, corrupt: Callable, er
 @pytest.mark.parametrize("corrupt", [nan_in_adapter, fp16_overflow, dora_zero_norm_row], ids=lambda f: f.__name__)
 def test_numeric_faults_raise_numeric_error(inputs: Inputs, corrupt: Callable) -> None:
     """Faults found in the data while merging are NumericError (not the requester's malformed input)."""
-    import worker.engine as engine
+    import adapter_merge.worker.engine as engine
 
     args, needles = corrupt(inputs)
     paths = [a for a in args if isinstance(a, Path)]
@@ -346,7 +346,7 @@ def test_write_failure_mid_merge_is_an_error_not_a_hang(inputs: Inputs) -> None:
     line naming the file, and removes the partial output: the writer thread must not strand the merge."""
     limit = (inputs.base / BASE_FILE).stat().st_size // 2
     env = {**os.environ, "ADAPTER_MERGE_CACHE": str(inputs.out_parent.parent / "checksum-cache")}
-    command = [sys.executable, "-m", "service.cli", "merge", str(inputs.base), str(inputs.lora), str(inputs.dora),
+    command = [sys.executable, "-m", "adapter_merge.cli", "merge", str(inputs.base), str(inputs.lora), str(inputs.dora),
                "--out", str(inputs.out), "--quiet"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
                             check=False, preexec_fn=_limit_file_size(limit))

@@ -249,7 +249,7 @@ def test_planning_a_bin_adapter_does_not_import_torch(workspace: Workspace) -> N
     bin_dir = workspace.adapter(case.base, case.adapters[0], safe=False)
     script = (
         "import sys\n"
-        "from worker.engine import AdapterSpec, plan_merge\n"
+        "from adapter_merge.worker.engine import AdapterSpec, plan_merge\n"
         f"plan = plan_merge({str(workspace.base(case.base))!r}, [AdapterSpec({str(bin_dir)!r})])\n"
         "assert 'torch' not in sys.modules, 'planning imported torch'\n"
         "print(sum(1 for t in plan.outputs if t.ops))\n"

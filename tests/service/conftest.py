@@ -35,7 +35,7 @@ class ModelSet:
 
 def cli_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, dtype: str = "auto") -> Path:
     """The engine's own CLI on the same inputs: the reference every service result must equal."""
-    command = [sys.executable, "-m", "service.cli", "merge", str(base), *(str(path) for path, _ in adapters),
+    command = [sys.executable, "-m", "adapter_merge.cli", "merge", str(base), *(str(path) for path, _ in adapters),
                "--out", str(out), "--dtype", dtype, "--quiet",
                "--weights", ",".join(str(weight) for _, weight in adapters)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)

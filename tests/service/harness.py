@@ -53,7 +53,7 @@ class Proc:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = log.open("ab")
-        self.popen = subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env,
+        self.popen = subprocess.Popen([sys.executable, "-m", "adapter_merge.cli", *args], cwd=REPO, env=env,
                                       stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.popen.pid
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings
+from adapter_merge.core.settings import Settings
 from tests.service.checks import assert_no_leftovers, assert_result_matches
 from tests.service.conftest import ModelSet
 from tests.service.harness import TEST_TIMINGS, Api, Proc, service_env, start_server, start_worker
@@ -101,7 +101,7 @@ def test_sigkill_of_a_worker_mid_merge(cluster: Cluster, big_request: dict, big_
 
 
 def test_duplicate_delivery_is_a_no_op(cluster: Cluster, small_request: dict) -> None:
-    from service.dispatch import CeleryDispatcher
+    from adapter_merge.service.dispatch import CeleryDispatcher
 
     job = cluster.api.wait(cluster.api.submit(small_request)["id"], FINISHED, timeout=60)
     settings = Settings(**{key.removeprefix("MERGE_").lower(): value for key, value in cluster.env.items()

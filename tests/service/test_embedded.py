@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from service.store import JobStatus
-from service.store.local import SQLiteJobStore
+from adapter_merge.core.store import JobStatus
+from adapter_merge.core.store.local import SQLiteJobStore
 from tests.service.checks import assert_no_leftovers, assert_result_matches
 from tests.service.conftest import ModelSet
 from tests.service.harness import Api, Proc, service_env, start_server

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from service.files import ByteRange, parse_range, tar_stream
-from service.problems import Problem
-from service.refs import BadReference, LocalRootsResolver
+from adapter_merge.core.refs import BadReference, LocalRootsResolver
+from adapter_merge.service.files import ByteRange, parse_range, tar_stream
+from adapter_merge.service.problems import Problem
 
 
 @pytest.mark.parametrize(("header", "expected"), [

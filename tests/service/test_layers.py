@@ -11,16 +11,16 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from service.openapi import openapi_text
+from adapter_merge.service.openapi import openapi_text
 from tests.service.conftest import ModelSet
 from tests.service.harness import REPO, service_env
 
 NO_TORCH = """
 import sys
 from fastapi.testclient import TestClient
-import service.server, service.cli
-from service.app import create_app
-from service.settings import Settings
+import adapter_merge.cli.serve, adapter_merge.cli.main
+from adapter_merge.service.app import create_app
+from adapter_merge.core.settings import Settings
 settings = Settings(data_dir=sys.argv[1], model_roots=[sys.argv[2]])
 with TestClient(create_app(settings)) as client:
     response = client.post("/merge", json={"base_model": "small/base", "adapters": ["small/lora"]})
@@ -43,11 +43,11 @@ def test_api_never_imports_torch(models: ModelSet, tmp_path: Path) -> None:
 API_IMPORTS = """
 import json, sys
 from importlib.metadata import packages_distributions
-import service.server
-from service.deps import Services
-from service.preflight import preflight
-from service.schemas import MergeRequest
-from service.settings import Settings
+import adapter_merge.cli.serve
+from adapter_merge.service.deps import Services
+from adapter_merge.core.preflight import preflight
+from adapter_merge.service.schemas import MergeRequest
+from adapter_merge.core.settings import Settings
 settings = Settings()
 services = Services.open(settings)
 preflight(MergeRequest(base_model="small/base", adapters=["small/lora"]), services.resolver)
@@ -103,11 +103,11 @@ def test_api_image_requirements_cover_what_the_api_imports(models: ModelSet, tmp
 def test_openapi_json_is_current() -> None:
     committed = (REPO / "openapi.json").read_text()
     assert json.loads(committed) == json.loads(openapi_text()), (
-        "openapi.json is stale: run `python -m service.openapi > openapi.json`")
+        "openapi.json is stale: run `python -m adapter_merge.service.openapi > openapi.json`")
 
 
 def test_every_setting_is_documented() -> None:
-    from service.settings import Settings
+    from adapter_merge.core.settings import Settings
 
     docs = (REPO / "README.md").read_text()
     missing = [f"MERGE_{name.upper()}" for name in Settings.model_fields if f"`MERGE_{name.upper()}`" not in docs]

@@ -8,12 +8,12 @@ import time
 import uuid
 from pathlib import Path
 
-from service.schemas import MergeRequest
-from service.settings import Settings
-from service.store import JobRecord, JobStatus
-from service.store.local import SQLiteJobStore
+from adapter_merge.core.settings import Settings
+from adapter_merge.core.store import JobRecord, JobStatus
+from adapter_merge.core.store.local import SQLiteJobStore
+from adapter_merge.service.schemas import MergeRequest
+from adapter_merge.worker.runner import JobRunner
 from tests.service.conftest import ModelSet
-from worker.runner import JobRunner
 
 
 def test_a_run_that_lost_its_lease_stops_and_touches_nothing(models: ModelSet, big_request: dict,

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from service.layout import DataLayout
-from service.maintenance import Maintenance
-from service.settings import Settings
-from service.store import JobRecord, JobStatus, JobStore, ProgressRecord, utcnow
-from service.store.local import SQLiteJobStore
-from service.store.redis import RedisJobStore
+from adapter_merge.core.layout import DataLayout
+from adapter_merge.core.maintenance import Maintenance
+from adapter_merge.core.settings import Settings
+from adapter_merge.core.store import JobRecord, JobStatus, JobStore, ProgressRecord, utcnow
+from adapter_merge.core.store.local import SQLiteJobStore
+from adapter_merge.core.store.redis import RedisJobStore
 from tests.service.conftest import REDIS_DB, REDIS_URL_BASE
 
 

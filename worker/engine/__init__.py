@@ -8,9 +8,15 @@ The public surface is two calls:
 
 from typing import Any
 
-from worker.engine.errors import InputError, MergeCancelled, MergeError, NumericError, UnsupportedOptionError
-from worker.engine.plan import MergePlan, plan_merge
-from worker.engine.spec import AdapterSpec, MergeOptions, MergeReport, Progress, parse_size
+from adapter_merge.worker.engine.errors import (
+    InputError,
+    MergeCancelled,
+    MergeError,
+    NumericError,
+    UnsupportedOptionError,
+)
+from adapter_merge.worker.engine.plan import MergePlan, plan_merge
+from adapter_merge.worker.engine.spec import AdapterSpec, MergeOptions, MergeReport, Progress, parse_size
 
 __all__ = [
     "AdapterSpec",
@@ -32,7 +38,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # `merge` needs torch; importing it lazily keeps `plan_merge` usable where torch is not installed.
     if name == "merge":
-        from worker.engine.pipeline import merge
+        from adapter_merge.worker.engine.pipeline import merge
 
         return merge
     raise AttributeError(name)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from worker.engine.base_model import read_json
-from worker.engine.errors import InputError, UnsupportedOptionError
-from worker.engine.safetensors_format import DTYPE_SIZES, TensorInfo, read_header
+from adapter_merge.worker.engine.base_model import read_json
+from adapter_merge.worker.engine.errors import InputError, UnsupportedOptionError
+from adapter_merge.worker.engine.safetensors_format import DTYPE_SIZES, TensorInfo, read_header
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"

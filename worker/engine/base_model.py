@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.engine.errors import InputError
-from worker.engine.safetensors_format import SafetensorsFile, TensorInfo, read_header
+from adapter_merge.worker.engine.errors import InputError
+from adapter_merge.worker.engine.safetensors_format import SafetensorsFile, TensorInfo, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

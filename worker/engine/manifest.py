@@ -9,8 +9,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from worker.engine.checksums import ChecksumCache, describe_files
-from worker.engine.plan import MergePlan
+from adapter_merge.worker.engine.checksums import ChecksumCache, describe_files
+from adapter_merge.worker.engine.plan import MergePlan
 
 
 def engine_version() -> str:

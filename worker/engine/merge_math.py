@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.operations import Layout
+from adapter_merge.worker.engine.operations import Layout
 
 
 @dataclass

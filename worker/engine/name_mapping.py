@@ -11,7 +11,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.engine.errors import InputError
+from adapter_merge.worker.engine.errors import InputError
 
 
 @dataclass(frozen=True)

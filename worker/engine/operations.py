@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from worker.engine.safetensors_format import DTYPE_SIZES, TensorInfo
+from adapter_merge.worker.engine.safetensors_format import DTYPE_SIZES, TensorInfo
 
 Layout = Literal["rows", "columns"]
 """How a low-rank delta lies in the stored weight, viewed as 2D (shape[0], rest):

@@ -18,15 +18,22 @@ from typing import Any
 
 import torch
 
-from worker.engine.checksums import ChecksumCache, describe_files
-from worker.engine.errors import MergeCancelled
-from worker.engine.manifest import build_manifest, hash_inputs_in_background
-from worker.engine.plan import MergePlan, plan_merge
-from worker.engine.side_files import MANIFEST_FILE, write_json, write_side_files
-from worker.engine.spec import AdapterSpec, MergeOptions, MergeReport, Progress, ProgressCallback, StopCheck
-from worker.engine.tensor_io import BufferPool, TensorReader, tensor_bytes
-from worker.engine.tensor_merge import CHUNK_BYTES, ChangeStats, TensorMerger
-from worker.engine.writer import QUEUED_CHUNKS, OutputFolder, ShardSink
+from adapter_merge.worker.engine.checksums import ChecksumCache, describe_files
+from adapter_merge.worker.engine.errors import MergeCancelled
+from adapter_merge.worker.engine.manifest import build_manifest, hash_inputs_in_background
+from adapter_merge.worker.engine.plan import MergePlan, plan_merge
+from adapter_merge.worker.engine.side_files import MANIFEST_FILE, write_json, write_side_files
+from adapter_merge.worker.engine.spec import (
+    AdapterSpec,
+    MergeOptions,
+    MergeReport,
+    Progress,
+    ProgressCallback,
+    StopCheck,
+)
+from adapter_merge.worker.engine.tensor_io import BufferPool, TensorReader, tensor_bytes
+from adapter_merge.worker.engine.tensor_merge import CHUNK_BYTES, ChangeStats, TensorMerger
+from adapter_merge.worker.engine.writer import QUEUED_CHUNKS, OutputFolder, ShardSink
 
 
 def merge(

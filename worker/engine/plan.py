@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.engine.adapter import Adapter, load_adapter, split_key
-from worker.engine.base_model import SINGLE_FILE, BaseModel, load_base_model
-from worker.engine.errors import InputError, UnsupportedOptionError
-from worker.engine.name_mapping import find_rewrite
-from worker.engine.operations import BiasOp, Layout, LoraOp, Op, OutputTensor, TokenRowsOp
-from worker.engine.safetensors_format import FLOAT_DTYPES, FP8_DTYPES, TensorInfo, same_bytes
-from worker.engine.spec import AdapterSpec, MergeOptions
+from adapter_merge.worker.engine.adapter import Adapter, load_adapter, split_key
+from adapter_merge.worker.engine.base_model import SINGLE_FILE, BaseModel, load_base_model
+from adapter_merge.worker.engine.errors import InputError, UnsupportedOptionError
+from adapter_merge.worker.engine.name_mapping import find_rewrite
+from adapter_merge.worker.engine.operations import BiasOp, Layout, LoraOp, Op, OutputTensor, TokenRowsOp
+from adapter_merge.worker.engine.safetensors_format import FLOAT_DTYPES, FP8_DTYPES, TensorInfo, same_bytes
+from adapter_merge.worker.engine.spec import AdapterSpec, MergeOptions
 
 # GPT-2-style models store these Linear-like layers as Conv1D, (in, out): a property of the architecture,
 # since shapes cannot tell (square matrices) and `fan_in_fan_out` in adapter configs is not reliable.

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from worker.engine.base_model import INDEX_FILE
-from worker.engine.plan import MergePlan
+from adapter_merge.worker.engine.base_model import INDEX_FILE
+from adapter_merge.worker.engine.plan import MergePlan
 
 MANIFEST_FILE = "merge_manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")

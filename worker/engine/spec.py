@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from worker.engine.errors import InputError
+from adapter_merge.worker.engine.errors import InputError
 
 OutputDtype = Literal["auto", "bfloat16", "float16", "float32"]
 OUTPUT_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from worker.engine.errors import InputError
-from worker.engine.safetensors_format import TensorInfo
+from adapter_merge.worker.engine.errors import InputError
+from adapter_merge.worker.engine.safetensors_format import TensorInfo
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,

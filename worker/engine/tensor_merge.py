@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.errors import NumericError
-from worker.engine.merge_math import (
+from adapter_merge.worker.engine.errors import NumericError
+from adapter_merge.worker.engine.merge_math import (
     LowRank,
     accumulate_column_squares,
     apply_update,
@@ -20,9 +20,9 @@ from worker.engine.merge_math import (
     replace_rows,
     rows_per_block,
 )
-from worker.engine.operations import BiasOp, LoraOp, Op, OutputTensor, TokenRowsOp
-from worker.engine.safetensors_format import TensorInfo
-from worker.engine.tensor_io import TORCH_DTYPES, BufferPool, TensorReader
+from adapter_merge.worker.engine.operations import BiasOp, LoraOp, Op, OutputTensor, TokenRowsOp
+from adapter_merge.worker.engine.safetensors_format import TensorInfo
+from adapter_merge.worker.engine.tensor_io import TORCH_DTYPES, BufferPool, TensorReader
 
 BLOCK_ELEMENTS = 64 * 1024
 """fp32 elements a block works on (256 KiB): all of a block's steps then run in the CPU's cache."""

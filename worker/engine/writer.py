@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.engine.errors import InputError
-from worker.engine.operations import OutputTensor
-from worker.engine.safetensors_format import build_header
-from worker.engine.tensor_io import write_all
+from adapter_merge.worker.engine.errors import InputError
+from adapter_merge.worker.engine.operations import OutputTensor
+from adapter_merge.worker.engine.safetensors_format import build_header
+from adapter_merge.worker.engine.tensor_io import write_all
 
 SAFETENSORS_METADATA = {"format": "pt"}
 QUEUED_CHUNKS = 4

@@ -7,7 +7,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 
-from service.store.models import FINISHED_STATUSES, JobRecord, JobStatus, ProgressRecord, utcnow
+from adapter_merge.core.store.models import FINISHED_STATUSES, JobRecord, JobStatus, ProgressRecord, utcnow
 
 Change = Callable[[JobRecord, float], JobRecord | None]
 """Given the current record and the store clock, return the new record, or None to leave it unchanged."""

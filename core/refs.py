@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from service.problems import Problem
+from adapter_merge.service.problems import Problem
 
 BASE_MARKER = "config.json"
 ADAPTER_MARKER = "adapter_config.json"

@@ -6,9 +6,9 @@ import sqlite3
 
 import redis
 
-from service.settings import Settings
-from service.store.base import JobStore
-from service.store.models import (
+from adapter_merge.core.settings import Settings
+from adapter_merge.core.store.base import JobStore
+from adapter_merge.core.store.models import (
     ACTIVE_STATUSES,
     FINISHED_STATUSES,
     ArtifactRecord,
@@ -40,9 +40,9 @@ STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
 def open_store(settings: Settings) -> JobStore:
     """Redis when the service runs distributed, else the SQLite file in the data dir."""
     if settings.redis_url:
-        from service.store.redis import RedisJobStore
+        from adapter_merge.core.store.redis import RedisJobStore
 
         return RedisJobStore(settings.redis_url, settings.redis_prefix)
-    from service.store.local import SQLiteJobStore
+    from adapter_merge.core.store.local import SQLiteJobStore
 
     return SQLiteJobStore(settings.data_dir / "jobs.sqlite3")

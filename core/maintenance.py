@@ -14,10 +14,10 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from service.dispatch import Dispatcher, LocalDispatcher
-from service.layout import DataLayout
-from service.settings import Settings
-from service.store import FINISHED_STATUSES, STORE_UNAVAILABLE, JobStatus, JobStore, open_store, utcnow
+from adapter_merge.core.layout import DataLayout
+from adapter_merge.core.settings import Settings
+from adapter_merge.core.store import FINISHED_STATUSES, STORE_UNAVAILABLE, JobStatus, JobStore, open_store, utcnow
+from adapter_merge.service.dispatch import Dispatcher, LocalDispatcher
 
 log = logging.getLogger(__name__)
 PAGE = 200

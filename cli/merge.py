@@ -7,7 +7,15 @@ import os
 import sys
 from pathlib import Path
 
-from worker.engine import AdapterSpec, MergeCancelled, MergeError, MergeOptions, Progress, merge, parse_size
+from adapter_merge.worker.engine import (
+    AdapterSpec,
+    MergeCancelled,
+    MergeError,
+    MergeOptions,
+    Progress,
+    merge,
+    parse_size,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 130
 

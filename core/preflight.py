@@ -10,10 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.problems import Problem
-from service.refs import Resolver, check_kind
-from service.schemas import MergeRequest
-from worker.engine import AdapterSpec, InputError, MergeOptions, MergePlan, UnsupportedOptionError, plan_merge
+from adapter_merge.core.refs import Resolver, check_kind
+from adapter_merge.service.problems import Problem
+from adapter_merge.service.schemas import MergeRequest
+from adapter_merge.worker.engine import (
+    AdapterSpec,
+    InputError,
+    MergeOptions,
+    MergePlan,
+    UnsupportedOptionError,
+    plan_merge,
+)
 
 
 @dataclass(frozen=True)

@@ -46,14 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "merge":
-        from worker.merge_cli import run_merge
+        from adapter_merge.cli.merge import run_merge
 
         return run_merge(args)
     if args.command == "serve":
-        from service.server import serve
+        from adapter_merge.cli.serve import serve
 
         return serve(host=args.host, port=args.port)
-    from worker.celery_app import run_worker
+    from adapter_merge.worker.celery_app import run_worker
 
     return run_worker(concurrency=args.concurrency)
 

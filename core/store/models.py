@@ -1,6 +1,6 @@
 """The stored shape of a job: what the API, the runner and the reaper read and write.
 
-Kept apart from the HTTP schemas (`service.schemas`) so storage can carry bookkeeping (leases, attempts)
+Kept apart from the HTTP schemas (`adapter_merge.service.schemas`) so storage can carry bookkeeping (leases, attempts)
 that clients never see, and so the API can change its wire format without a data migration.
 """
 

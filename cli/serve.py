@@ -21,10 +21,10 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
-from service.settings import Settings, get_settings
+from adapter_merge.core.settings import Settings, get_settings
+from adapter_merge.service.app import create_app
 
-log = logging.getLogger("service.server")
+log = logging.getLogger("adapter_merge.cli.serve")
 WORKER_STOP_SECONDS = 30.0
 RESTART_BACKOFF_MAX_SECONDS = 30.0
 
@@ -39,7 +39,7 @@ class WorkerSupervisor:
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "worker.embedded", "--parent-pid", str(os.getpid())]
+        command = [sys.executable, "-m", "adapter_merge.worker.embedded", "--parent-pid", str(os.getpid())]
         process = subprocess.Popen(command)
         log.info("embedded worker started (pid %d)", process.pid)
         return process

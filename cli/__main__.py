@@ -1,0 +1,3 @@
+from adapter_merge.cli.main import main
+
+raise SystemExit(main())
