@@ -27,6 +27,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="run the HTTP API (embedded worker when no Redis is set)")
     serve.add_argument("--host", default=None, help="listen address (default from MERGE_HOST)")
     serve.add_argument("--port", type=int, default=None, help="listen port (default from MERGE_PORT)")
+    serve.add_argument("--fd", type=int, default=None,
+                       help="serve on this already-bound, inherited socket instead of --host/--port "
+                       "(a supervisor or test binds the port once and hands it down)")
 
 
 def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from adapter_merge.cli.serve import serve
 
-        return serve(host=args.host, port=args.port)
+        return serve(host=args.host, port=args.port, fd=args.fd)
     from adapter_merge.worker.celery_app import run_worker
 
     return run_worker(concurrency=args.concurrency)

@@ -92,7 +92,7 @@ def _keep_running(signum: int, frame: FrameType | None) -> None:
     """uvicorn re-raises the signal that stopped it; this lets `serve` finish its own shutdown first."""
 
 
-def serve(host: str | None = None, port: int | None = None) -> int:
+def serve(host: str | None = None, port: int | None = None, fd: int | None = None) -> int:
     try:
         settings = get_settings()
     except ValidationError as error:
@@ -102,7 +102,7 @@ def serve(host: str | None = None, port: int | None = None) -> int:
     supervisor = None if settings.distributed else WorkerSupervisor(settings.worker_concurrency)
     config = uvicorn.Config(
         create_app(settings), host=host or settings.host, port=settings.port if port is None else port,
-        log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=10,
+        log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=10, fd=fd,
     )
     server = _Server(config, on_started=supervisor.start if supervisor else None)
     _log_mode(settings)
