@@ -13,6 +13,7 @@ from adapter_merge.worker.engine.errors import (
     MergeCancelled,
     MergeError,
     NumericError,
+    StorageError,
     UnsupportedOptionError,
 )
 from adapter_merge.worker.engine.plan import MergePlan, plan_merge
@@ -28,6 +29,7 @@ __all__ = [
     "MergeReport",
     "NumericError",
     "Progress",
+    "StorageError",
     "UnsupportedOptionError",
     "merge",
     "parse_size",

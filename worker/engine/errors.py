@@ -1,10 +1,10 @@
-"""Errors the engine raises. Every message names the file, tensor or option at fault, and every error carries
-those facts as attributes too, so callers map an error to a request field without reading its text.
+"""Errors the engine raises. Every message names the file, tensor or option at fault, and every error also
+carries those facts as attributes, so callers never parse a message to learn what went wrong.
 
-The split matters to callers: an `InputError` is the requester's fault (a 4xx at the API, found before any
-output is written); a `NumericError` is found while merging, in data the requester supplied; a
-`StorageError` is the machine's (a full disk); `MergeCancelled` is not an error at all, just a stop that was
-asked for.
+The split matters to callers: `fault` says whose fault it is. An `InputError` is the requester's (a 4xx at
+the API, found before any output is written); a `NumericError` is found while merging, in data the
+requester supplied; a `StorageError` is the machine's (the output could not be written: a full disk, a
+permission). `MergeCancelled` is not a fault at all, just a stop that was asked for.
 """
 
 from __future__ import annotations
@@ -12,31 +12,43 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
+InputRef = Literal["base"] | int | None
+"""Which input an error is about: "base", an adapter's 0-based index in the requested order, or None."""
 Fault = Literal["input", "machine"]
-InputRef = Literal["base"] | int
-"""Which input an error is about: the base model, or an adapter by its 0-based position in the request."""
 
 
 class MergeError(Exception):
-    """Base of everything the engine raises on purpose."""
+    """Base of everything the engine raises on purpose.
 
-    fault: ClassVar[Fault] = "input"
+    `str(error)` is the message for people. The attributes are set by the raiser, None when they do not
+    apply: `file` the file at fault; `tensor` the tensor's name; `option` the merge option ("dtype",
+    "max_shard_size", "out", "weights", "adapters") or adapter-config option ("r", "use_dora", ...) at
+    fault; `input` the input it is about (for a mismatch between an adapter and the base: the adapter).
+    """
 
-    def __init__(self, message: str, *, file: Path | None = None, tensor: str | None = None,
-                 option: str | None = None, input: InputRef | None = None) -> None:
+    fault: ClassVar[Fault]
+    """Whose fault: "input" (the requester's data or options) or "machine"; subclasses set it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: Path | None = None,
+        tensor: str | None = None,
+        option: str | None = None,
+        input: InputRef = None,
+    ) -> None:
         super().__init__(message)
         self.file = file
-        """The file at fault."""
         self.tensor = tensor
-        """The tensor at fault, by its name in `file`."""
         self.option = option
-        """The merge option or adapter-config option at fault (dtype, max_shard_size, out, r, ...)."""
         self.input = input
-        """The input at fault; for an adapter that does not fit the base, the adapter."""
 
 
 class InputError(MergeError):
     """A base model, adapter or option that cannot be merged as given."""
+
+    fault = "input"
 
 
 class UnsupportedOptionError(InputError):
@@ -46,12 +58,14 @@ class UnsupportedOptionError(InputError):
 class NumericError(MergeError):
     """A merged or input tensor that is not finite, or does not fit the output dtype."""
 
+    fault = "input"
+
 
 class StorageError(MergeError):
-    """The output could not be written (disk full, permissions): the machine's fault, not the request's."""
+    """The output could not be written (folder, shards, side files, the final rename); `file` says where."""
 
     fault = "machine"
 
 
 class MergeCancelled(MergeError):
-    """The caller asked the merge to stop; its partial output has been removed."""
+    """The caller asked the merge to stop; its partial output has been removed. Not a fault: no `fault`."""
