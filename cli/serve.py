@@ -19,14 +19,15 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
-from pydantic import ValidationError
 
-from adapter_merge.core.settings import Settings, get_settings
+from adapter_merge.core.process import start_process
+from adapter_merge.core.settings import Settings
 from adapter_merge.service.app import create_app
 
 log = logging.getLogger("adapter_merge.cli.serve")
 WORKER_STOP_SECONDS = 30.0
 RESTART_BACKOFF_MAX_SECONDS = 30.0
+EMBEDDED_WORKER_MODULE = "adapter_merge.worker.embedded"
 
 
 class WorkerSupervisor:
@@ -39,7 +40,7 @@ class WorkerSupervisor:
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "adapter_merge.worker.embedded", "--parent-pid", str(os.getpid())]
+        command = [sys.executable, "-m", EMBEDDED_WORKER_MODULE, "--parent-pid", str(os.getpid())]
         process = subprocess.Popen(command)
         log.info("embedded worker started (pid %d)", process.pid)
         return process
@@ -93,12 +94,7 @@ def _keep_running(signum: int, frame: FrameType | None) -> None:
 
 
 def serve(host: str | None = None, port: int | None = None, fd: int | None = None) -> int:
-    try:
-        settings = get_settings()
-    except ValidationError as error:
-        print(f"adapter-merge serve: invalid settings:\n{error}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = start_process("adapter-merge serve")
     supervisor = None if settings.distributed else WorkerSupervisor(settings.worker_concurrency)
     config = uvicorn.Config(
         create_app(settings), host=host or settings.host, port=settings.port if port is None else port,

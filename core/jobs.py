@@ -1,7 +1,8 @@
-"""The stored shape of a job: what the API, the runner and the reaper read and write.
+"""A merge job as stored and as shown: its status, the request, progress, timings, metrics and results.
 
-Kept apart from the HTTP schemas (`adapter_merge.service.schemas`) so storage can carry bookkeeping (leases, attempts)
-that clients never see, and so the API can change its wire format without a data migration.
+The API serves these models directly (adding only download URLs), the runner and the reaper write them;
+timings and metrics reject unknown keys, so a misspelt one is an error rather than a value that vanishes.
+Bookkeeping that clients never see (lease, attempt fencing) lives on `JobRecord` only.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapter_merge.core.request import MergeRequest
 
 
 class JobStatus(StrEnum):
@@ -29,15 +32,49 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class ProgressRecord(BaseModel):
+class _Strict(BaseModel):
+    """Unknown keys are errors; in responses every field is present, so the schema says so."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+class Progress(_Strict):
+    """How far the running merge is; the totals are planned at submission."""
+
     tensors_done: int = 0
     tensors_total: int = 0
     bytes_done: int = 0
     bytes_total: int = 0
 
+    def restarted(self) -> Progress:
+        """A new run starts from nothing done, but the totals still hold."""
+        return Progress(tensors_total=self.tensors_total, bytes_total=self.bytes_total)
 
-class ArtifactRecord(BaseModel):
-    path: str
+
+class Timings(_Strict):
+    """Seconds per phase; a phase not reached yet is absent."""
+
+    queued: float | None = Field(None, description="Submission until the run that finished started.")
+    resolve: float | None = Field(None, description="Claim until the merge starts: starting the job process, "
+                                  "loading the engine, resolving references and planning.")
+    merge: float | None = Field(None, description="Reading, merging and writing tensors.")
+    write: float | None = Field(None, description="Side files, manifest, fsync and publishing the result.")
+    total: float | None = Field(None, description="Submission until the job finished.")
+
+
+class Metrics(_Strict):
+    """What the run that succeeded measured."""
+
+    peak_rss_bytes: int | None = Field(None, description="Peak resident memory of the job's process.")
+    bytes_written: int | None = None
+    bytes_per_second: float | None = Field(None, description="Output bytes over the engine's total time.")
+    tensors_merged: int | None = None
+    tensors_copied: int | None = None
+    worker_host: str | None = Field(None, description="Host name of the machine that ran the merge.")
+
+
+class Artifact(_Strict):
+    path: str = Field(description="Path inside the merged model folder.")
     size: int
     sha256: str
 
@@ -47,7 +84,7 @@ class JobRecord(BaseModel):
 
     id: str
     status: JobStatus = JobStatus.queued
-    request: dict[str, Any]
+    request: MergeRequest
     created_at: datetime = Field(default_factory=utcnow)
     queued_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
@@ -55,14 +92,16 @@ class JobRecord(BaseModel):
     attempt: int = 0
     recoveries: int = 0
     worker: str | None = None
+    """host:pid of the worker that claimed (or last claimed) the job."""
     lease_expires_at: float | None = None
     """Store-clock epoch seconds; a running job past it has lost its worker."""
     cancel_requested: bool = False
-    progress: ProgressRecord = Field(default_factory=ProgressRecord)
-    timings: dict[str, float] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    progress: Progress = Field(default_factory=Progress)
+    timings: Timings = Field(default_factory=Timings)
+    metrics: Metrics = Field(default_factory=Metrics)
     error: dict[str, Any] | None = None
-    artifacts: list[ArtifactRecord] = Field(default_factory=list)
+    """The problem document (RFC 9457) of a failed run."""
+    artifacts: list[Artifact] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
 
     def to_json(self) -> str:

@@ -14,18 +14,19 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from adapter_merge.core.layout import DataLayout
-from adapter_merge.core.settings import Settings
-from adapter_merge.core.store import FINISHED_STATUSES, STORE_UNAVAILABLE, JobStatus, JobStore, open_store, utcnow
-from adapter_merge.service.dispatch import Dispatcher, LocalDispatcher
+from adapter_merge.core.context import JobContext
+from adapter_merge.core.dispatch import Dispatcher
+from adapter_merge.core.jobs import FINISHED_STATUSES, JobStatus, utcnow
+from adapter_merge.core.store import STORE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 PAGE = 200
 
 
 class Maintenance:
-    def __init__(self, store: JobStore, layout: DataLayout, settings: Settings, dispatcher: Dispatcher) -> None:
-        self.store, self.layout, self.settings, self.dispatcher = store, layout, settings, dispatcher
+    def __init__(self, context: JobContext, dispatcher: Dispatcher) -> None:
+        self.store, self.layout, self.settings = context.store, context.layout, context.settings
+        self.dispatcher = dispatcher
 
     def reap(self) -> list[str]:
         """Recover every running job whose lease has expired; returns the ids that were queued again."""
@@ -98,12 +99,10 @@ def _older_than(folder: Path, cutoff: float) -> list[Path]:
 class MaintenanceThread:
     """Runs `reap` every reap interval and (optionally) `clean` every cleanup interval, until stopped."""
 
-    def __init__(self, settings: Settings, dispatcher: Dispatcher | None = None, retention: bool = True,
-                 store: JobStore | None = None) -> None:
-        self.settings = settings
-        self.dispatcher = dispatcher or LocalDispatcher()
+    def __init__(self, context: JobContext, dispatcher: Dispatcher, retention: bool) -> None:
+        self.work = Maintenance(context, dispatcher)
+        self.settings = context.settings
         self.retention = retention
-        self._store = store
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="merge-maintenance", daemon=True)
 
@@ -115,19 +114,15 @@ class MaintenanceThread:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        store = self._store or open_store(self.settings)
-        work = Maintenance(store, DataLayout(self.settings.data_dir), self.settings, self.dispatcher)
         next_clean = time.monotonic()
         while not self._stop.is_set():
             try:
-                work.reap()
+                self.work.reap()
                 if self.retention and time.monotonic() >= next_clean:
                     next_clean = time.monotonic() + self.settings.cleanup_interval_seconds
-                    work.clean()
+                    self.work.clean()
             except STORE_UNAVAILABLE as error:
                 log.warning("maintenance: job store unavailable (%s); retrying", error)
             except Exception:  # a disk hiccup or a bug must not end upkeep for good
                 log.exception("maintenance pass failed; retrying in %.0f s", self.settings.reap_interval_seconds)
             self._stop.wait(self.settings.reap_interval_seconds)
-        if self._store is None:
-            store.close()

@@ -1,8 +1,8 @@
 """From a merge request to engine inputs: resolve references, check their kind, plan the merge.
 
 The API runs this before queueing (so a bad reference is a 4xx now, not a failed job later) and the worker
-runs it again before merging (the folders may have changed meanwhile). Planning reads headers only and
-never imports torch.
+runs it again before merging (the folders may have changed meanwhile). Planning reads headers and configs
+(and, for a tied output embedding, compares the two embeddings' bytes); it never imports torch.
 """
 
 from __future__ import annotations
@@ -10,17 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapter_merge.core.problems import Problem, engine_problem_type
 from adapter_merge.core.refs import Resolver, check_kind
-from adapter_merge.service.problems import Problem
-from adapter_merge.service.schemas import MergeRequest
-from adapter_merge.worker.engine import (
-    AdapterSpec,
-    InputError,
-    MergeOptions,
-    MergePlan,
-    UnsupportedOptionError,
-    plan_merge,
-)
+from adapter_merge.core.request import MergeRequest
+from adapter_merge.worker.engine import AdapterSpec, MergeError, MergeOptions, MergePlan, plan_merge
+
+OPTION_FIELDS = {"dtype": "output_dtype", "max_shard_size": "max_shard_size"}
+"""Engine option -> the request field that sets it."""
 
 
 @dataclass(frozen=True)
@@ -28,36 +24,39 @@ class ResolvedMerge:
     base: Path
     adapters: list[AdapterSpec]
     options: MergeOptions
-    fields: dict[Path, str]
-    """Resolved folder -> the request field that named it, to point engine errors at the right field."""
 
 
 def resolve_request(request: MergeRequest, resolver: Resolver) -> ResolvedMerge:
     base = resolver.resolve(request.base_model, "base_model")
     check_kind(base, request.base_model, "base_model", adapter=False)
-    fields = {base: "base_model"}
     adapters = []
     for index, adapter in enumerate(request.adapters):
-        field = f"adapters[{index}].ref"
+        field = adapter_field(index)
         path = resolver.resolve(adapter.ref, field)
         check_kind(path, adapter.ref, field, adapter=True)
-        fields.setdefault(path, field)
         adapters.append(AdapterSpec(path, adapter.weight))
-    size = request.max_shard_size
-    options = MergeOptions(dtype=request.output_dtype, max_shard_size=int(size) if size is not None else None)
-    return ResolvedMerge(base, adapters, options, fields)
+    options = MergeOptions(dtype=request.output_dtype, max_shard_size=request.max_shard_size)
+    return ResolvedMerge(base, adapters, options)
 
 
-def input_problem(error: InputError, resolved: ResolvedMerge) -> Problem:
-    """An engine input error as a 422 naming the request field whose folder it is about."""
-    message = str(error)
-    field = next((name for path, name in sorted(resolved.fields.items(), key=lambda item: -len(str(item[0])))
-                  if str(path) in message), None)
-    if field is None and message.startswith(("dtype:", "max_shard_size:")):
-        field = "output_dtype" if message.startswith("dtype:") else "max_shard_size"
-    slug = "unsupported-adapter" if isinstance(error, UnsupportedOptionError) else "inputs-do-not-fit"
-    detail = f"{field}: {message}" if field else message
-    return Problem(422, slug, detail, title="Inputs cannot be merged", field=field)
+def adapter_field(index: int) -> str:
+    return f"adapters[{index}].ref"
+
+
+def error_field(error: MergeError) -> str | None:
+    """The request field an engine error is about, from the facts it carries."""
+    if error.input == "base":
+        return "base_model"
+    if isinstance(error.input, int):
+        return adapter_field(error.input)
+    return OPTION_FIELDS.get(error.option or "")
+
+
+def merge_problem(error: MergeError) -> Problem:
+    """An engine error as a problem naming the request field (and file and tensor) at fault."""
+    field = error_field(error)
+    detail = f"{field}: {error}" if field else str(error)
+    return Problem(engine_problem_type(error), detail, field=field, tensor=error.tensor)
 
 
 def preflight(request: MergeRequest, resolver: Resolver) -> tuple[ResolvedMerge, MergePlan]:
@@ -65,6 +64,6 @@ def preflight(request: MergeRequest, resolver: Resolver) -> tuple[ResolvedMerge,
     resolved = resolve_request(request, resolver)
     try:
         plan = plan_merge(resolved.base, resolved.adapters, resolved.options)
-    except InputError as error:
-        raise input_problem(error, resolved) from error
+    except MergeError as error:
+        raise merge_problem(error) from error
     return resolved, plan

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from adapter_merge.service.problems import Problem
+from adapter_merge.core.problems import Problem, Problems, ProblemType
 
 BASE_MARKER = "config.json"
 ADAPTER_MARKER = "adapter_config.json"
@@ -20,8 +20,8 @@ ADAPTER_MARKER = "adapter_config.json"
 class BadReference(Problem):
     """A reference that cannot be used; names the request field that holds it."""
 
-    def __init__(self, field: str, ref: str, slug: str, reason: str) -> None:
-        super().__init__(422, slug, f"{field}: {ref!r} {reason}", title="Unusable reference", field=field, ref=ref)
+    def __init__(self, field: str, ref: str, kind: ProblemType, reason: str) -> None:
+        super().__init__(kind, f"{field}: {ref!r} {reason}", field=field, ref=ref)
 
 
 class Resolver(Protocol):
@@ -38,18 +38,18 @@ class LocalRootsResolver:
 
     def resolve(self, ref: str, field: str) -> Path:
         if "\x00" in ref:
-            raise BadReference(field, ref, "reference-invalid", "contains a NUL byte")
+            raise BadReference(field, ref, Problems.REFERENCE_INVALID, "contains a NUL byte")
         given = Path(ref).expanduser() if ref.startswith("~") else Path(ref)
         candidate = given if given.is_absolute() else self.roots[0] / given
         real = Path(os.path.realpath(candidate))
         if not any(real == root or real.is_relative_to(root) for root in self.roots):
             roots = ", ".join(str(root) for root in self.roots)
-            raise BadReference(field, ref, "reference-outside-roots",
+            raise BadReference(field, ref, Problems.REFERENCE_OUTSIDE_ROOTS,
                                  f"resolves to {real}, outside the model roots ({roots})")
         if not real.exists():
-            raise BadReference(field, ref, "reference-not-found", "does not exist")
+            raise BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, "does not exist")
         if not real.is_dir():
-            raise BadReference(field, ref, "reference-not-a-folder", "is not a folder")
+            raise BadReference(field, ref, Problems.REFERENCE_NOT_A_FOLDER, "is not a folder")
         return real
 
 
@@ -59,4 +59,4 @@ def check_kind(path: Path, ref: str, field: str, adapter: bool) -> None:
     if not (path / marker).is_file():
         kind = "a PEFT adapter" if adapter else "a base model"
         hint = " (it looks like an adapter)" if not adapter and (path / ADAPTER_MARKER).is_file() else ""
-        raise BadReference(field, ref, "reference-wrong-kind", f"is not {kind}: no {marker} in {path}{hint}")
+        raise BadReference(field, ref, Problems.REFERENCE_WRONG_KIND, f"is not {kind}: no {marker} in {path}{hint}")

@@ -6,7 +6,6 @@ variable once and every process agrees on it (data dir, roots, lease timings, Re
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
@@ -87,8 +86,3 @@ class Settings(BaseSettings):
         """Worst case from a worker's death until its job is queued again (a free worker starts it at once)."""
         return self.lease_seconds + self.reap_interval_seconds
 
-
-@lru_cache
-def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment."""
-    return Settings()

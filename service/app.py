@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from adapter_merge.core.settings import Settings, get_settings
+from adapter_merge.core.settings import Settings
 from adapter_merge.core.store import STORE_UNAVAILABLE
 from adapter_merge.service.deps import Services
 from adapter_merge.service.problems import install_problem_handlers
@@ -22,9 +22,8 @@ Every error is `application/problem+json` (RFC 9457) and names the field, refere
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings) -> FastAPI:
     """Build the app; the store, queue and upkeep thread open when it starts serving (lifespan)."""
-    settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -7,41 +7,41 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from adapter_merge.core.layout import DataLayout
+from adapter_merge.core.context import JobContext
+from adapter_merge.core.dispatch import Dispatcher, StoreQueue
+from adapter_merge.core.jobs import JobRecord
 from adapter_merge.core.maintenance import MaintenanceThread
-from adapter_merge.core.refs import LocalRootsResolver, Resolver
+from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.settings import Settings
-from adapter_merge.core.store import JobRecord, JobStore, open_store
-from adapter_merge.service.dispatch import Dispatcher, open_dispatcher
-from adapter_merge.service.problems import Problem
 
 
 @dataclass
 class Services:
-    """Opened when the app starts (lifespan) and shared by all requests of this process."""
+    """The API process's composition root: opened when the app starts (lifespan), shared by all requests."""
 
-    settings: Settings
-    store: JobStore
-    layout: DataLayout
-    resolver: Resolver
+    context: JobContext
     dispatcher: Dispatcher
     maintenance: MaintenanceThread
 
     @classmethod
     def open(cls, settings: Settings) -> Services:
-        layout = DataLayout(settings.data_dir)
-        layout.ensure()
-        if not settings.model_roots:
-            settings.roots[0].mkdir(parents=True, exist_ok=True)
-        store = open_store(settings)
-        dispatcher = open_dispatcher(settings)
-        maintenance = MaintenanceThread(settings, dispatcher=dispatcher, retention=True)
+        context = JobContext.open(settings)
+        dispatcher = _dispatcher(settings)
+        maintenance = MaintenanceThread(context, dispatcher, retention=True)
         maintenance.start()
-        return cls(settings, store, layout, LocalRootsResolver(settings.roots), dispatcher, maintenance)
+        return cls(context, dispatcher, maintenance)
 
     def close(self) -> None:
         self.maintenance.stop()
-        self.store.close()
+        self.context.close()
+
+
+def _dispatcher(settings: Settings) -> Dispatcher:
+    if not settings.distributed:
+        return StoreQueue()
+    from adapter_merge.service.publisher import CeleryPublisher  # Celery is only loaded where it is used
+
+    return CeleryPublisher(settings)
 
 
 def get_services(request: Request) -> Services:
@@ -53,10 +53,9 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 def get_job(job_id: Annotated[str, Path(description="Job id, as returned by POST /merge.")],
             services: ServicesDep) -> JobRecord:
-    job = services.store.get(job_id)
+    job = services.context.store.get(job_id)
     if job is None:
-        raise Problem(404, "job-not-found", f"job {job_id!r} does not exist (or was deleted)", title="Unknown job",
-                      field="job_id")
+        raise Problem(Problems.JOB_NOT_FOUND, f"job {job_id!r} does not exist (or was deleted)", field="job_id")
     return job
 
 
@@ -67,8 +66,8 @@ def require_json(request: Request) -> None:
     """A body sent as a form or text is a 415 that says so, not a confusing schema error."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not media_type:
-        raise Problem(415, "unsupported-media-type", "Content-Type header missing: send the request as "
-                      "application/json", title="Unsupported media type", field="Content-Type")
+        raise Problem(Problems.UNSUPPORTED_MEDIA_TYPE, "Content-Type header missing: send the request as "
+                      "application/json", field="Content-Type")
     if media_type != "application/json" and not media_type.endswith("+json"):
-        raise Problem(415, "unsupported-media-type", f"Content-Type {media_type!r}: send the request as "
-                      "application/json", title="Unsupported media type", field="Content-Type")
+        raise Problem(Problems.UNSUPPORTED_MEDIA_TYPE, f"Content-Type {media_type!r}: send the request as "
+                      "application/json", field="Content-Type")

@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import Response
 from fastapi.responses import StreamingResponse
 
-from adapter_merge.service.problems import Problem
+from adapter_merge.core.problems import Problem, Problems
 
 CHUNK_BYTES = 1024 * 1024
 TAR_BLOCK = 512
@@ -35,7 +35,7 @@ class ByteRange:
 
 
 def _unsatisfiable(header: str, size: int, why: str) -> Problem:
-    return Problem(416, "range-not-satisfiable", f"Range header {header!r}: {why} (file size {size} bytes)",
+    return Problem(Problems.RANGE_NOT_SATISFIABLE, f"Range header {header!r}: {why} (file size {size} bytes)",
                    headers={"Content-Range": f"bytes */{size}"}, field="Range")
 
 

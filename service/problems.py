@@ -1,7 +1,8 @@
-"""RFC 9457 problem details: the one error format of the API, and the handlers that map every failure to it.
+"""Problems over HTTP: every failure of a request becomes an `application/problem+json` answer (RFC 9457).
 
-Each problem names what is at fault (a body field, a query parameter, a reference, a header) so a client
-can fix its request without reading server logs. Unexpected errors become a bare 500 and are logged.
+The problem kinds come from the core's catalogue; this module only maps exceptions (our `Problem`, request
+validation, routing errors, an unreachable store, bugs) to responses. Unexpected errors become a bare 500
+and are logged.
 """
 
 from __future__ import annotations
@@ -15,47 +16,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapter_merge.core.problems import Problem, Problems, ProblemType
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-PROBLEM_TYPE_PREFIX = "urn:adapter-merge:problem:"
+STORE_RETRY_SECONDS = 5
 
 log = logging.getLogger(__name__)
-
-_HTTP_TITLES = {
-    400: "Bad request", 404: "Not found", 405: "Method not allowed", 406: "Not acceptable",
-    409: "Conflict", 413: "Content too large", 415: "Unsupported media type", 416: "Range not satisfiable",
-    422: "Unprocessable content", 500: "Internal server error", 503: "Service unavailable",
-}
-
-
-class Problem(Exception):
-    """Raise anywhere in a request to answer with a problem document."""
-
-    def __init__(
-        self, status: int, slug: str, detail: str, *, title: str | None = None,
-        headers: dict[str, str] | None = None, **extensions: Any,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.slug = slug
-        self.title = title or _HTTP_TITLES.get(status, "Error")
-        self.detail = detail
-        self.headers = headers or {}
-        self.extensions = extensions
-
-    def to_dict(self, instance: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "type": PROBLEM_TYPE_PREFIX + self.slug, "title": self.title, "status": self.status,
-            "detail": self.detail,
-        }
-        if instance:
-            body["instance"] = instance
-        body.update(self.extensions)
-        return body
 
 
 def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
     instance = request.url.path if request is not None else None
-    return JSONResponse(problem.to_dict(instance), status_code=problem.status, headers=problem.headers,
+    headers = dict(problem.headers)
+    if problem.retry_after is not None:
+        headers["Retry-After"] = str(problem.retry_after)
+    return JSONResponse(problem.to_dict(instance), status_code=problem.status, headers=headers,
                         media_type=PROBLEM_MEDIA_TYPE)
 
 
@@ -73,6 +47,15 @@ def field_name(loc: Sequence[str | int]) -> str:
     return text or "body"
 
 
+def _message(error: dict[str, Any]) -> str:
+    """A validation error's message for clients: our own validators' text without pydantic's prefix."""
+    if error.get("type") == "extra_forbidden":
+        return "unknown field (not part of the request schema)"
+    if error.get("type") == "value_error":
+        return str((error.get("ctx") or {}).get("error") or error.get("msg"))
+    return str(error.get("msg", "invalid"))
+
+
 def validation_problem(errors: Sequence[dict[str, Any]]) -> Problem:
     """Pydantic/FastAPI validation errors -> 400 for unparsable JSON, else 422 listing every bad field."""
     for error in errors:
@@ -80,19 +63,16 @@ def validation_problem(errors: Sequence[dict[str, Any]]) -> Problem:
             reason = (error.get("ctx") or {}).get("error") or error.get("msg")
             position = error["loc"][-1] if len(error.get("loc", ())) > 1 else None
             where = f" at character {position}" if isinstance(position, int) else ""
-            return Problem(400, "malformed-json", f"request body is not valid JSON: {reason}{where}",
-                           title="Malformed JSON")
+            return Problem(Problems.MALFORMED_JSON, f"request body is not valid JSON: {reason}{where}")
     items = []
     for error in errors:
         name = field_name(error.get("loc", ()))
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        if error.get("type") == "extra_forbidden":
-            message = "unknown field (not part of the request schema)"
-        elif name == "body" and error.get("type") in ("model_attributes_type", "missing"):
+        message = _message(error)
+        if name == "body" and error.get("type") in ("model_attributes_type", "missing"):
             message = "the request body must be a JSON object"
         items.append({"field": name, "message": message, "type": error.get("type")})
     detail = "; ".join(f"{item['field']}: {item['message']}" for item in items) or "invalid request"
-    return Problem(422, "validation-error", detail, title="Invalid request", errors=items)
+    return Problem(Problems.VALIDATION_ERROR, detail, errors=items)
 
 
 async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
@@ -106,26 +86,29 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
+    """Routing errors (unknown path, wrong method) and any other HTTPException a library raises."""
     assert isinstance(exc, StarletteHTTPException)
-    slug = _HTTP_TITLES.get(exc.status_code, "error").lower().replace(" ", "-")
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    if exc.status_code == 404 and detail == "Not Found":
-        detail = f"no resource at {request.url.path}"
-    if exc.status_code == 405:
-        detail = f"{request.method} is not allowed on {request.url.path}"
-    return problem_response(Problem(exc.status_code, slug, detail, headers=dict(exc.headers or {})), request)
+    if exc.status_code == 404:
+        kind = Problems.NOT_FOUND
+        detail = f"no resource at {request.url.path}" if detail == "Not Found" else detail
+    elif exc.status_code == 405:
+        kind, detail = Problems.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.url.path}"
+    else:
+        kind = ProblemType(detail.lower().replace(" ", "-"), exc.status_code, detail)
+    return problem_response(Problem(kind, detail, headers=dict(exc.headers or {})), request)
 
 
 async def _on_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("job store unavailable on %s %s: %s", request.method, request.url.path, exc)
-    problem = Problem(503, "store-unavailable", f"the job store cannot be reached ({type(exc).__name__}: {exc}); "
-                      "try again shortly", title="Service unavailable", headers={"Retry-After": "5"})
+    problem = Problem(Problems.STORE_UNAVAILABLE, f"the job store cannot be reached ({type(exc).__name__}: "
+                      f"{exc}); try again shortly", retry_after=STORE_RETRY_SECONDS)
     return problem_response(problem, request)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem_response(Problem(500, "internal-error", "the server failed; the error has been logged"), request)
+    return problem_response(Problem(Problems.INTERNAL_ERROR, "the server failed; the error has been logged"), request)
 
 
 def install_problem_handlers(app: FastAPI, unavailable: Sequence[type[Exception]] = ()) -> None:

@@ -18,16 +18,18 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from adapter_merge.core.settings import Settings, get_settings
-from adapter_merge.core.store import JobRecord, open_store
+from adapter_merge.core.context import JobContext
+from adapter_merge.core.jobs import JobRecord
+from adapter_merge.core.process import start_process
 from adapter_merge.worker.runner import JobRunner, worker_identity
 
 log = logging.getLogger("adapter_merge.worker.embedded")
 
 
 class EmbeddedWorker:
-    def __init__(self, settings: Settings, parent_pid: int | None) -> None:
-        self.settings = settings
+    def __init__(self, context: JobContext, parent_pid: int | None) -> None:
+        self.context = context
+        self.settings = context.settings
         self.parent_pid = parent_pid
         self.stopping = threading.Event()
         self.child: int | None = None
@@ -41,7 +43,7 @@ class EmbeddedWorker:
         return self.parent_pid is not None and os.getppid() != self.parent_pid
 
     def run(self) -> int:
-        store = open_store(self.settings)
+        store = self.context.store
         identity = worker_identity()
         log.info("embedded worker %s polling %s", identity, self.settings.data_dir)
         while not self.stopping.is_set():
@@ -58,7 +60,7 @@ class EmbeddedWorker:
     def run_in_child(self, job: JobRecord) -> None:
         pid = os.fork()
         if pid == 0:
-            os._exit(_child_main(self.settings, job))
+            os._exit(_child_main(self.context, job))
         self.child = pid
         try:
             while True:
@@ -76,9 +78,10 @@ class EmbeddedWorker:
                       f"signal {-code}" if code < 0 else f"exit code {code}")
 
 
-def _child_main(settings: Settings, job: JobRecord) -> int:
+def _child_main(context: JobContext, job: JobRecord) -> int:
+    """The forked merge process; the SQLite store opens a connection per call, so sharing it is safe."""
     try:
-        runner = JobRunner(settings)
+        runner = JobRunner(context)
 
         def shutdown(signum: int, frame: FrameType | None) -> None:
             runner.shutdown.set()
@@ -97,12 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the API server) exits")
     args = parser.parse_args(argv)
-    settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = EmbeddedWorker(settings, args.parent_pid)
+    context = JobContext.open(start_process("adapter-merge embedded worker"))
+    worker = EmbeddedWorker(context, args.parent_pid)
     signal.signal(signal.SIGTERM, worker.on_signal)
     signal.signal(signal.SIGINT, worker.on_signal)
-    return worker.run()
+    try:
+        return worker.run()
+    finally:
+        context.close()
 
 
 if __name__ == "__main__":

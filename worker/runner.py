@@ -18,16 +18,12 @@ import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from adapter_merge.core.layout import DataLayout
-from adapter_merge.core.preflight import input_problem, resolve_request
-from adapter_merge.core.refs import LocalRootsResolver
-from adapter_merge.core.settings import Settings
-from adapter_merge.core.store import ArtifactRecord, JobRecord, JobStatus, JobStore, open_store, utcnow
-from adapter_merge.service.problems import Problem
-from adapter_merge.service.schemas import MergeRequest
-from adapter_merge.worker.engine import InputError, MergeCancelled, MergeError, MergeReport, NumericError
+from adapter_merge.core.context import JobContext
+from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus, Metrics, Timings, utcnow
+from adapter_merge.core.preflight import merge_problem, resolve_request
+from adapter_merge.core.problems import Problem, Problems
+from adapter_merge.worker.engine import MergeCancelled, MergeError, MergeReport
 from adapter_merge.worker.watch import JobWatch
 
 log = logging.getLogger(__name__)
@@ -38,11 +34,9 @@ def worker_identity() -> str:
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, store: JobStore | None = None) -> None:
-        self.settings = settings
-        self.store = store or open_store(settings)
-        self.layout = DataLayout(settings.data_dir)
-        self.resolver = LocalRootsResolver(settings.roots)
+    def __init__(self, context: JobContext) -> None:
+        self.context = context
+        self.settings, self.store, self.layout = context.settings, context.store, context.layout
         self.shutdown = threading.Event()
         """Set to stop the current merge and put its job back in the queue (worker shutting down)."""
 
@@ -72,16 +66,13 @@ class JobRunner:
     def _merge(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
         from adapter_merge.worker.engine import merge  # imports torch: only where merges run
 
-        resolved = resolve_request(MergeRequest.model_validate(job.request), self.resolver)
+        resolved = resolve_request(job.request, self.context.resolver)
         # From the claim on: starting the merge process and loading the engine count as getting ready.
         resolve_seconds = _seconds(job.started_at, utcnow())
         # Success is only reported for a result on disk (fsync); inputs are hashed once per file version.
         options = replace(resolved.options, fsync=True, checksum_cache=self.layout.checksum_cache)
-        try:
-            report = merge(resolved.base, resolved.adapters, self.layout.attempt_output(job.id, job.attempt),
-                           options, progress=watch.progress, should_stop=watch.should_stop)
-        except InputError as error:
-            raise input_problem(error, resolved) from error
+        report = merge(resolved.base, resolved.adapters, self.layout.attempt_output(job.id, job.attempt),
+                       options, progress=watch.progress, should_stop=watch.should_stop)
         if watch.lost or watch.cancel_requested:  # superseded or cancelled after the last tensor
             raise MergeCancelled("stopped before publishing")
         publish_started = time.perf_counter()
@@ -90,7 +81,7 @@ class JobRunner:
         finished_at = utcnow()
         final = self.store.finish(
             job.id, job.attempt, JobStatus.succeeded, finished_at=finished_at,
-            artifacts=[ArtifactRecord(**entry) for entry in report.files],
+            artifacts=[Artifact(**entry) for entry in report.files],
             progress=watch.latest or job.progress,
             timings=_timings(job, finished_at, resolve_seconds, report, publish_seconds),
             metrics=_metrics(report), notes=[*job.notes, *report.notes],
@@ -100,7 +91,7 @@ class JobRunner:
                         job.id, job.attempt)
             _remove_quietly(self.layout.result_dir(job.id, job.attempt))
         else:
-            log.info("job %s: succeeded in %.2f s", job.id, final.timings["total"])
+            log.info("job %s: succeeded in %.2f s", job.id, final.timings.total)
         return final
 
     def _stopped(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
@@ -130,13 +121,11 @@ def _problem_of(error: Exception) -> Problem:
     """How a failed run is reported: the same problem shape the API uses for its own errors."""
     if isinstance(error, Problem):
         return error
-    if isinstance(error, NumericError):
-        return Problem(422, "numeric-error", str(error), title="Merge produced invalid numbers")
     if isinstance(error, MergeError):
-        return Problem(422, "merge-error", str(error), title="Merge failed")
+        return merge_problem(error)
     if isinstance(error, OSError):
-        return Problem(500, "storage-error", f"{type(error).__name__}: {error}", title="Storage error")
-    return Problem(500, "internal-error", f"{type(error).__name__}: {error}", title="Internal error")
+        return Problem(Problems.STORAGE_ERROR, f"{type(error).__name__}: {error.strerror or error}")
+    return Problem(Problems.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
 
 
 def _seconds(start: datetime | None, end: datetime) -> float:
@@ -144,26 +133,25 @@ def _seconds(start: datetime | None, end: datetime) -> float:
 
 
 def _timings(job: JobRecord, finished_at: datetime, resolve: float, report: MergeReport,
-             publish: float) -> dict[str, float]:
+             publish: float) -> Timings:
     engine = report.timings
     after_merge = engine["total"] - engine["plan"] - engine["merge"]
-    return {
-        "queued": _seconds(job.created_at, job.started_at or finished_at),
-        "resolve": resolve + engine["plan"],
-        "merge": engine["merge"],
-        "write": after_merge + publish,
-        "total": _seconds(job.created_at, finished_at),
-    }
+    return Timings(
+        queued=_seconds(job.created_at, job.started_at or finished_at),
+        resolve=resolve + engine["plan"],
+        merge=engine["merge"],
+        write=after_merge + publish,
+        total=_seconds(job.created_at, finished_at),
+    )
 
 
-def _metrics(report: MergeReport) -> dict[str, Any]:
+def _metrics(report: MergeReport) -> Metrics:
     seconds = report.timings["total"]
-    return {
-        "peak_rss_bytes": report.peak_rss_bytes,
-        "bytes_written": report.bytes_written,
-        "bytes_per_second": report.bytes_written / seconds if seconds > 0 else None,
-        "tensors_merged": report.tensors_merged,
-        "tensors_copied": report.tensors_copied,
-        "worker_host": socket.gethostname(),
-        "worker": worker_identity(),
-    }
+    return Metrics(
+        peak_rss_bytes=report.peak_rss_bytes,
+        bytes_written=report.bytes_written,
+        bytes_per_second=report.bytes_written / seconds if seconds > 0 else None,
+        tensors_merged=report.tensors_merged,
+        tensors_copied=report.tensors_copied,
+        worker_host=socket.gethostname(),
+    )

@@ -1,27 +1,31 @@
-"""Celery tasks: a thin adapter from the queue to the job runner the embedded mode uses too."""
+"""The Celery task: a thin adapter from the queue to the job runner the embedded mode uses too."""
 
 from __future__ import annotations
 
-import os
+from celery import Celery
 
-from celery import shared_task
-
-from adapter_merge.core.settings import get_settings
-from adapter_merge.worker.celery_app import TASK_NAME
+from adapter_merge.core.context import JobContext
+from adapter_merge.core.messaging import TASK_NAME
+from adapter_merge.core.settings import Settings
 from adapter_merge.worker.runner import JobRunner
 
-_runner: tuple[int, JobRunner] | None = None
+
+class PoolProcess:
+    """The runner of one pool process, built on its first job: after the fork, so no store connection is
+    shared with the parent or a sibling."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._runner: JobRunner | None = None
+
+    def runner(self) -> JobRunner:
+        if self._runner is None:
+            self._runner = JobRunner(JobContext.open(self.settings))
+        return self._runner
 
 
-def job_runner() -> JobRunner:
-    """One runner per process, made after the fork so no store connection is shared with the parent."""
-    global _runner
-    if _runner is None or _runner[0] != os.getpid():
-        _runner = (os.getpid(), JobRunner(get_settings()))
-    return _runner[1]
-
-
-@shared_task(name=TASK_NAME, ignore_result=True)
-def run_job(job_id: str) -> None:
-    """Claim and run one job; a duplicate or late delivery finds it claimed or finished and returns."""
-    job_runner().run(job_id)
+def register_tasks(app: Celery, process: PoolProcess) -> None:
+    @app.task(name=TASK_NAME, ignore_result=True)
+    def run_job(job_id: str) -> None:
+        """Claim and run one job; a duplicate or late delivery finds it claimed or finished and returns."""
+        process.runner().run(job_id)

@@ -12,9 +12,10 @@ import threading
 import time
 from types import TracebackType
 
+from adapter_merge.core.jobs import JobRecord, Progress
 from adapter_merge.core.settings import Settings
-from adapter_merge.core.store import JobRecord, JobStore, ProgressRecord
-from adapter_merge.worker.engine import Progress
+from adapter_merge.core.store import JobStore
+from adapter_merge.worker.engine import Progress as MergeProgress
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,8 @@ class JobWatch:
         self.store, self.job, self.settings, self.shutdown = store, job, settings, shutdown
         self.cancel_requested = job.cancel_requested
         self.lost = False
-        self._latest: Progress | None = None
-        self._sent: Progress | None = None
+        self._latest: MergeProgress | None = None
+        self._sent: MergeProgress | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"watch-{job.id}", daemon=True)
 
@@ -40,14 +41,14 @@ class JobWatch:
 
     # -- called from the merge thread --------------------------------------------------------------------
 
-    def progress(self, progress: Progress) -> None:
+    def progress(self, progress: MergeProgress) -> None:
         self._latest = progress
 
     def should_stop(self) -> bool:
         return self.cancel_requested or self.lost or self.shutdown.is_set()
 
     @property
-    def latest(self) -> ProgressRecord | None:
+    def latest(self) -> Progress | None:
         return _record(self._latest) if self._latest is not None else None
 
     # -- the thread --------------------------------------------------------------------------------------
@@ -91,6 +92,7 @@ class JobWatch:
             self.cancel_requested = True
 
 
-def _record(progress: Progress) -> ProgressRecord:
-    return ProgressRecord(tensors_done=progress.tensors_done, tensors_total=progress.tensors_total,
-                          bytes_done=progress.bytes_done, bytes_total=progress.bytes_total)
+def _record(progress: MergeProgress) -> Progress:
+    """The engine's report after a tensor, as the job's progress."""
+    return Progress(tensors_done=progress.tensors_done, tensors_total=progress.tensors_total,
+                    bytes_done=progress.bytes_done, bytes_total=progress.bytes_total)

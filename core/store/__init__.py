@@ -8,28 +8,8 @@ import redis
 
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.store.base import JobStore
-from adapter_merge.core.store.models import (
-    ACTIVE_STATUSES,
-    FINISHED_STATUSES,
-    ArtifactRecord,
-    JobRecord,
-    JobStatus,
-    ProgressRecord,
-    utcnow,
-)
 
-__all__ = [
-    "ACTIVE_STATUSES",
-    "FINISHED_STATUSES",
-    "STORE_UNAVAILABLE",
-    "ArtifactRecord",
-    "JobRecord",
-    "JobStatus",
-    "JobStore",
-    "ProgressRecord",
-    "open_store",
-    "utcnow",
-]
+__all__ = ["STORE_UNAVAILABLE", "JobStore", "open_store"]
 
 STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, sqlite3.OperationalError,

@@ -7,7 +7,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 
-from adapter_merge.core.store.models import FINISHED_STATUSES, JobRecord, JobStatus, ProgressRecord, utcnow
+from adapter_merge.core.jobs import FINISHED_STATUSES, JobRecord, JobStatus, Progress, utcnow
+from adapter_merge.core.problems import Problem, Problems
 
 Change = Callable[[JobRecord, float], JobRecord | None]
 """Given the current record and the store clock, return the new record, or None to leave it unchanged."""
@@ -60,7 +61,7 @@ class JobStore(ABC):
             return job.model_copy(update={
                 "status": JobStatus.running, "attempt": job.attempt + 1, "worker": worker,
                 "started_at": utcnow(), "lease_expires_at": now + lease_seconds,
-                "progress": _restarted(job.progress), "error": None,
+                "progress": job.progress.restarted(), "error": None,
             })
 
         return self.update(job_id, change)
@@ -77,7 +78,7 @@ class JobStore(ABC):
                     return claimed
 
     def heartbeat(
-        self, job_id: str, attempt: int, lease_seconds: float | None, progress: ProgressRecord | None = None,
+        self, job_id: str, attempt: int, lease_seconds: float | None, progress: Progress | None = None,
     ) -> JobRecord | None:
         """Renew the lease of `attempt` (when `lease_seconds` is given) and store its progress; returns the
         record (whose `cancel_requested` the worker obeys), or None when the run is no longer this attempt's."""
@@ -133,18 +134,13 @@ class JobStore(ABC):
             if job.cancel_requested:
                 update.update(status=JobStatus.cancelled, finished_at=utcnow())
             elif job.recoveries >= max_recoveries:
-                update.update(status=JobStatus.failed, finished_at=utcnow(), error={
-                    "type": "urn:adapter-merge:problem:worker-lost", "title": "Worker lost", "status": 500,
-                    "detail": f"the job lost its worker {job.recoveries + 1} times; giving up",
-                })
+                update.update(status=JobStatus.failed, finished_at=utcnow(), error=Problem(
+                    Problems.WORKER_LOST, f"the job lost its worker {job.recoveries + 1} times; giving up",
+                ).to_dict())
             else:
                 update.update(status=JobStatus.queued, queued_at=utcnow(), recoveries=job.recoveries + 1,
-                              progress=_restarted(job.progress))
+                              progress=job.progress.restarted())
             return job.model_copy(update=update)
 
         return self.update(job_id, change)
 
-
-def _restarted(progress: ProgressRecord) -> ProgressRecord:
-    """A new run starts from nothing done, but the totals planned at submission still hold."""
-    return ProgressRecord(tensors_total=progress.tensors_total, bytes_total=progress.bytes_total)

@@ -12,8 +12,8 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from adapter_merge.core.jobs import FINISHED_STATUSES, JobRecord, JobStatus
 from adapter_merge.core.store.base import Change, JobStore
-from adapter_merge.core.store.models import FINISHED_STATUSES, JobRecord, JobStatus
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -12,8 +12,8 @@ from typing import TypeVar
 
 import redis
 
+from adapter_merge.core.jobs import FINISHED_STATUSES, JobRecord, JobStatus
 from adapter_merge.core.store.base import Change, JobStore
-from adapter_merge.core.store.models import FINISHED_STATUSES, JobRecord, JobStatus
 
 _T = TypeVar("_T")
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
-from adapter_merge.core.store import JobRecord, JobStatus
+from adapter_merge.core.jobs import JobRecord, JobStatus
+from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.service.deps import JobDep, ServicesDep
 from adapter_merge.service.files import file_response, tar_stream
-from adapter_merge.service.problems import Problem
 from adapter_merge.service.schemas import problem_responses
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])
@@ -25,8 +26,8 @@ _FILE_RESPONSES = {
 
 def _require_success(job: JobRecord) -> None:
     if job.status is not JobStatus.succeeded:
-        raise Problem(409, "job-not-succeeded", f"job {job.id} is {job.status.value}; artifacts exist only once "
-                      "it has succeeded", title="No artifacts", status_now=job.status.value)
+        raise Problem(Problems.JOB_NOT_SUCCEEDED, f"job {job.id} is {job.status.value}; artifacts exist only "
+                      "once it has succeeded", status_now=job.status.value)
 
 
 @router.head("/artifacts/{path:path}", response_class=Response, responses=_FILE_RESPONSES,
@@ -44,12 +45,12 @@ def download_artifact(
     artifact = next((item for item in job.artifacts if item.path == path), None)
     if artifact is None:
         names = ", ".join(item.path for item in job.artifacts)
-        raise Problem(404, "artifact-not-found", f"job {job.id} has no artifact {path!r} (it has: {names})",
-                      title="Unknown artifact", field="path")
-    file = services.layout.result_dir(job.id, job.attempt) / artifact.path
+        raise Problem(Problems.ARTIFACT_NOT_FOUND, f"job {job.id} has no artifact {path!r} (it has: {names})",
+                      field="path")
+    file = services.context.layout.result_dir(job.id, job.attempt) / artifact.path
     if not file.is_file():
-        raise Problem(404, "artifact-gone", f"artifact {path!r} of job {job.id} is no longer on disk",
-                      title="Artifact gone", field="path")
+        raise Problem(Problems.ARTIFACT_GONE, f"artifact {path!r} of job {job.id} is no longer on disk",
+                      field="path")
     return file_response(file, artifact.sha256, method=request.method, range_header=range_,
                          if_none_match=if_none_match, if_range=if_range)
 
@@ -60,12 +61,12 @@ def download_artifact(
 def download_archive(job: JobDep, services: ServicesDep) -> StreamingResponse:
     """The whole merged model as one tar stream (with Content-Length), under a folder named after the job."""
     _require_success(job)
-    root = services.layout.result_dir(job.id, job.attempt)
+    root = services.context.layout.result_dir(job.id, job.attempt)
     mtime = job.finished_at.timestamp() if job.finished_at else 0.0
     try:
         length, chunks = tar_stream(root, [item.path for item in job.artifacts], job.id, mtime)
     except FileNotFoundError as error:
-        raise Problem(404, "artifact-gone", f"job {job.id}: {error.filename} is no longer on disk",
-                      title="Artifact gone") from error
+        raise Problem(Problems.ARTIFACT_GONE, f"job {job.id}: {Path(error.filename).name} is no longer on disk"
+                      ) from error
     headers = {"Content-Length": str(length), "Content-Disposition": f'attachment; filename="{job.id}.tar"'}
     return StreamingResponse(chunks, media_type="application/x-tar", headers=headers)

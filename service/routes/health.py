@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.service.deps import ServicesDep
-from adapter_merge.service.problems import Problem
 from adapter_merge.service.schemas import Health, Readiness, problem_responses
 
 router = APIRouter(tags=["health"])
+READY_RETRY_SECONDS = 5
 
 
 @router.get("/healthz", response_model=Health)
@@ -22,16 +23,17 @@ def readyz(services: ServicesDep) -> Readiness:
     """The job store and the broker answer and the data dir is writable; 503 (naming the failing check)
     otherwise."""
     checks: dict[str, str] = {}
-    for name, probe in (("store", services.store.ping), ("broker", services.dispatcher.ping)):
+    for name, probe in (("store", services.context.store.ping), ("broker", services.dispatcher.ping)):
         try:
             probe()
             checks[name] = "ok"
         except Exception as error:
             checks[name] = f"{type(error).__name__}: {error}"
-    checks["data_dir"] = "ok" if services.layout.is_writable() else f"{services.layout.root} is not writable"
-    mode = "distributed" if services.settings.distributed else "embedded"
+    layout = services.context.layout
+    checks["data_dir"] = "ok" if layout.is_writable() else "the data dir is not writable"
+    mode = "distributed" if services.context.settings.distributed else "embedded"
     failing = [name for name, result in checks.items() if result != "ok"]
     if failing:
-        raise Problem(503, "not-ready", f"not ready: {', '.join(f'{n} ({checks[n]})' for n in failing)}",
-                      title="Not ready", mode=mode, checks=checks)
+        raise Problem(Problems.NOT_READY, f"not ready: {', '.join(f'{n} ({checks[n]})' for n in failing)}",
+                      retry_after=READY_RETRY_SECONDS, mode=mode, checks=checks)
     return Readiness(status="ready", mode=mode, checks=checks)

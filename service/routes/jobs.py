@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from adapter_merge.core.store import ACTIVE_STATUSES, JobStatus
+from adapter_merge.core.jobs import ACTIVE_STATUSES, JobStatus
+from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.service.deps import JobDep, ServicesDep
-from adapter_merge.service.problems import Problem
 from adapter_merge.service.schemas import JobOut, JobPage, job_view, problem_responses
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -22,7 +22,7 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, description="Jobs to skip, newest first.")] = 0,
 ) -> JobPage:
     """Jobs, newest first."""
-    jobs, total = services.store.list(status or None, limit=limit, offset=offset)
+    jobs, total = services.context.store.list(status or None, limit=limit, offset=offset)
     return JobPage(items=[job_view(job) for job in jobs], total=total, limit=limit, offset=offset)
 
 
@@ -39,11 +39,11 @@ def cancel_job(job: JobDep, response: Response, services: ServicesDep) -> JobOut
     """Cancel a queued job at once (200) or ask a running one to stop (202). Cancelling twice is harmless."""
     if job.status is JobStatus.cancelled:
         return job_view(job)
-    updated = services.store.request_cancel(job.id) if job.status in ACTIVE_STATUSES else None
+    updated = services.context.store.request_cancel(job.id) if job.status in ACTIVE_STATUSES else None
     if updated is None:
-        current = services.store.get(job.id) or job
-        raise Problem(409, "job-finished", f"job {job.id} already {current.status.value}; nothing to cancel",
-                      title="Job already finished", status_now=current.status.value)
+        current = services.context.store.get(job.id) or job
+        raise Problem(Problems.JOB_FINISHED, f"job {job.id} already {current.status.value}; nothing to cancel",
+                      status_now=current.status.value)
     if updated.status is JobStatus.running:
         response.status_code = 202
     return job_view(updated)
@@ -52,8 +52,8 @@ def cancel_job(job: JobDep, response: Response, services: ServicesDep) -> JobOut
 @router.delete("/{job_id}", status_code=204, response_class=Response, responses=problem_responses(404, 409))
 def delete_job(job: JobDep, services: ServicesDep) -> Response:
     """Remove a finished job and its artifacts."""
-    if job.status in ACTIVE_STATUSES or not services.store.delete(job.id):
-        raise Problem(409, "job-active", f"job {job.id} is {job.status.value}; cancel it before deleting it",
-                      title="Job still active", status_now=job.status.value)
-    services.layout.remove_job(job.id)
+    if job.status in ACTIVE_STATUSES or not services.context.store.delete(job.id):
+        raise Problem(Problems.JOB_ACTIVE, f"job {job.id} is {job.status.value}; cancel it before deleting it",
+                      status_now=job.status.value)
+    services.context.layout.remove_job(job.id)
     return Response(status_code=204)

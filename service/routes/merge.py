@@ -7,14 +7,16 @@ import uuid
 
 from fastapi import APIRouter, Depends, Response
 
+from adapter_merge.core.jobs import JobRecord, JobStatus, Progress
 from adapter_merge.core.preflight import preflight
-from adapter_merge.core.store import JobRecord, JobStatus, ProgressRecord
+from adapter_merge.core.problems import Problem, Problems
+from adapter_merge.core.request import MergeRequest
 from adapter_merge.service.deps import ServicesDep, require_json
-from adapter_merge.service.problems import Problem
-from adapter_merge.service.schemas import JobOut, MergeRequest, job_view, problem_responses
+from adapter_merge.service.schemas import JobOut, job_view, problem_responses
 
 router = APIRouter(tags=["merge"])
 log = logging.getLogger(__name__)
+QUEUE_RETRY_SECONDS = 5
 
 
 @router.post("/merge", status_code=202, response_model=JobOut, dependencies=[Depends(require_json)],
@@ -22,19 +24,20 @@ log = logging.getLogger(__name__)
 def submit_merge(body: MergeRequest, response: Response, services: ServicesDep) -> JobOut:
     """Queue a merge. References are resolved and the adapters checked against the base before anything is
     queued, so a request that cannot work fails now with a 4xx naming the field at fault."""
-    _, plan = preflight(body, services.resolver)
+    context = services.context
+    _, plan = preflight(body, context.resolver)
     summary = plan.summary()
     job = JobRecord(
-        id=str(uuid.uuid4()), request=body.model_dump(mode="json"),
-        progress=ProgressRecord(tensors_total=summary["tensors_total"], bytes_total=summary["bytes_total"]),
+        id=str(uuid.uuid4()), request=body,
+        progress=Progress(tensors_total=summary["tensors_total"], bytes_total=summary["bytes_total"]),
     )
-    services.store.create(job)
+    context.store.create(job)
     try:
         services.dispatcher.submit(job.id)
     except Exception as error:
-        services.store.delete(job.id, only=list(JobStatus))
+        context.store.delete(job.id, only=list(JobStatus))
         log.exception("could not queue job %s", job.id)
-        raise Problem(503, "queue-unavailable", f"the job queue cannot be reached ({type(error).__name__}); "
-                      "nothing was queued, try again", title="Queue unavailable") from error
+        raise Problem(Problems.QUEUE_UNAVAILABLE, f"the job queue cannot be reached ({type(error).__name__}); "
+                      "nothing was queued, try again", retry_after=QUEUE_RETRY_SECONDS) from error
     response.headers["Location"] = f"/jobs/{job.id}"
     return job_view(job)

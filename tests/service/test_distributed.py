@@ -101,12 +101,12 @@ def test_sigkill_of_a_worker_mid_merge(cluster: Cluster, big_request: dict, big_
 
 
 def test_duplicate_delivery_is_a_no_op(cluster: Cluster, small_request: dict) -> None:
-    from adapter_merge.service.dispatch import CeleryDispatcher
+    from adapter_merge.service.publisher import CeleryPublisher
 
     job = cluster.api.wait(cluster.api.submit(small_request)["id"], FINISHED, timeout=60)
     settings = Settings(**{key.removeprefix("MERGE_").lower(): value for key, value in cluster.env.items()
                            if key.startswith("MERGE_")})
-    CeleryDispatcher(settings).submit(job["id"])
+    CeleryPublisher(settings).submit(job["id"])
     time.sleep(3)
     again = cluster.api.job(job["id"])
     assert again["attempts"] == 1 and again["finished_at"] == job["finished_at"]

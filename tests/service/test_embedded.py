@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter_merge.core.store import JobStatus
+from adapter_merge.core.jobs import JobStatus
 from adapter_merge.core.store.local import SQLiteJobStore
 from tests.service.checks import assert_no_leftovers, assert_result_matches
 from tests.service.conftest import ModelSet

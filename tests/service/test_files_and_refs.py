@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from adapter_merge.core.problems import Problem
 from adapter_merge.core.refs import BadReference, LocalRootsResolver
 from adapter_merge.service.files import ByteRange, parse_range, tar_stream
-from adapter_merge.service.problems import Problem
 
 
 @pytest.mark.parametrize(("header", "expected"), [
@@ -65,4 +65,4 @@ def test_references_stay_inside_the_roots(tmp_path: Path) -> None:
                       ("a\x00b", "reference-invalid")]:
         with pytest.raises(BadReference) as caught:
             resolver.resolve(ref, "adapters[1].ref")
-        assert caught.value.slug == slug and caught.value.detail.startswith("adapters[1].ref: ")
+        assert caught.value.kind.slug == slug and caught.value.detail.startswith("adapters[1].ref: ")

@@ -11,6 +11,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from adapter_merge.core.settings import Settings
 from adapter_merge.service.openapi import openapi_text
 from tests.service.conftest import ModelSet
 from tests.service.harness import REPO, service_env
@@ -19,8 +20,8 @@ NO_TORCH = """
 import sys
 from fastapi.testclient import TestClient
 import adapter_merge.cli.serve, adapter_merge.cli.main
-from adapter_merge.service.app import create_app
 from adapter_merge.core.settings import Settings
+from adapter_merge.service.app import create_app
 settings = Settings(data_dir=sys.argv[1], model_roots=[sys.argv[2]])
 with TestClient(create_app(settings)) as client:
     response = client.post("/merge", json={"base_model": "small/base", "adapters": ["small/lora"]})
@@ -44,13 +45,13 @@ API_IMPORTS = """
 import json, sys
 from importlib.metadata import packages_distributions
 import adapter_merge.cli.serve
-from adapter_merge.service.deps import Services
 from adapter_merge.core.preflight import preflight
-from adapter_merge.service.schemas import MergeRequest
+from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.settings import Settings
+from adapter_merge.service.deps import Services
 settings = Settings()
 services = Services.open(settings)
-preflight(MergeRequest(base_model="small/base", adapters=["small/lora"]), services.resolver)
+preflight(MergeRequest(base_model="small/base", adapters=["small/lora"]), services.context.resolver)
 services.dispatcher.ping()
 services.close()
 owners = packages_distributions()
@@ -107,8 +108,6 @@ def test_openapi_json_is_current() -> None:
 
 
 def test_every_setting_is_documented() -> None:
-    from adapter_merge.core.settings import Settings
-
     docs = (REPO / "README.md").read_text()
     missing = [f"MERGE_{name.upper()}" for name in Settings.model_fields if f"`MERGE_{name.upper()}`" not in docs]
     assert not missing, f"README.md does not document {missing}"

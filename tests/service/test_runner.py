@@ -8,10 +8,10 @@ import time
 import uuid
 from pathlib import Path
 
+from adapter_merge.core.context import JobContext
+from adapter_merge.core.jobs import JobRecord, JobStatus
+from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.settings import Settings
-from adapter_merge.core.store import JobRecord, JobStatus
-from adapter_merge.core.store.local import SQLiteJobStore
-from adapter_merge.service.schemas import MergeRequest
 from adapter_merge.worker.runner import JobRunner
 from tests.service.conftest import ModelSet
 
@@ -20,10 +20,11 @@ def test_a_run_that_lost_its_lease_stops_and_touches_nothing(models: ModelSet, b
                                                              tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, model_roots=[models.root], lease_seconds=6, heartbeat_seconds=1,
                         poll_seconds=0.2)
-    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-    job = JobRecord(id=str(uuid.uuid4()), request=MergeRequest(**big_request).model_dump(mode="json"))
+    context = JobContext.open(settings)
+    store = context.store
+    job = JobRecord(id=str(uuid.uuid4()), request=MergeRequest(**big_request))
     store.create(job)
-    runner = JobRunner(settings, store)
+    runner = JobRunner(context)
     claimed = store.claim(job.id, "zombie", settings.lease_seconds)
     outcome: list[JobRecord | None] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.execute(claimed)))

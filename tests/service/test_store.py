@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from adapter_merge.core.layout import DataLayout
+from adapter_merge.core.context import JobContext
+from adapter_merge.core.dispatch import StoreQueue
+from adapter_merge.core.jobs import JobRecord, JobStatus, Progress, utcnow
 from adapter_merge.core.maintenance import Maintenance
 from adapter_merge.core.settings import Settings
-from adapter_merge.core.store import JobRecord, JobStatus, JobStore, ProgressRecord, utcnow
+from adapter_merge.core.store import JobStore
 from adapter_merge.core.store.local import SQLiteJobStore
 from adapter_merge.core.store.redis import RedisJobStore
 from tests.service.conftest import REDIS_DB, REDIS_URL_BASE
@@ -91,7 +93,7 @@ def test_writes_are_fenced_by_attempt(store: JobStore) -> None:
     job = new_job()
     store.create(job)
     claimed = store.claim(job.id, "w1", 30)
-    progress = ProgressRecord(tensors_done=1, tensors_total=2, bytes_done=5, bytes_total=10)
+    progress = Progress(tensors_done=1, tensors_total=2, bytes_done=5, bytes_total=10)
     assert store.heartbeat(job.id, claimed.attempt, 30, progress).progress == progress
     assert store.heartbeat(job.id, claimed.attempt + 1, 30) is None  # a stale or future attempt
     assert store.finish(job.id, claimed.attempt + 1, JobStatus.succeeded) is None
@@ -140,9 +142,8 @@ def test_delete_only_finished(store: JobStore) -> None:
 
 
 def test_retention_deletes_old_results_and_their_files(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, retention_seconds=3600)
-    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-    layout = DataLayout(tmp_path)
+    context = JobContext.open(Settings(data_dir=tmp_path, retention_seconds=3600))
+    store, layout = context.store, context.layout
     old, recent = new_job(), new_job()
     for job, age in ((old, timedelta(hours=2)), (recent, timedelta(minutes=5))):
         store.create(job)
@@ -151,6 +152,6 @@ def test_retention_deletes_old_results_and_their_files(tmp_path: Path) -> None:
             update={"finished_at": utcnow() - age}))
         layout.result_dir(job.id, 1).mkdir(parents=True)
         (layout.result_dir(job.id, 1) / "model.safetensors").write_bytes(b"x")
-    assert Maintenance(store, layout, settings, dispatcher=None).clean() == [old.id]  # type: ignore[arg-type]
+    assert Maintenance(context, StoreQueue()).clean() == [old.id]
     assert store.get(old.id) is None and not layout.job_artifacts(old.id).exists()
     assert store.get(recent.id) is not None and layout.job_artifacts(recent.id).exists()

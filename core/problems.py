@@ -1,0 +1,107 @@
+"""The problem catalogue: every kind of failure a client can be told about, in one table.
+
+A `Problem` is an exception that carries an RFC 9457 problem document's facts (its type from the table, the
+detail, and members naming what is at fault). The API answers with it, a failed job stores it; neither needs
+to know HTTP to raise one, and nobody finds a problem's kind by reading its message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from adapter_merge.worker.engine.errors import (
+    InputError,
+    MergeError,
+    NumericError,
+    StorageError,
+    UnsupportedOptionError,
+)
+
+PROBLEM_TYPE_PREFIX = "urn:adapter-merge:problem:"
+
+
+@dataclass(frozen=True)
+class ProblemType:
+    slug: str
+    status: int
+    title: str
+
+    @property
+    def uri(self) -> str:
+        return PROBLEM_TYPE_PREFIX + self.slug
+
+
+class Problems:
+    """Every problem type the service uses; `openapi.json` and the README list the same."""
+
+    MALFORMED_JSON = ProblemType("malformed-json", 400, "Malformed JSON")
+    VALIDATION_ERROR = ProblemType("validation-error", 422, "Invalid request")
+    UNSUPPORTED_MEDIA_TYPE = ProblemType("unsupported-media-type", 415, "Unsupported media type")
+    REFERENCE_INVALID = ProblemType("reference-invalid", 422, "Unusable reference")
+    REFERENCE_OUTSIDE_ROOTS = ProblemType("reference-outside-roots", 422, "Unusable reference")
+    REFERENCE_NOT_FOUND = ProblemType("reference-not-found", 422, "Unusable reference")
+    REFERENCE_NOT_A_FOLDER = ProblemType("reference-not-a-folder", 422, "Unusable reference")
+    REFERENCE_WRONG_KIND = ProblemType("reference-wrong-kind", 422, "Unusable reference")
+    INPUTS_DO_NOT_FIT = ProblemType("inputs-do-not-fit", 422, "Inputs cannot be merged")
+    UNSUPPORTED_ADAPTER = ProblemType("unsupported-adapter", 422, "Inputs cannot be merged")
+    NUMERIC_ERROR = ProblemType("numeric-error", 422, "Merge produced invalid numbers")
+    NOT_FOUND = ProblemType("not-found", 404, "Not found")
+    METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", 405, "Method not allowed")
+    JOB_NOT_FOUND = ProblemType("job-not-found", 404, "Unknown job")
+    ARTIFACT_NOT_FOUND = ProblemType("artifact-not-found", 404, "Unknown artifact")
+    ARTIFACT_GONE = ProblemType("artifact-gone", 404, "Artifact gone")
+    JOB_FINISHED = ProblemType("job-finished", 409, "Job already finished")
+    JOB_ACTIVE = ProblemType("job-active", 409, "Job still active")
+    JOB_NOT_SUCCEEDED = ProblemType("job-not-succeeded", 409, "No artifacts")
+    RANGE_NOT_SATISFIABLE = ProblemType("range-not-satisfiable", 416, "Range not satisfiable")
+    STORE_UNAVAILABLE = ProblemType("store-unavailable", 503, "Service unavailable")
+    QUEUE_UNAVAILABLE = ProblemType("queue-unavailable", 503, "Queue unavailable")
+    NOT_READY = ProblemType("not-ready", 503, "Not ready")
+    WORKER_LOST = ProblemType("worker-lost", 500, "Worker lost")
+    STORAGE_ERROR = ProblemType("storage-error", 500, "Storage error")
+    INTERNAL_ERROR = ProblemType("internal-error", 500, "Internal error")
+
+    @classmethod
+    def all(cls) -> list[ProblemType]:
+        return [value for value in vars(cls).values() if isinstance(value, ProblemType)]
+
+
+class Problem(Exception):
+    """Raise anywhere to report a problem; `members` (field, ref, errors, ...) say what is at fault."""
+
+    def __init__(self, kind: ProblemType, detail: str, *, retry_after: int | None = None,
+                 headers: dict[str, str] | None = None, **members: Any) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.retry_after = retry_after
+        """Seconds after which trying again may work (a 503's Retry-After)."""
+        self.headers = headers or {}
+        """Protocol headers that belong to the problem (e.g. a 416's Content-Range)."""
+        self.members = {name: value for name, value in members.items() if value is not None}
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    def to_dict(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"type": self.kind.uri, "title": self.kind.title, "status": self.status,
+                                "detail": self.detail}
+        if instance:
+            body["instance"] = instance
+        body.update(self.members)
+        return body
+
+
+_ENGINE_PROBLEMS: list[tuple[type[MergeError], ProblemType]] = [
+    (UnsupportedOptionError, Problems.UNSUPPORTED_ADAPTER),  # before InputError, its base class
+    (InputError, Problems.INPUTS_DO_NOT_FIT),
+    (NumericError, Problems.NUMERIC_ERROR),
+    (StorageError, Problems.STORAGE_ERROR),
+]
+
+
+def engine_problem_type(error: MergeError) -> ProblemType:
+    """The catalogue entry for an engine error, by its class."""
+    return next((kind for cls, kind in _ENGINE_PROBLEMS if isinstance(error, cls)), Problems.INTERNAL_ERROR)

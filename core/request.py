@@ -1,0 +1,66 @@
+"""What a client asks for: one base model and adapters applied in order, with output options.
+
+The API validates a body into a `MergeRequest`; the job record stores it as validated, and the worker reads
+it back from there. Field names are the ones problems point at (`base_model`, `adapters[1].ref`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
+
+from adapter_merge.worker.engine import InputError, parse_size
+from adapter_merge.worker.engine.spec import OutputDtype
+
+Ref = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+def _shard_size(value: object) -> int | None:
+    """Bytes (a positive integer) or a size string such as '5GB'; booleans and fractions are refused."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = parse_size(value)
+        except InputError:
+            raise ValueError(f"{value!r} is not a size like 5GB, 500MB or 2GiB") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be a number of bytes or a size like '5GB', got {value!r}")
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return value
+
+
+class AdapterIn(BaseModel):
+    """One adapter and the multiplier applied to its scaling (PEFT's `set_scale`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ref: Ref = Field(description="Adapter folder inside a model root: absolute, or relative to the first root.")
+    weight: float = Field(1.0, strict=True, allow_inf_nan=False, description="Scale multiplier, default 1.0.")
+
+
+class MergeRequest(BaseModel):
+    """A merge to run: one base model and one or more adapters applied in order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: Ref = Field(description="Base model folder inside a model root (config.json + safetensors).")
+    adapters: list[AdapterIn] = Field(
+        min_length=1, max_length=64,
+        description="Adapters in order; each is {ref, weight} or a bare ref string.",
+        json_schema_extra={"items": {"anyOf": [{"$ref": "#/components/schemas/AdapterIn"}, {"type": "string"}]}},
+    )
+    output_dtype: OutputDtype = Field("auto", description="dtype of the merged weights; auto keeps the base's.")
+    max_shard_size: Annotated[int | None, BeforeValidator(_shard_size)] = Field(
+        None, description="Re-shard the output: bytes or a size like '5GB'; null keeps the base layout.",
+        json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string"}, {"type": "null"}]},
+    )
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _bare_refs(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"ref": item} if isinstance(item, str) else item for item in value]
+        return value
