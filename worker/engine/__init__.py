@@ -1,9 +1,14 @@
 """The merge engine: PEFT LoRA/DoRA adapters streamed into a safetensors base model.
 
 The public surface is two calls:
-- `plan_merge(base, adapters, options)` reads headers and configs only, checks that everything fits and
-  returns the plan; it writes nothing and does not import torch, so the API can use it for preflight.
+- `plan_merge(base, adapters, options)` reads headers and configs, checks that everything fits and returns
+  the plan; it writes nothing and does not import torch, so the API can use it for preflight. It reads no
+  tensor data, except that an adapter's saved output embedding for a tied pair is compared byte for byte
+  with the input embedding (to know whether the output can stay tied).
 - `merge(base, adapters, out, options, progress=..., should_stop=...)` runs the plan and returns a report.
+
+Errors are `MergeError`s whose attributes (`file`, `tensor`, `option`, `input`, `fault`) say what is at fault;
+see `errors`.
 """
 
 from typing import Any

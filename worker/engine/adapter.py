@@ -8,13 +8,17 @@ import math
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from adapter_merge.worker.engine.base_model import read_json
 from adapter_merge.worker.engine.errors import InputError, UnsupportedOptionError
-from adapter_merge.worker.engine.safetensors_format import DTYPE_SIZES, TensorInfo, read_header
+from adapter_merge.worker.engine.safetensors_format import read_header
+from adapter_merge.worker.engine.tensor_info import PickledTensor, TensorInfo
+
+T = TypeVar("T")
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -52,6 +56,8 @@ LORA_SUFFIXES: dict[str, str] = {
 @dataclass(frozen=True)
 class AdapterConfig:
     path: Path
+    index: int
+    """Position of its adapter in the requested order, for errors."""
     raw: dict[str, Any]
     r: int
     alpha: float
@@ -80,11 +86,15 @@ class AdapterConfig:
         if isinstance(indices, dict):
             key = _pattern_key(dict.fromkeys(indices), module_path)
             if key is None:
-                raise InputError(f"{self.path}: trainable_token_indices names no entry for {module_path!r}")
+                raise self._token_indices_error(f"trainable_token_indices names no entry for {module_path!r}")
             indices = indices[key]
         if not indices:
-            raise InputError(f"{self.path}: {module_path!r} has trainable tokens but trainable_token_indices is empty")
+            raise self._token_indices_error(
+                f"{module_path!r} has trainable tokens but trainable_token_indices is empty")
         return list(indices)
+
+    def _token_indices_error(self, detail: str) -> InputError:
+        return InputError(f"{self.path}: {detail}", file=self.path, option="trainable_token_indices", input=self.index)
 
 
 def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
@@ -111,58 +121,73 @@ class Adapter:
 
 
 def load_adapter(root: Path, index: int, weight: float) -> Adapter:
+    """Adapter `index` of the requested order: its config and its tensors' headers (no tensor data)."""
     if not root.is_dir():
-        raise InputError(f"{root}: adapter folder not found")
+        raise InputError(f"{root}: adapter folder not found", file=root, input=index)
     if not math.isfinite(weight):
-        raise InputError(f"{root}: adapter weight {weight} is not a finite number")
-    config = parse_config(root / CONFIG_FILE)
+        raise InputError(f"{root}: adapter weight {weight} is not a finite number", option="weights", input=index)
+    config = parse_config(root / CONFIG_FILE, index)
     if (root / SAFETENSORS_FILE).is_file():
         weights_file = root / SAFETENSORS_FILE
-        tensors = read_header(weights_file).tensors
+        tensors = read_header(weights_file, index).tensors
     elif (root / LEGACY_FILE).is_file():
         weights_file = root / LEGACY_FILE
-        tensors = _legacy_tensor_infos(weights_file)
+        tensors = _legacy_tensor_infos(weights_file, index)
     else:
-        raise InputError(f"{root}: no {SAFETENSORS_FILE} (or legacy {LEGACY_FILE}) in the adapter folder")
+        raise InputError(f"{root}: no {SAFETENSORS_FILE} (or legacy {LEGACY_FILE}) in the adapter folder",
+                         file=root, input=index)
     if not tensors:
-        raise InputError(f"{weights_file}: adapter has no tensors")
+        raise InputError(f"{weights_file}: adapter has no tensors", file=weights_file, input=index)
     for name in tensors:
         if not name.startswith(KEY_PREFIX):
-            raise InputError(f"{weights_file}: tensor {name!r} does not start with {KEY_PREFIX!r}")
+            raise InputError(f"{weights_file}: tensor {name!r} does not start with {KEY_PREFIX!r}",
+                             file=weights_file, tensor=name, input=index)
     return Adapter(root=root, index=index, weight=weight, config=config, weights_file=weights_file, tensors=tensors)
 
 
-def parse_config(path: Path) -> AdapterConfig:
-    raw = read_json(path, "adapter config")
+def parse_config(path: Path, index: int) -> AdapterConfig:
+    """Adapter `index`'s adapter_config.json, refusing the options whose merge would be wrong."""
+    raw = read_json(path, "adapter config", index)
+
+    def refuse(option: str, detail: str) -> UnsupportedOptionError:
+        return UnsupportedOptionError(f"{path}: {detail}", file=path, option=option, input=index)
+
     if raw.get("peft_type") != "LORA":
-        raise UnsupportedOptionError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
+        raise refuse("peft_type", f"peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
     init = raw.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise UnsupportedOptionError(
-            f"{path}: init_lora_weights={init!r} rewrites the base model at load time and is not supported"
-        )
+        raise refuse("init_lora_weights",
+                     f"init_lora_weights={init!r} rewrites the base model at load time and is not supported")
     for option in _REFUSED_OPTIONS:
         if raw.get(option):
-            raise UnsupportedOptionError(f"{path}: option {option}={raw[option]!r} is not supported")
+            raise refuse(option, f"option {option}={raw[option]!r} is not supported")
     if raw.get("use_dora") and raw.get("lora_bias"):
-        raise UnsupportedOptionError(f"{path}: use_dora together with lora_bias is not supported")
-    try:
-        return AdapterConfig(
-            path=path,
-            raw=raw,
-            r=_positive_int(raw.get("r"), "r"),
-            alpha=float(raw.get("lora_alpha", 8)),
-            use_rslora=bool(raw.get("use_rslora", False)),
-            use_dora=bool(raw.get("use_dora", False)),
-            rank_pattern={
-                key: _positive_int(value, f"rank_pattern[{key!r}]")
-                for key, value in (raw.get("rank_pattern") or {}).items()
-            },
-            alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
-            trainable_token_indices=raw.get("trainable_token_indices"),
-        )
-    except (TypeError, ValueError) as error:
-        raise InputError(f"{path}: {error}") from error
+        raise refuse("use_dora", "use_dora together with lora_bias is not supported")
+
+    def value(option: str, convert: Callable[[], T]) -> T:
+        """One option's value; a value of the wrong type or range is an error naming the option."""
+        try:
+            return convert()
+        except (TypeError, ValueError) as error:
+            raise InputError(f"{path}: {error}", file=path, option=option, input=index) from error
+
+    return AdapterConfig(
+        path=path,
+        index=index,
+        raw=raw,
+        r=value("r", lambda: _positive_int(raw.get("r"), "r")),
+        alpha=value("lora_alpha", lambda: float(raw.get("lora_alpha", 8))),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+        rank_pattern=value("rank_pattern", lambda: {
+            key: _positive_int(rank, f"rank_pattern[{key!r}]")
+            for key, rank in (raw.get("rank_pattern") or {}).items()
+        }),
+        alpha_pattern=value("alpha_pattern", lambda: {
+            key: float(alpha) for key, alpha in (raw.get("alpha_pattern") or {}).items()
+        }),
+        trainable_token_indices=raw.get("trainable_token_indices"),
+    )
 
 
 def _positive_int(value: Any, option: str) -> int:
@@ -187,7 +212,8 @@ def split_key(adapter: Adapter, key: str) -> tuple[str, str]:
         if body.endswith(suffix):
             return body[: -len(suffix)], role
     if ".lora_" in body or ".token_adapter." in body:
-        raise InputError(f"{adapter.weights_file}: tensor {key!r} is of a kind this engine does not know")
+        raise InputError(f"{adapter.weights_file}: tensor {key!r} is of a kind this engine does not know",
+                         file=adapter.weights_file, tensor=key, input=adapter.index)
     return body.replace(".base_layer.", "."), "replacement"
 
 
@@ -227,8 +253,9 @@ class _HeaderUnpickler(pickle.Unpickler):
         return str(pid[1])  # ('storage', <dtype code from find_class>, key, location, numel)
 
 
-def _legacy_tensor_infos(path: Path) -> dict[str, TensorInfo]:
-    """Names, shapes and dtypes of a legacy `adapter_model.bin`, read torch-free so planning stays torch-free.
+def _legacy_tensor_infos(path: Path, index: int) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of adapter `index`'s legacy `adapter_model.bin`, read torch-free so planning
+    stays torch-free.
 
     The values themselves are loaded later by the merge with `torch.load(weights_only=True)`.
     """
@@ -238,10 +265,8 @@ def _legacy_tensor_infos(path: Path) -> dict[str, TensorInfo]:
             state = _HeaderUnpickler(io.BytesIO(archive.read(pickled))).load()
     except (OSError, zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, ValueError, TypeError,
             IndexError, EOFError) as error:
-        raise InputError(f"{path}: not a readable PyTorch state dict ({error or type(error).__name__})") from error
+        raise InputError(f"{path}: not a readable PyTorch state dict ({error or type(error).__name__})",
+                         file=path, input=index) from error
     if not isinstance(state, dict) or not all(isinstance(v, tuple) for v in state.values()):
-        raise InputError(f"{path}: legacy adapter weights are not a dict of tensors")
-    return {
-        name: TensorInfo(name, dtype, shape, path, -1, math.prod(shape) * DTYPE_SIZES[dtype])
-        for name, (dtype, shape) in state.items()
-    }
+        raise InputError(f"{path}: legacy adapter weights are not a dict of tensors", file=path, input=index)
+    return {name: TensorInfo(name, dtype, shape, PickledTensor(path), index) for name, (dtype, shape) in state.items()}

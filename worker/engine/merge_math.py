@@ -16,9 +16,9 @@ import torch
 from adapter_merge.worker.engine.operations import Layout
 
 
-@dataclass
+@dataclass(frozen=True)
 class LowRank:
-    """One LoRA/DoRA update with its tensors loaded in fp32 and flattened to 2D."""
+    """A low-rank delta D = s·B@A (rows layout) or its transpose (columns layout), factors in fp32, 2D."""
 
     a: torch.Tensor
     """(r, cols) for the rows layout, (r, rows) for the columns layout."""
@@ -26,25 +26,39 @@ class LowRank:
     """(rows, r) for the rows layout, (cols, r) for the columns layout."""
     scale: float
     layout: Layout
-    magnitude: torch.Tensor | None = None
-    """DoRA magnitude per output unit, flat."""
-    column_norms: torch.Tensor | None = None
-    """For DoRA in the columns layout: ‖W₀ + D‖ per column, from `accumulate_column_squares`."""
-
-    def add_delta(self, target: torch.Tensor, start: int) -> None:
-        """target += rows [start, start + len(target)) of D = s·B@A (or its transpose), in place."""
-        stop = start + target.shape[0]
-        if self.layout == "rows":
-            target.addmm_(self.b[start:stop], self.a, alpha=self.scale)
-        else:
-            target.addmm_(self.a[:, start:stop].T, self.b.T, alpha=self.scale)
 
 
-def lowrank_change_squares(updates: list[LowRank]) -> float:
+def add_delta(target: torch.Tensor, delta: LowRank, start: int) -> None:
+    """target += rows [start, start + len(target)) of D, in place."""
+    stop = start + target.shape[0]
+    if delta.layout == "rows":
+        target.addmm_(delta.b[start:stop], delta.a, alpha=delta.scale)
+    else:
+        target.addmm_(delta.a[:, start:stop].T, delta.b.T, alpha=delta.scale)
+
+
+def base_plus_delta(base_block: torch.Tensor, delta: LowRank, start: int) -> torch.Tensor:
+    """W₀ + D for this block, in a new tensor: the base block is never modified."""
+    merged = base_block.clone()
+    add_delta(merged, delta, start)
+    return merged
+
+
+def with_delta(current: torch.Tensor, base_block: torch.Tensor, delta: LowRank, start: int) -> torch.Tensor:
+    """current + D: out of place while `current` is still the base block itself, in place after that.
+
+    PEFT's rule for several adapters: each applies to the weight as merged so far."""
+    if current is base_block:
+        return base_plus_delta(base_block, delta, start)
+    add_delta(current, delta, start)
+    return current
+
+
+def lowrank_change_squares(deltas: list[LowRank]) -> float:
     """‖Σ sₖ·Bₖ@Aₖ‖² without forming the matrix: Σₖₗ sₖsₗ·tr((BₖᵀBₗ)(AₗAₖᵀ)), from rank-sized products only."""
     total = 0.0
-    for first in updates:
-        for second in updates:
+    for first in deltas:
+        for second in deltas:
             b_products = first.b.double().T @ second.b.double()
             a_products = second.a.double() @ first.a.double().T
             total += first.scale * second.scale * float(torch.trace(b_products @ a_products))
@@ -60,52 +74,31 @@ def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 
 
-def accumulate_column_squares(total: torch.Tensor, base_block: torch.Tensor, update: LowRank, start: int) -> None:
-    """Add one block's Σ(W₀ + D)² per column into `total` (float64, so summing many rows stays exact)."""
-    merged = base_block.clone()
-    update.add_delta(merged, start)
-    total += merged.square().sum(dim=0, dtype=torch.float64)
+def row_norms(merged: torch.Tensor) -> torch.Tensor:
+    """‖W₀ + D‖ of each row of a block: DoRA's norm in the rows layout."""
+    return torch.linalg.vector_norm(merged, dim=1)
 
 
-def apply_update(current: torch.Tensor, base_block: torch.Tensor, update: LowRank, start: int) -> torch.Tensor:
-    """current + D (LoRA) or (m/N)·(current + D) (DoRA), N the norm of W₀ + D per output unit.
-
-    PEFT's rule for several adapters: each applies to the weight as merged so far, but a DoRA norm always
-    uses the unmerged base plus that adapter's own delta. While `current` is still the base block itself,
-    the update is made out of place (the base stays intact and W₀ + D is the result); later updates work in
-    place. A zero norm is not checked here: it makes the block non-finite, which the caller detects.
-    """
-    if current is base_block:
-        current = base_block.clone()
-        update.add_delta(current, start)
-        own = current
-    else:
-        update.add_delta(current, start)
-        own = None
-    if update.magnitude is None:
-        return current
-    if update.layout == "rows":
-        if own is None:
-            own = base_block.clone()
-            update.add_delta(own, start)
-        norms = torch.linalg.vector_norm(own, dim=1)
-        current.mul_((update.magnitude[start : start + current.shape[0]] / norms).unsqueeze(1))
-    else:
-        assert update.column_norms is not None
-        current.mul_((update.magnitude / update.column_norms).unsqueeze(0))
-    return current
+def column_squares(base_block: torch.Tensor, delta: LowRank, start: int) -> torch.Tensor:
+    """One block's Σ(W₀ + D)² per column, in float64 so that summing many blocks stays exact."""
+    return base_plus_delta(base_block, delta, start).square().sum(dim=0, dtype=torch.float64)
 
 
-def has_zero_norm(base_block: torch.Tensor, update: LowRank, start: int) -> bool:
-    """Whether this DoRA update divides by a zero norm in this block (to explain a non-finite result)."""
-    if update.magnitude is None:
-        return False
-    if update.layout == "columns":
-        assert update.column_norms is not None
-        return bool((update.column_norms == 0).any())
-    own = base_block.clone()
-    update.add_delta(own, start)
-    return bool((torch.linalg.vector_norm(own, dim=1) == 0).any())
+def rescale_rows(current: torch.Tensor, magnitude: torch.Tensor, norms: torch.Tensor) -> None:
+    """DoRA in the rows layout: row i times mᵢ/Nᵢ, in place (`magnitude` and `norms` for this block's rows).
+
+    A zero norm is not checked here: it makes the block non-finite, which the caller detects."""
+    current.mul_((magnitude / norms).unsqueeze(1))
+
+
+def rescale_columns(current: torch.Tensor, magnitude: torch.Tensor, norms: torch.Tensor) -> None:
+    """DoRA in the columns layout: column j times mⱼ/Nⱼ, in place."""
+    current.mul_((magnitude / norms).unsqueeze(0))
+
+
+def add_bias(current: torch.Tensor, bias: torch.Tensor, scale: float) -> None:
+    """`lora_bias`: every row (a bias is one row) gains s·bias, in place."""
+    current.add_(bias.reshape(1, -1), alpha=scale)
 
 
 def replace_rows(current: torch.Tensor, start: int, indices: torch.Tensor, rows: torch.Tensor) -> None:

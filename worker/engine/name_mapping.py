@@ -45,8 +45,9 @@ def _candidates(name: str, base_names: Collection[str]) -> Iterable[PrefixRewrit
             yield PrefixRewrite(add=base_name[: -len(name)])
 
 
-def find_rewrite(names: list[str], base_names: Collection[str], where: Path) -> PrefixRewrite:
-    """The one prefix rewrite that maps every name onto a base tensor name."""
+def find_rewrite(names: list[str], base_names: Collection[str], where: Path, adapter: int) -> PrefixRewrite:
+    """The one prefix rewrite that maps every name of adapter `adapter` (its file: `where`) onto a base
+    tensor name."""
     if not names or all(name in base_names for name in names):
         return IDENTITY
     first_missing = next(name for name in names if name not in base_names)
@@ -61,7 +62,9 @@ def find_rewrite(names: list[str], base_names: Collection[str], where: Path) -> 
         unmatched = [name for name in names if name not in base_names]
         raise InputError(
             f"{where}: tensor for {unmatched[0]!r} matches no tensor of the base model "
-            f"({len(unmatched)} of {len(names)} unmatched); is this adapter for a different base?"
+            f"({len(unmatched)} of {len(names)} unmatched); is this adapter for a different base?",
+            file=where, tensor=unmatched[0], input=adapter,
         )
     options = "; ".join(sorted(rewrite.describe() for rewrite in working))
-    raise InputError(f"{where}: adapter names fit the base model in several ways ({options}); refusing to guess")
+    raise InputError(f"{where}: adapter names fit the base model in several ways ({options}); refusing to guess",
+                     file=where, input=adapter)

@@ -33,7 +33,7 @@ from adapter_merge.worker.engine.spec import (
 )
 from adapter_merge.worker.engine.tensor_io import BufferPool, TensorReader, tensor_bytes
 from adapter_merge.worker.engine.tensor_merge import CHUNK_BYTES, ChangeStats, TensorMerger
-from adapter_merge.worker.engine.writer import QUEUED_CHUNKS, OutputFolder, ShardSink
+from adapter_merge.worker.engine.writer import QUEUED_CHUNKS, OutputFolder, ShardSink, storage_errors
 
 
 def merge(
@@ -62,19 +62,23 @@ def merge(
             shards, changes = _write_shards(plan, folder.path, progress, should_stop)
             timings["merge"] = time.perf_counter() - phase
             phase = time.perf_counter()
-            notes = [*plan.notes, *write_side_files(plan, folder.path)]
-            side = sorted(p for p in folder.path.iterdir() if p.is_file() and p.name not in plan.shards)
-            outputs = sorted([*shards, *describe_files(folder.path, side)], key=lambda entry: entry["path"])
+            with storage_errors(folder.path):
+                notes = [*plan.notes, *write_side_files(plan, folder.path)]
+                side = sorted(p for p in folder.path.iterdir() if p.is_file() and p.name not in plan.shards)
+                outputs = sorted([*shards, *describe_files(folder.path, side)], key=lambda entry: entry["path"])
             input_checksums = inputs.result()
             timings["finalize"] = time.perf_counter() - phase
             timings["total"] = time.perf_counter() - started
-        write_json(folder.path / MANIFEST_FILE, build_manifest(plan, input_checksums, outputs, changes, timings, notes))
+        manifest = build_manifest(plan, input_checksums, outputs, changes, timings, notes)
+        with storage_errors(folder.path / MANIFEST_FILE):
+            write_json(folder.path / MANIFEST_FILE, manifest)
         folder.commit(durable=options.fsync)
     except BaseException:
         folder.abort()
         raise
     checksums.save()
-    outputs.extend(describe_files(folder.target, [folder.target / MANIFEST_FILE]))
+    with storage_errors(folder.target / MANIFEST_FILE):
+        outputs.extend(describe_files(folder.target, [folder.target / MANIFEST_FILE]))
     return MergeReport(
         output_dir=folder.target,
         tensors_total=len(plan.outputs),
@@ -120,8 +124,8 @@ def _write_shards(
                 for tensor in tensors:
                     if should_stop is not None and should_stop():
                         raise MergeCancelled("merge cancelled")
-                    if tensor.verbatim:
-                        for raw, release in reader.raw_chunks(tensor.source, pool):
+                    if (stored := tensor.verbatim_bytes) is not None:
+                        for raw, release in reader.raw_chunks(tensor.source, stored, pool):
                             sink.write(tensor_bytes(raw), release)
                     else:
                         stats = ChangeStats()

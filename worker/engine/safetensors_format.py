@@ -3,7 +3,8 @@
 Reading parses and validates the header only (tensor data stays on disk, read later by offset), so that a
 corrupt file is reported by name before any output exists and so that the API can preflight without torch.
 Writing builds the header up front from names, dtypes and shapes: a shard's layout is fixed before its
-first tensor is computed, which is what lets the engine stream tensors straight into place.
+first tensor is computed, which is what lets the engine stream tensors straight into place. `same_bytes`
+compares two stored tensors' data, for the one planning question headers cannot answer (a tied pair).
 """
 
 from __future__ import annotations
@@ -14,34 +15,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_merge.worker.engine.errors import InputError
+from adapter_merge.worker.engine.errors import InputError, InputRef
+from adapter_merge.worker.engine.tensor_info import DTYPE_SIZES, SafetensorsBytes, TensorInfo
 
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-FP8_DTYPES = frozenset({"F8_E5M2", "F8_E4M3"})
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 HEADER_ALIGNMENT = 8
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes are: `offset` is absolute within `file`."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    offset: int
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -52,88 +30,114 @@ class SafetensorsFile:
     """In file order (by data offset)."""
 
 
-def _corrupt(path: Path, detail: str) -> InputError:
-    return InputError(f"{path}: not a valid safetensors file: {detail}")
+@dataclass(frozen=True)
+class _Entry:
+    """One header entry, validated on its own; its place among the others is checked next."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
 
 
-def read_header(path: Path) -> SafetensorsFile:
-    """Parse and validate a safetensors header; every offset is checked against the real file size."""
+def _corrupt(path: Path, input: InputRef, detail: str, tensor: str | None = None) -> InputError:
+    return InputError(f"{path}: not a valid safetensors file: {detail}", file=path, tensor=tensor, input=input)
+
+
+def read_header(path: Path, input: InputRef) -> SafetensorsFile:
+    """Parse and validate a safetensors header; every offset is checked against the real file size.
+
+    `input` says which merge input the file is; each tensor and any error records it."""
     try:
         file_size = path.stat().st_size
         with path.open("rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise _corrupt(path, f"file is {file_size} bytes, too short for the 8-byte header length")
+                raise _corrupt(path, input, f"file is {file_size} bytes, too short for the 8-byte header length")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(MAX_HEADER_BYTES, file_size - 8):
-                raise _corrupt(path, f"header length {header_len} exceeds the file size {file_size}")
+                raise _corrupt(path, input, f"header length {header_len} exceeds the file size {file_size}")
             raw_header = handle.read(header_len)
     except OSError as error:
-        raise InputError(f"{path}: cannot read: {error.strerror}") from error
+        raise InputError(f"{path}: cannot read: {error.strerror}", file=path, input=input) from error
     try:
         header = json.loads(raw_header)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _corrupt(path, f"header is not valid JSON ({error})") from error
+        raise _corrupt(path, input, f"header is not valid JSON ({error})") from error
     if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
+        raise _corrupt(path, input, "header is not a JSON object")
 
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + header_len
     data_size = file_size - data_start
-    tensors = [_parse_entry(path, name, entry, data_start, data_size) for name, entry in header.items()]
-    tensors.sort(key=lambda info: info.offset)
-    _check_contiguous(path, tensors, data_start, data_size)
-    return SafetensorsFile(path=path, metadata=metadata, tensors={info.name: info for info in tensors})
+    entries = [_parse_entry(path, input, name, entry, data_size) for name, entry in header.items()]
+    entries.sort(key=lambda entry: entry.begin)
+    _check_contiguous(path, input, entries, data_size)
+    tensors = {
+        entry.name: TensorInfo(entry.name, entry.dtype, entry.shape, SafetensorsBytes(path, data_start + entry.begin),
+                               input)
+        for entry in entries
+    }
+    return SafetensorsFile(path=path, metadata=metadata, tensors=tensors)
 
 
-def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+def _parse_entry(path: Path, input: InputRef, name: str, entry: object, data_size: int) -> _Entry:
+    def corrupt(detail: str) -> InputError:
+        return _corrupt(path, input, detail, name)
+
     if not isinstance(entry, dict):
-        raise _corrupt(path, f"entry for tensor {name!r} is not an object")
+        raise corrupt(f"entry for tensor {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
-        raise _corrupt(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
+        raise corrupt(f"tensor {name!r} has unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        raise corrupt(f"tensor {name!r} has an invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise corrupt(f"tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets
     if end > data_size:
-        raise _corrupt(path, f"tensor {name!r} ends at byte {end}, past the end of the data ({data_size} bytes)")
+        raise corrupt(f"tensor {name!r} ends at byte {end}, past the end of the data ({data_size} bytes)")
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
-        raise _corrupt(path, f"tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}")
-    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+        raise corrupt(f"tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}")
+    return _Entry(name, dtype, tuple(shape), begin, end)
 
 
-def _check_contiguous(path: Path, tensors: list[TensorInfo], data_start: int, data_size: int) -> None:
-    position = data_start
-    for info in tensors:
-        if info.offset != position:
-            problem = "overlaps the previous tensor" if info.offset < position else "leaves a gap before it"
-            raise _corrupt(path, f"tensor {info.name!r} {problem}")
-        position += info.nbytes
-    if position != data_start + data_size:
-        raise _corrupt(path, f"{data_start + data_size - position} bytes after the last tensor")
+def _check_contiguous(path: Path, input: InputRef, entries: list[_Entry], data_size: int) -> None:
+    position = 0
+    for entry in entries:
+        if entry.begin != position:
+            problem = "overlaps the previous tensor" if entry.begin < position else "leaves a gap before it"
+            raise _corrupt(path, input, f"tensor {entry.name!r} {problem}", entry.name)
+        position = entry.end
+    if position != data_size:
+        raise _corrupt(path, input, f"{data_size - position} bytes after the last tensor")
 
 
 COMPARE_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 def same_bytes(first: TensorInfo, second: TensorInfo) -> bool:
-    """Whether two stored tensors are identical (dtype, shape and every byte); legacy pickles never are."""
-    if (first.dtype, first.shape) != (second.dtype, second.shape) or first.offset < 0 or second.offset < 0:
+    """Whether two stored tensors are identical (dtype, shape and every byte), read and compared in chunks.
+
+    Only safetensors byte ranges are compared; a legacy pickled tensor never counts as the same."""
+    a, b = first.location, second.location
+    if (first.dtype, first.shape) != (second.dtype, second.shape):
         return False
-    with first.file.open("rb") as a, second.file.open("rb") as b:
-        a.seek(first.offset)
-        b.seek(second.offset)
+    if not (isinstance(a, SafetensorsBytes) and isinstance(b, SafetensorsBytes)):
+        return False
+    with a.file.open("rb") as a_file, b.file.open("rb") as b_file:
+        a_file.seek(a.offset)
+        b_file.seek(b.offset)
         for start in range(0, first.nbytes, COMPARE_CHUNK_BYTES):
             size = min(COMPARE_CHUNK_BYTES, first.nbytes - start)
-            if a.read(size) != b.read(size):
+            if a_file.read(size) != b_file.read(size):
                 return False
     return True
 

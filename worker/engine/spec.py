@@ -33,11 +33,12 @@ class MergeOptions:
     fsync: bool = False
     """Flush every output file and the folder to disk around the rename into place. Off, like `cp`, files
     reach disk when the kernel writes them back; the service turns it on before it reports success."""
+
     def __post_init__(self) -> None:
         if self.dtype not in OUTPUT_DTYPES:
-            raise InputError(f"dtype: {self.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+            raise InputError(f"dtype: {self.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}", option="dtype")
         if self.max_shard_size is not None and self.max_shard_size <= 0:
-            raise InputError(f"max_shard_size: must be positive, got {self.max_shard_size}")
+            raise InputError(f"max_shard_size: must be positive, got {self.max_shard_size}", option="max_shard_size")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ StopCheck = Callable[[], bool]
 
 @dataclass
 class MergeReport:
-    """The outcome of a merge; `to_dict()` is what the manifest and job records store."""
+    """The outcome of a merge, for the caller's summary or job record."""
 
     output_dir: Path
     tensors_total: int
@@ -72,19 +73,6 @@ class MergeReport:
     runs one merge, as the CLI and the service's per-job worker processes do."""
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "output_dir": str(self.output_dir),
-            "tensors_total": self.tensors_total,
-            "tensors_merged": self.tensors_merged,
-            "tensors_copied": self.tensors_copied,
-            "bytes_written": self.bytes_written,
-            "files": self.files,
-            "timings": self.timings,
-            "peak_rss_bytes": self.peak_rss_bytes,
-            "notes": self.notes,
-        }
-
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -97,6 +85,6 @@ def parse_size(text: str | int) -> int:
         return text
     match = _SIZE.match(text)
     if not match:
-        raise InputError(f"max_shard_size: {text!r} is not a size like 5GB, 500MB or 2GiB")
+        raise InputError(f"max_shard_size: {text!r} is not a size like 5GB, 500MB or 2GiB", option="max_shard_size")
     number, unit = match.groups()
     return int(float(number) * _UNITS[(unit or "B").upper()])

@@ -1,8 +1,9 @@
-"""Moving tensor bytes between files and torch: positional reads, raw copies, legacy pickle adapters.
+"""Moving tensor bytes between files and torch: positional reads, raw chunks, legacy pickle adapters.
 
 Reads use `os.preadv` into a buffer torch then views without a copy, so any thread may read any file and
-a row block costs exactly its own bytes. Verbatim tensors never become torch tensors at all: the kernel
-copies their byte range from the base file into the output file.
+a row block costs exactly its own bytes. A verbatim tensor is never converted or computed: its byte range
+is read in pooled chunks that go as they are to the writer thread, which hashes and writes them (the bytes
+pass through memory because the output's sha256 needs them anyway).
 """
 
 from __future__ import annotations
@@ -15,22 +16,25 @@ from pathlib import Path
 
 import torch
 
-from adapter_merge.worker.engine.errors import InputError
-from adapter_merge.worker.engine.safetensors_format import TensorInfo
+from adapter_merge.worker.engine.errors import InputError, InputRef
+from adapter_merge.worker.engine.tensor_info import PickledTensor, SafetensorsBytes, TensorInfo
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
-def legacy_state_dict(path: Path) -> dict[str, torch.Tensor]:
+
+
+def legacy_state_dict(path: Path, input: InputRef) -> dict[str, torch.Tensor]:
     """A legacy `adapter_model.bin`, loaded with `weights_only=True` so no pickled code can run."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises pickle, zip and runtime errors alike for a bad file
-        raise InputError(f"{path}: cannot load legacy adapter weights safely: {error}") from error
+        raise InputError(f"{path}: cannot load legacy adapter weights safely: {error}",
+                         file=path, input=input) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{path}: legacy adapter weights are not a dict of tensors")
+        raise InputError(f"{path}: legacy adapter weights are not a dict of tensors", file=path, input=input)
     return state
 
 
@@ -83,45 +87,50 @@ class TensorReader:
         return self.read_rows(info, 0, info.shape[0] if info.shape else 1)
 
     def read_rows(self, info: TensorInfo, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows [start, stop) of the tensor's first dimension, in the stored dtype, into `buffer` if given."""
-        if info.offset < 0:
-            return self._legacy_tensor(info)[start:stop]
-        row_bytes = info.nbytes // info.shape[0] if info.shape else info.nbytes
-        nbytes = (stop - start) * row_bytes
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        buffer = buffer[:nbytes]
-        read_exact(self._fd(info.file), tensor_bytes(buffer), info.offset + start * row_bytes, info.file)
-        shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        return buffer.view(TORCH_DTYPES[info.dtype]).reshape(shape)
+        """Rows [start, stop) of the tensor's first dimension, in the stored dtype, into `buffer` if given
+        (a pickled tensor is loaded whole, with its file, and sliced)."""
+        match info.location:
+            case PickledTensor(file=file):
+                return self._legacy_file(file, info.input)[info.name][start:stop]
+            case SafetensorsBytes(offset=offset):
+                row_bytes = info.nbytes // info.shape[0] if info.shape else info.nbytes
+                nbytes = (stop - start) * row_bytes
+                if buffer is None or buffer.numel() < nbytes:
+                    buffer = torch.empty(nbytes, dtype=torch.uint8)
+                buffer = buffer[:nbytes]
+                self._read_exact(info, tensor_bytes(buffer), offset + start * row_bytes)
+                shape = (stop - start, *info.shape[1:]) if info.shape else ()
+                return buffer.view(TORCH_DTYPES[info.dtype]).reshape(shape)
 
-    def raw_chunks(self, info: TensorInfo, pool: BufferPool) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
-        """A stored tensor's bytes in pooled chunks, for verbatim copies; each comes with its release callback."""
+    def raw_chunks(self, info: TensorInfo, stored: SafetensorsBytes,
+                   pool: BufferPool) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
+        """The stored bytes of `info` in pooled chunks, for verbatim copies; each comes with its release callback."""
         for start in range(0, info.nbytes, pool.nbytes):
             buffer, release = pool.acquire(min(pool.nbytes, info.nbytes - start))
-            read_exact(self._fd(info.file), tensor_bytes(buffer), info.offset + start, info.file)
+            self._read_exact(info, tensor_bytes(buffer), stored.offset + start)
             yield buffer, release
 
-    def _legacy_tensor(self, info: TensorInfo) -> torch.Tensor:
-        if info.file not in self._legacy:
-            self._legacy[info.file] = legacy_state_dict(info.file)
-        return self._legacy[info.file][info.name]
+    def _legacy_file(self, path: Path, input: InputRef) -> dict[str, torch.Tensor]:
+        if path not in self._legacy:
+            self._legacy[path] = legacy_state_dict(path, input)
+        return self._legacy[path]
+
+    def _read_exact(self, info: TensorInfo, buffer: memoryview, offset: int) -> None:
+        view = buffer
+        fd = self._fd(info.file)
+        while view:
+            count = os.preadv(fd, [view], offset)
+            if count == 0:
+                raise InputError(f"{info.file}: file ended early (was it truncated while merging?)",
+                                 file=info.file, tensor=info.name, input=info.input)
+            view = view[count:]
+            offset += count
 
 
 def write_all(fd: int, data: memoryview | bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def read_exact(fd: int, buffer: bytearray | memoryview, offset: int, path: Path) -> None:
-    view = memoryview(buffer)
-    while view:
-        count = os.preadv(fd, [view], offset)
-        if count == 0:
-            raise InputError(f"{path}: file ended early (was it truncated while merging?)")
-        view = view[count:]
-        offset += count
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

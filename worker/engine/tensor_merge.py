@@ -10,18 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from adapter_merge.worker.engine.errors import NumericError
-from adapter_merge.worker.engine.merge_math import (
-    LowRank,
-    accumulate_column_squares,
-    apply_update,
-    as_matrix,
-    has_zero_norm,
-    lowrank_change_squares,
-    replace_rows,
-    rows_per_block,
-)
-from adapter_merge.worker.engine.operations import BiasOp, LoraOp, Op, OutputTensor, TokenRowsOp
-from adapter_merge.worker.engine.safetensors_format import TensorInfo
+from adapter_merge.worker.engine.loaded_ops import AdapterTensors, DoraByColumns, LoadedOp, load_op
+from adapter_merge.worker.engine.merge_math import LowRank, as_matrix, lowrank_change_squares, rows_per_block
+from adapter_merge.worker.engine.operations import OutputTensor
+from adapter_merge.worker.engine.tensor_info import TensorInfo
 from adapter_merge.worker.engine.tensor_io import TORCH_DTYPES, BufferPool, TensorReader
 
 BLOCK_ELEMENTS = 64 * 1024
@@ -44,8 +36,17 @@ class ChangeStats:
     def relative_change(self) -> float:
         return math.sqrt(self.change_squares / self.base_squares) if self.base_squares else float("inf")
 
+    def add_block(self, base_block: torch.Tensor, merged: torch.Tensor | None) -> None:
+        """Count one block; `merged` is None when the change is known in closed form (or there is none)."""
+        base_flat = base_block.reshape(-1)
+        self.base_squares += float(torch.dot(base_flat, base_flat))
+        if merged is not None:
+            self.change_squares += float(torch.dist(merged, base_block)) ** 2
+
 
 class TensorMerger:
+    """Computes the changed output tensors of one merge, reusing its reader, buffers and staging memory."""
+
     def __init__(self, reader: TensorReader, labels: dict[int, str], pool: BufferPool) -> None:
         self.reader = reader
         self.labels = labels
@@ -59,18 +60,14 @@ class TensorMerger:
         that the callback returns once the chunk is written."""
         compute = torch.float64 if "F64" in (tensor.dtype, tensor.source.dtype) else torch.float32
         out_dtype = TORCH_DTYPES[tensor.dtype]
-        updates = [self._prepare(op, compute) for op in tensor.ops]
+        adapter_tensors = AdapterTensors(self.reader, self.labels, compute)
+        ops = [load_op(op, adapter_tensors) for op in tensor.ops]
         rows, columns = as_matrix(torch.empty(tensor.shape, device="meta")).shape
-        self._column_norms(tensor, updates, rows, columns, compute)
-        # Plain LoRA on an unreplaced tensor: ‖ΣD‖ comes in closed form from the factors; anything else
-        # that changes the tensor is measured block by block.
-        closed_form = (
-            bool(tensor.ops) and not tensor.replaced
-            and all(isinstance(u, LowRank) and u.magnitude is None for u in updates)
-        )
-        if closed_form:
-            stats.change_squares = lowrank_change_squares(updates)  # type: ignore[arg-type]
-        measure_change = tensor.changed and not closed_form
+        self._column_pass(tensor, ops, rows, columns, compute)
+        deltas = _closed_form(tensor, ops)
+        if deltas is not None:
+            stats.change_squares = lowrank_change_squares(deltas)
+        measure = tensor.changed and deltas is None
         block = rows_per_block(columns, BLOCK_ELEMENTS)
         widest = max(out_dtype.itemsize, TORCH_DTYPES[tensor.source.dtype].itemsize)
         chunk_rows = rows_per_block(columns * widest, CHUNK_BYTES)
@@ -83,13 +80,10 @@ class TensorMerger:
                 end = min(offset + block, chunk_stop - chunk_start)
                 start = chunk_start + offset
                 base_block = source[offset:end].to(compute)
-                base_flat = base_block.reshape(-1)
-                stats.base_squares += float(torch.dot(base_flat, base_flat))
-                current = self._merge_block(tensor, updates, base_block, start)
-                self._check(tensor, updates, current, base_block, out_dtype, start)
-                if measure_change:
-                    stats.change_squares += float(torch.dist(current, base_block)) ** 2
-                out[offset:end].copy_(current)
+                merged = _merge_block(ops, base_block, start)
+                self._check(tensor, ops, merged, base_block, out_dtype, start)
+                stats.add_block(base_block, merged if measure else None)
+                out[offset:end].copy_(merged)
             yield out, release
 
     def _read_rows(self, info: TensorInfo, start: int, stop: int, rows: int) -> torch.Tensor:
@@ -97,76 +91,58 @@ class TensorMerger:
             return self.reader.read_rows(info, start, stop, self._staging)
         return self.reader.read(info)  # a vector or scalar is a single row
 
-    def _merge_block(self, tensor: OutputTensor, updates: list[object], base_block: torch.Tensor,
-                     start: int) -> torch.Tensor:
-        """The block with every operation applied; `base_block` itself is never modified."""
-        current = base_block
-        for op, update in zip(tensor.ops, updates, strict=True):
-            if isinstance(update, LowRank):
-                current = apply_update(current, base_block, update, start)
-                continue
-            if current is base_block:
-                current = base_block.clone()
-            if isinstance(op, BiasOp):
-                assert isinstance(update, torch.Tensor)
-                current.add_(update.reshape(1, -1), alpha=op.scale)
-            else:
-                assert isinstance(update, tuple)
-                replace_rows(current, start, *update)
-        return current
-
-    def _check(self, tensor: OutputTensor, updates: list[object], current: torch.Tensor,
-               base_block: torch.Tensor, out_dtype: torch.dtype, start: int) -> None:
-        """NaN, inf and 16-bit overflow are errors; one min/max reduction finds all three."""
-        if current.numel() == 0:
-            return
-        low, high = (float(v) for v in torch.aminmax(current))
-        if not (math.isfinite(low) and math.isfinite(high)):
-            for op, update in zip(tensor.ops, updates, strict=True):
-                if isinstance(update, LowRank) and has_zero_norm(base_block, update, start):
-                    assert isinstance(op, LoraOp)
-                    raise NumericError(
-                        f"tensor {tensor.name!r}: DoRA weight norm is zero in {self.labels[op.adapter]} "
-                        f"(module {op.module!r}); the merge would divide by zero"
-                    )
-            raise NumericError(f"tensor {tensor.name!r}: merged values are not finite (row block from {start})")
-        largest = max(-low, high)
-        if largest >= OVERFLOW_AT.get(out_dtype, math.inf):
-            raise NumericError(f"tensor {tensor.name!r}: merged value {largest:.6g} overflows "
-                               f"{tensor.dtype}; choose a wider output dtype")
-
-    def _prepare(self, op: Op, compute: torch.dtype) -> object:
-        """Load an operation's adapter tensors once per output tensor, checked for NaN/inf."""
-        if isinstance(op, LoraOp):
-            return LowRank(
-                a=self._load(op.adapter, op.lora_a, compute).reshape(op.lora_a.shape[0], -1),
-                b=self._load(op.adapter, op.lora_b, compute).reshape(op.lora_b.shape[0], -1),
-                scale=op.scale,
-                layout=op.layout,
-                magnitude=None if op.magnitude is None else self._load(op.adapter, op.magnitude, compute).reshape(-1),
-            )
-        if isinstance(op, BiasOp):
-            return self._load(op.adapter, op.lora_bias, compute)
-        assert isinstance(op, TokenRowsOp)
-        return torch.tensor(op.indices, dtype=torch.long), self._load(op.adapter, op.rows, compute)
-
-    def _load(self, adapter: int, info: TensorInfo, compute: torch.dtype) -> torch.Tensor:
-        tensor = self.reader.read(info).to(compute)
-        if not bool(torch.isfinite(tensor).all()):
-            raise NumericError(f"{info.file}: tensor {info.name!r} of {self.labels[adapter]} contains NaN or inf")
-        return tensor
-
-    def _column_norms(self, tensor: OutputTensor, updates: list[object], rows: int, columns: int,
-                      compute: torch.dtype) -> None:
+    def _column_pass(self, tensor: OutputTensor, ops: list[LoadedOp], rows: int, columns: int,
+                     compute: torch.dtype) -> None:
         """First pass for DoRA in the columns layout: the norm of each column needs every row."""
-        pending = [u for u in updates if isinstance(u, LowRank) and u.magnitude is not None and u.layout == "columns"]
+        pending = [op for op in ops if isinstance(op, DoraByColumns)]
         if not pending:
             return
-        totals = [torch.zeros(columns, dtype=torch.float64) for _ in pending]
         step = rows_per_block(columns * TORCH_DTYPES[tensor.source.dtype].itemsize, CHUNK_BYTES)
         for start in range(0, rows, step):
             source = as_matrix(self._read_rows(tensor.source, start, min(start + step, rows), rows)).to(compute)
-            for total, update in zip(totals, pending, strict=True):
-                accumulate_column_squares(total, source, update, start)
-        for total, update in zip(totals, pending, strict=True):
-            update.column_norms = total.sqrt().to(compute)
+            for op in pending:
+                op.add_column_squares(source, start)
+
+    def _check(self, tensor: OutputTensor, ops: list[LoadedOp], merged: torch.Tensor,
+               base_block: torch.Tensor, out_dtype: torch.dtype, start: int) -> None:
+        """NaN, inf and 16-bit overflow are errors; one min/max reduction finds all three."""
+        if merged.numel() == 0:
+            return
+        low, high = (float(v) for v in torch.aminmax(merged))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise self._non_finite_error(tensor, ops, base_block, start)
+        largest = max(-low, high)
+        if largest >= OVERFLOW_AT.get(out_dtype, math.inf):
+            raise NumericError(f"tensor {tensor.name!r}: merged value {largest:.6g} overflows "
+                               f"{tensor.dtype}; choose a wider output dtype", tensor=tensor.name, option="dtype")
+
+    @staticmethod
+    def _non_finite_error(tensor: OutputTensor, ops: list[LoadedOp], base_block: torch.Tensor,
+                          start: int) -> NumericError:
+        """Why a block is not finite: a DoRA norm of zero, a starting value that already was not, or else
+        the operations' values (then the one adapter that applied them, if there is only one)."""
+        for op in ops:
+            if (error := op.zero_norm_error(tensor.name, base_block, start)) is not None:
+                return error
+        message = f"tensor {tensor.name!r}: merged values are not finite (row block from {start})"
+        if not bool(torch.isfinite(base_block).all()):
+            return NumericError(message, file=tensor.source.file, tensor=tensor.name, input=tensor.source.input)
+        adapters = {op.adapter for op in tensor.ops}
+        return NumericError(message, tensor=tensor.name, input=adapters.pop() if len(adapters) == 1 else None)
+
+
+def _merge_block(ops: list[LoadedOp], base_block: torch.Tensor, start: int) -> torch.Tensor:
+    """The block with every operation applied in order; `base_block` itself is never modified."""
+    merged = base_block
+    for op in ops:
+        merged = op.apply(merged, base_block, start)
+    return merged
+
+
+def _closed_form(tensor: OutputTensor, ops: list[LoadedOp]) -> list[LowRank] | None:
+    """The deltas when the change ‖ΣD‖ comes in closed form from their factors: plain LoRA on an unreplaced
+    tensor. Anything else that changes the tensor is measured block by block."""
+    deltas = [delta for op in ops if (delta := op.plain_delta) is not None]
+    if not ops or tensor.replaced or len(deltas) < len(ops):
+        return None
+    return deltas

@@ -3,21 +3,25 @@
 Each shard's header is fixed before its first tensor is computed (the plan knows every name, dtype and
 shape), so tensors stream into place in order. Bytes are written and checksummed on a thread of their own,
 overlapping the computation of the next tensors; a bounded queue keeps memory to a few chunks.
+
+An OS failure on the output side (full disk, permissions, a failed rename) is a `StorageError`, the
+machine's fault; only an output folder that already exists (without overwrite) is the requester's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_merge.worker.engine.errors import InputError
+from adapter_merge.worker.engine.errors import InputError, StorageError
 from adapter_merge.worker.engine.operations import OutputTensor
 from adapter_merge.worker.engine.safetensors_format import build_header
 from adapter_merge.worker.engine.tensor_io import write_all
@@ -26,21 +30,41 @@ SAFETENSORS_METADATA = {"format": "pt"}
 QUEUED_CHUNKS = 4
 
 
+def storage_error(error: OSError, path: Path) -> StorageError:
+    """An output-side OSError as a StorageError with the same message, naming `path` if the OS did not."""
+    if error.filename is None:
+        error = OSError(error.errno, error.strerror, str(path))
+    storage = StorageError(str(error), file=Path(error.filename))
+    storage.__cause__ = error
+    return storage
+
+
+@contextlib.contextmanager
+def storage_errors(path: Path) -> Iterator[None]:
+    """Raise OSErrors from writing output (`path`, or a file in it) as StorageError."""
+    try:
+        yield
+    except OSError as error:
+        raise storage_error(error, path) from error
+
+
 class OutputFolder:
     """A temporary sibling of the target, renamed into place only when everything in it is complete."""
 
     def __init__(self, target: Path, overwrite: bool) -> None:
         self.target = target.absolute()
         if self.target.exists() and not overwrite:
-            raise InputError(f"{target}: output folder already exists (use overwrite to replace it)")
+            raise InputError(f"{target}: output folder already exists (use overwrite to replace it)",
+                             file=self.target, option="out")
         if self.target.exists() and not self.target.is_dir():
-            raise InputError(f"{target}: exists and is not a folder")
+            raise InputError(f"{target}: exists and is not a folder", file=self.target, option="out")
+        self.path = self.target.parent / f".{self.target.name}.partial-{uuid.uuid4().hex[:12]}"
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            self.path = self.target.parent / f".{self.target.name}.partial-{uuid.uuid4().hex[:12]}"
             self.path.mkdir()
         except OSError as error:
-            raise InputError(f"{target}: cannot create the output folder: {error.strerror}") from error
+            raise StorageError(f"{target}: cannot create the output folder: {error.strerror}",
+                               file=self.target) from error
 
     def commit(self, durable: bool) -> None:
         """Move the finished folder into place; an overwritten folder is swapped out first, then deleted.
@@ -49,14 +73,17 @@ class OutputFolder:
         after the rename its parent, so a power loss cannot leave a complete-looking folder with empty files.
         """
         if durable:
-            for path in self.path.iterdir():
+            with storage_errors(self.path):
+                files = list(self.path.iterdir())
+            for path in files:
                 _fsync_path(path)
             _fsync_path(self.path)
         previous = None
-        if self.target.exists():
-            previous = self.target.parent / f".{self.target.name}.replaced-{uuid.uuid4().hex[:12]}"
-            self.target.rename(previous)
-        self.path.rename(self.target)
+        with storage_errors(self.target):
+            if self.target.exists():
+                previous = self.target.parent / f".{self.target.name}.replaced-{uuid.uuid4().hex[:12]}"
+                self.target.rename(previous)
+            self.path.rename(self.target)
         if durable:
             _fsync_path(self.target.parent)
         if previous is not None:
@@ -67,11 +94,12 @@ class OutputFolder:
 
 
 def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with storage_errors(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -94,7 +122,7 @@ class ShardSink:
 
     `data` may be any buffer; `on_written` runs once its bytes are written (it returns a pooled buffer).
     With `fsync`, each shard is flushed to disk before it counts as written. Errors on the thread are
-    raised in the caller at the next call.
+    raised in the caller at the next call (OS errors as StorageError naming the shard).
     """
 
     def __init__(self, fsync: bool) -> None:
@@ -171,8 +199,8 @@ class ShardSink:
                     fd = -1
                     self._written.append(WrittenFile(shard.path, size, digest.hexdigest()))
             except BaseException as error:  # handed to the producer thread, which owns error handling
-                if isinstance(error, OSError) and error.filename is None and shard is not None:
-                    error = OSError(error.errno, error.strerror, str(shard.path))  # say which file failed
+                if isinstance(error, OSError) and shard is not None:
+                    error = storage_error(error, shard.path)
                 self._error = error
             finally:
                 if callable(on_written):
