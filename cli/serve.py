@@ -8,6 +8,7 @@ only ever imported by them.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -95,9 +96,14 @@ def _keep_running(signum: int, frame: FrameType | None) -> None:
 
 def serve(host: str | None = None, port: int | None = None, fd: int | None = None) -> int:
     settings = start_process("adapter-merge serve")
+    host = host or settings.host
+    refusal = _auth_refusal(settings, _bound_host(fd) if fd is not None else host)
+    if refusal:
+        print(f"adapter-merge serve: {refusal}", file=sys.stderr)
+        return 2
     supervisor = None if settings.distributed else WorkerSupervisor(settings.worker_concurrency)
     config = uvicorn.Config(
-        create_app(settings), host=host or settings.host, port=settings.port if port is None else port,
+        create_app(settings), host=host, port=settings.port if port is None else port,
         log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=10, fd=fd,
     )
     server = _Server(config, on_started=supervisor.start if supervisor else None)
@@ -112,6 +118,34 @@ def serve(host: str | None = None, port: int | None = None, fd: int | None = Non
         if supervisor is not None:
             supervisor.stop()
     return 0
+
+
+def _auth_refusal(settings: Settings, host: str) -> str | None:
+    """Why the server must not start as configured: it would accept anyone from anywhere."""
+    if settings.auth == "none":
+        if not _is_loopback(host):
+            return (f"MERGE_AUTH=none lets anyone do anything, so the server only listens on loopback; "
+                    f"{host!r} is not a loopback address")
+        return None
+    if not settings.authenticated:
+        return ("no authentication is configured: set MERGE_API_KEYS_FILE or MERGE_OIDC_ISSUER (see the README's "
+                "security section), or MERGE_AUTH=none to run without it on 127.0.0.1")
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bound_host(fd: int) -> str:
+    """The address an inherited listening socket is bound to."""
+    with socket.socket(fileno=os.dup(fd)) as bound:
+        return str(bound.getsockname()[0])
 
 
 def _log_mode(settings: Settings) -> None:

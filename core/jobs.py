@@ -24,6 +24,8 @@ class JobStatus(StrEnum):
     cancelled = "cancelled"
 
 
+DEFAULT_TENANT = "default"
+"""The tenant of jobs submitted without authentication (MERGE_AUTH=none) or before tenants existed."""
 ACTIVE_STATUSES = frozenset({JobStatus.queued, JobStatus.running})
 FINISHED_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
@@ -83,6 +85,8 @@ class JobRecord(BaseModel):
     """One merge job. `attempt` fences writers: only the holder of the current attempt may change a run."""
 
     id: str
+    tenant: str = DEFAULT_TENANT
+    """Who owns the job: only callers of this tenant (and admins) see it."""
     status: JobStatus = JobStatus.queued
     request: MergeRequest
     created_at: datetime = Field(default_factory=utcnow)
@@ -103,6 +107,10 @@ class JobRecord(BaseModel):
     """The problem document (RFC 9457) of a failed run."""
     artifacts: list[Artifact] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+
+    @property
+    def artifact_bytes(self) -> int:
+        return sum(artifact.size for artifact in self.artifacts)
 
     def to_json(self) -> str:
         return self.model_dump_json()

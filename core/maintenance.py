@@ -20,7 +20,6 @@ from adapter_merge.core.jobs import FINISHED_STATUSES, JobStatus, utcnow
 from adapter_merge.core.store import STORE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
-PAGE = 200
 
 
 class Maintenance:
@@ -29,41 +28,32 @@ class Maintenance:
         self.dispatcher = dispatcher
 
     def reap(self) -> list[str]:
-        """Recover every running job whose lease has expired; returns the ids that were queued again."""
-        requeued = []
+        """Recover every running job whose lease has expired; returns the ids that were queued again.
+
+        The expired jobs are listed first and recovered afterwards: recovering moves a job out of the running
+        set, which would shift the pages of a listing still in progress and skip jobs."""
         now = self.store.now()
-        offset = 0
-        while True:
-            running, total = self.store.list([JobStatus.running], limit=PAGE, offset=offset)
-            for job in running:
-                if (job.lease_expires_at or 0) > now:
-                    continue
-                recovered = self.store.recover(job.id, self.settings.max_recoveries)
-                if recovered is None:
-                    continue
-                if recovered.status is not JobStatus.queued:  # a queued job's scratch is its next run's to clear
-                    self.layout.clean_work(job.id)
-                log.warning("job %s lost worker %s; now %s", job.id, job.worker, recovered.status.value)
-                if recovered.status is JobStatus.queued:
-                    self.dispatcher.submit(job.id)
-                    requeued.append(job.id)
-            offset += PAGE
-            if offset >= total:
-                return requeued
+        expired = [job for job in self.store.all_jobs([JobStatus.running]) if (job.lease_expires_at or 0) <= now]
+        requeued = []
+        for job in expired:
+            recovered = self.store.recover(job.id, self.settings.max_recoveries)
+            if recovered is None:
+                continue
+            if recovered.status is not JobStatus.queued:  # a queued job's scratch is its next run's to clear
+                self.layout.clean_work(job.id)
+            log.warning("job %s lost worker %s; now %s", job.id, job.worker, recovered.status.value)
+            if recovered.status is JobStatus.queued:
+                self.dispatcher.submit(job.id)
+                requeued.append(job.id)
+        return requeued
 
     def clean(self) -> list[str]:
         """Delete finished jobs (and their files) older than the retention; returns their ids."""
         if self.settings.retention_seconds <= 0:
             return []
         cutoff = utcnow() - timedelta(seconds=self.settings.retention_seconds)
-        expired = []
-        offset = 0
-        while True:
-            jobs, total = self.store.list(FINISHED_STATUSES, limit=PAGE, offset=offset, oldest_first=True)
-            expired += [job.id for job in jobs if job.finished_at is not None and job.finished_at < cutoff]
-            offset += PAGE
-            if offset >= total:
-                break
+        expired = [job.id for job in self.store.all_jobs(FINISHED_STATUSES, oldest_first=True)
+                   if job.finished_at is not None and job.finished_at < cutoff]
         for job_id in expired:
             if self.store.delete(job_id):
                 self.layout.remove_job(job_id)

@@ -6,13 +6,16 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from adapter_merge.core.access import Principal, Role
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.dispatch import Dispatcher, StoreQueue
 from adapter_merge.core.jobs import JobRecord
 from adapter_merge.core.maintenance import MaintenanceThread
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.settings import Settings
+from adapter_merge.service.auth import Authenticator, forbid_unless
 
 
 @dataclass
@@ -22,14 +25,16 @@ class Services:
     context: JobContext
     dispatcher: Dispatcher
     maintenance: MaintenanceThread
+    authenticator: Authenticator
 
     @classmethod
     def open(cls, settings: Settings) -> Services:
+        authenticator = Authenticator(settings)
         context = JobContext.open(settings)
         dispatcher = _dispatcher(settings)
         maintenance = MaintenanceThread(context, dispatcher, retention=True)
         maintenance.start()
-        return cls(context, dispatcher, maintenance)
+        return cls(context, dispatcher, maintenance, authenticator)
 
     def close(self) -> None:
         self.maintenance.stop()
@@ -51,10 +56,36 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
+_bearer = HTTPBearer(auto_error=False, description="An API key, or a JWT from the configured OIDC issuer.")
+
+
+def get_principal(services: ServicesDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+    """The caller, from its bearer token (401 without a valid one); computed once per request."""
+    return services.authenticator.authenticate(credentials.credentials if credentials else None)
+
+
+def _reader(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    forbid_unless(principal, Role.read)
+    return principal
+
+
+def _submitter(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    forbid_unless(principal, Role.submit)
+    return principal
+
+
+Reader = Annotated[Principal, Depends(_reader)]
+"""A caller that may read (its tenant's jobs); 403 otherwise."""
+Submitter = Annotated[Principal, Depends(_submitter)]
+"""A caller that may submit, cancel and delete; 403 otherwise."""
+
+
 def get_job(job_id: Annotated[str, Path(description="Job id, as returned by POST /merge.")],
-            services: ServicesDep) -> JobRecord:
+            services: ServicesDep, principal: Reader) -> JobRecord:
+    """The addressed job; another tenant's job is a 404 like a missing one, so ids reveal nothing."""
     job = services.context.store.get(job_id)
-    if job is None:
+    if job is None or not principal.sees(job):
         raise Problem(Problems.JOB_NOT_FOUND, f"job {job_id!r} does not exist (or was deleted)", field="job_id")
     return job
 

@@ -19,6 +19,7 @@ class ArtifactOut(Artifact):
 
 class JobOut(BaseModel):
     id: str
+    tenant: str = Field(description="The tenant that owns the job.")
     status: JobStatus
     request: MergeRequest
     created_at: datetime
@@ -75,7 +76,7 @@ def job_view(job: JobRecord) -> JobOut:
     base = f"/jobs/{job.id}"
     succeeded = job.status is JobStatus.succeeded
     return JobOut(
-        id=job.id, status=job.status, request=job.request,
+        id=job.id, tenant=job.tenant, status=job.status, request=job.request,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         attempts=job.attempt, worker=job.worker, cancel_requested=job.cancel_requested,
         progress=job.progress, timings=job.timings, metrics=job.metrics, error=job.error,

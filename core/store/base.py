@@ -5,20 +5,31 @@ rule (claiming, leases, cancelling) is written once, here, as functions of a rec
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 
 from adapter_merge.core.jobs import FINISHED_STATUSES, JobRecord, JobStatus, Progress, utcnow
 from adapter_merge.core.problems import Problem, Problems
 
+PAGE = 200
 Change = Callable[[JobRecord, float], JobRecord | None]
 """Given the current record and the store clock, return the new record, or None to leave it unchanged."""
+
+
+class QuotaExceeded(Exception):
+    """A tenant already has as many active (queued or running) jobs as it may."""
+
+    def __init__(self, tenant: str, active: int, limit: int) -> None:
+        super().__init__(f"tenant {tenant!r} has {active} queued or running jobs, the limit is {limit}")
+        self.tenant, self.active, self.limit = tenant, active, limit
 
 
 class JobStore(ABC):
     """Where jobs live. All methods are safe to call from several processes and hosts at once."""
 
     @abstractmethod
-    def create(self, job: JobRecord) -> None: ...
+    def create(self, job: JobRecord, max_active: int | None = None) -> None:
+        """Store a new job; with `max_active`, atomically refuse it (`QuotaExceeded`) when its tenant already
+        has that many queued or running jobs."""
 
     @abstractmethod
     def get(self, job_id: str) -> JobRecord | None: ...
@@ -26,9 +37,9 @@ class JobStore(ABC):
     @abstractmethod
     def list(
         self, statuses: Collection[JobStatus] | None = None, limit: int = 50, offset: int = 0,
-        oldest_first: bool = False,
+        oldest_first: bool = False, tenant: str | None = None,
     ) -> tuple[list[JobRecord], int]:
-        """A page of jobs ordered by creation time, and how many match in all."""
+        """A page of jobs (of one tenant, if given) ordered by creation time, and how many match in all."""
 
     @abstractmethod
     def update(self, job_id: str, change: Change) -> JobRecord | None:
@@ -49,6 +60,21 @@ class JobStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+    def all_jobs(self, statuses: Collection[JobStatus] | None = None, tenant: str | None = None,
+                 oldest_first: bool = False) -> Iterator[JobRecord]:
+        """Every matching job, a page at a time (jobs created meanwhile may or may not be seen)."""
+        offset = 0
+        while True:
+            page, total = self.list(statuses, limit=PAGE, offset=offset, oldest_first=oldest_first, tenant=tenant)
+            yield from page
+            offset += PAGE
+            if offset >= total or not page:
+                return
+
+    def artifact_bytes(self, tenant: str) -> int:
+        """Bytes of results a tenant keeps: its succeeded jobs' artifacts."""
+        return sum(job.artifact_bytes for job in self.all_jobs([JobStatus.succeeded], tenant=tenant))
 
     # --- state rules shared by all backends -------------------------------------------------------------
 

@@ -12,8 +12,8 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapter_merge.core.jobs import FINISHED_STATUSES, JobRecord, JobStatus
-from adapter_merge.core.store.base import Change, JobStore
+from adapter_merge.core.jobs import ACTIVE_STATUSES, DEFAULT_TENANT, FINISHED_STATUSES, JobRecord, JobStatus
+from adapter_merge.core.store.base import Change, JobStore, QuotaExceeded
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
 """
+_TENANT_COLUMN = f"ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'"
+_TENANT_INDEX = "CREATE INDEX IF NOT EXISTS jobs_tenant_status_created ON jobs (tenant, status, created_at)"
 
 
 class SQLiteJobStore(JobStore):
@@ -34,6 +36,10 @@ class SQLiteJobStore(JobStore):
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "tenant" not in columns:  # a data dir from before tenants: its jobs belong to the default tenant
+                db.execute(_TENANT_COLUMN)
+            db.execute(_TENANT_INDEX)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -56,10 +62,15 @@ class SQLiteJobStore(JobStore):
                 raise
             db.execute("COMMIT")
 
-    def create(self, job: JobRecord) -> None:
+    def create(self, job: JobRecord, max_active: int | None = None) -> None:
         with self._transaction() as db:
-            db.execute("INSERT INTO jobs (id, status, created_at, doc) VALUES (?, ?, ?, ?)",
-                       (job.id, job.status.value, job.created_at.timestamp(), job.to_json()))
+            if max_active is not None:
+                where, args = _where(ACTIVE_STATUSES, job.tenant)
+                active = db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+                if active >= max_active:
+                    raise QuotaExceeded(job.tenant, active, max_active)
+            db.execute("INSERT INTO jobs (id, status, created_at, tenant, doc) VALUES (?, ?, ?, ?, ?)",
+                       (job.id, job.status.value, job.created_at.timestamp(), job.tenant, job.to_json()))
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._connect() as db:
@@ -68,12 +79,9 @@ class SQLiteJobStore(JobStore):
 
     def list(
         self, statuses: Collection[JobStatus] | None = None, limit: int = 50, offset: int = 0,
-        oldest_first: bool = False,
+        oldest_first: bool = False, tenant: str | None = None,
     ) -> tuple[list[JobRecord], int]:
-        where, args = "", []
-        if statuses is not None:
-            where = f"WHERE status IN ({', '.join('?' * len(statuses))})"
-            args = [JobStatus(s).value for s in statuses]
+        where, args = _where(statuses, tenant)
         order = "ASC" if oldest_first else "DESC"
         with self._connect() as db:
             total = db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
@@ -108,3 +116,15 @@ class SQLiteJobStore(JobStore):
     def ping(self) -> None:
         with self._connect() as db:
             db.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+
+
+def _where(statuses: Collection[JobStatus] | None, tenant: str | None) -> tuple[str, list[str]]:
+    """A WHERE clause (and its arguments) for jobs of some statuses and/or one tenant."""
+    clauses, args = [], []
+    if statuses is not None:
+        clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
+        args += [JobStatus(s).value for s in statuses]
+    if tenant is not None:
+        clauses.append("tenant = ?")
+        args.append(tenant)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", args

@@ -1,4 +1,5 @@
-"""Distributed-mode job store: one JSON document per job in Redis plus a sorted set per status.
+"""Distributed-mode job store: one JSON document per job in Redis plus sorted sets (by creation time) of all
+jobs and of each status, overall and per tenant.
 
 Changes use WATCH/MULTI (optimistic transactions) so the API, many workers and many reapers can race on
 the same job and exactly one of them wins each transition. Lease expiry is judged by the Redis server's
@@ -12,8 +13,8 @@ from typing import TypeVar
 
 import redis
 
-from adapter_merge.core.jobs import FINISHED_STATUSES, JobRecord, JobStatus
-from adapter_merge.core.store.base import Change, JobStore
+from adapter_merge.core.jobs import ACTIVE_STATUSES, FINISHED_STATUSES, JobRecord, JobStatus
+from adapter_merge.core.store.base import Change, JobStore, QuotaExceeded
 
 _T = TypeVar("_T")
 
@@ -28,21 +29,45 @@ class RedisJobStore(JobStore):
     def _job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
-    def _status_key(self, status: JobStatus) -> str:
-        return f"{self.prefix}:status:{JobStatus(status).value}"
+    def _status_key(self, status: JobStatus, tenant: str | None = None) -> str:
+        scope = f"{self.prefix}:tenant:{tenant}" if tenant is not None else self.prefix
+        return f"{scope}:status:{JobStatus(status).value}"
 
-    @property
-    def _all_key(self) -> str:
-        return f"{self.prefix}:jobs"
+    def _all_key(self, tenant: str | None = None) -> str:
+        return f"{self.prefix}:tenant:{tenant}:jobs" if tenant is not None else f"{self.prefix}:jobs"
 
-    def create(self, job: JobRecord) -> None:
+    def _index(self, pipe: redis.client.Pipeline, job: JobRecord) -> None:
+        """Queue the writes that list `job` under its status and tenant."""
+        score = {job.id: job.created_at.timestamp()}
+        for tenant in (None, job.tenant):
+            pipe.zadd(self._status_key(job.status, tenant), score)
+            pipe.zadd(self._all_key(tenant), score)
+
+    def _unindex(self, pipe: redis.client.Pipeline, job: JobRecord, status: JobStatus, everywhere: bool) -> None:
+        for tenant in (None, job.tenant):
+            pipe.zrem(self._status_key(status, tenant), job.id)
+            if everywhere:
+                pipe.zrem(self._all_key(tenant), job.id)
+
+    def create(self, job: JobRecord, max_active: int | None = None) -> None:
+        active_keys = [self._status_key(status, job.tenant) for status in ACTIVE_STATUSES]
         with self.redis.pipeline() as pipe:
-            pipe.set(self._job_key(job.id), job.to_json(), nx=True)
-            pipe.zadd(self._status_key(job.status), {job.id: job.created_at.timestamp()})
-            pipe.zadd(self._all_key, {job.id: job.created_at.timestamp()})
-            created, *_ = pipe.execute()
-        if not created:
-            raise KeyError(f"job {job.id} already exists")
+            while True:
+                try:
+                    pipe.watch(*active_keys)
+                    if max_active is not None:
+                        active = sum(pipe.zcard(key) for key in active_keys)
+                        if active >= max_active:
+                            raise QuotaExceeded(job.tenant, active, max_active)
+                    if pipe.exists(self._job_key(job.id)):
+                        raise KeyError(f"job {job.id} already exists")
+                    pipe.multi()
+                    pipe.set(self._job_key(job.id), job.to_json())
+                    self._index(pipe, job)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.get(self._job_key(job_id))
@@ -50,9 +75,9 @@ class RedisJobStore(JobStore):
 
     def list(
         self, statuses: Collection[JobStatus] | None = None, limit: int = 50, offset: int = 0,
-        oldest_first: bool = False,
+        oldest_first: bool = False, tenant: str | None = None,
     ) -> tuple[list[JobRecord], int]:
-        keys = [self._all_key] if statuses is None else [self._status_key(s) for s in set(statuses)]
+        keys = [self._all_key(tenant)] if statuses is None else [self._status_key(s, tenant) for s in set(statuses)]
         if not keys:
             return [], 0
         if len(keys) == 1:
@@ -97,8 +122,8 @@ class RedisJobStore(JobStore):
             pipe.multi()
             pipe.set(self._job_key(job_id), new.to_json())
             if new.status is not old.status:
-                pipe.zrem(self._status_key(old.status), job_id)
-                pipe.zadd(self._status_key(new.status), {job_id: new.created_at.timestamp()})
+                self._unindex(pipe, old, old.status, everywhere=False)
+                self._index(pipe, new)
             return new
 
         return self._transact(job_id, write)
@@ -109,8 +134,7 @@ class RedisJobStore(JobStore):
                 return None
             pipe.multi()
             pipe.delete(self._job_key(job_id))
-            pipe.zrem(self._status_key(job.status), job_id)
-            pipe.zrem(self._all_key, job_id)
+            self._unindex(pipe, job, job.status, everywhere=True)
             return True
 
         return bool(self._transact(job_id, remove))

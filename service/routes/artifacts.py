@@ -20,7 +20,7 @@ _FILE_RESPONSES = {
     200: {"description": "The whole file.", "content": {"application/octet-stream": {}}},
     206: {"description": "The requested byte range.", "content": {"application/octet-stream": {}}},
     304: {"description": "Not modified (If-None-Match matched the ETag)."},
-    **problem_responses(404, 409, 416),
+    **problem_responses(401, 403, 404, 409, 416),
 }
 
 
@@ -57,7 +57,7 @@ def download_artifact(
 
 @router.get("/archive", response_class=StreamingResponse, responses={
     200: {"description": "A POSIX tar of the merged model folder.", "content": {"application/x-tar": {}}},
-    **problem_responses(404, 409)})
+    **problem_responses(401, 403, 404, 409)})
 def download_archive(job: JobDep, services: ServicesDep) -> StreamingResponse:
     """The whole merged model as one tar stream (with Content-Length), under a folder named after the job."""
     _require_success(job)

@@ -8,25 +8,27 @@ from fastapi import APIRouter, Query, Response
 
 from adapter_merge.core.jobs import ACTIVE_STATUSES, JobStatus
 from adapter_merge.core.problems import Problem, Problems
-from adapter_merge.service.deps import JobDep, ServicesDep
+from adapter_merge.service.deps import JobDep, Reader, ServicesDep, Submitter
 from adapter_merge.service.schemas import JobOut, JobPage, job_view, problem_responses
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.get("", response_model=JobPage, responses=problem_responses(422))
+@router.get("", response_model=JobPage, responses=problem_responses(401, 403, 422))
 def list_jobs(
     services: ServicesDep,
+    principal: Reader,
     status: Annotated[list[JobStatus] | None, Query(description="Only these statuses (repeatable).")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
     offset: Annotated[int, Query(ge=0, description="Jobs to skip, newest first.")] = 0,
 ) -> JobPage:
-    """Jobs, newest first."""
-    jobs, total = services.context.store.list(status or None, limit=limit, offset=offset)
+    """Jobs of the caller's tenant (an admin's: of every tenant), newest first."""
+    jobs, total = services.context.store.list(status or None, limit=limit, offset=offset,
+                                              tenant=principal.listed_tenant)
     return JobPage(items=[job_view(job) for job in jobs], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=problem_responses(404))
+@router.get("/{job_id}", response_model=JobOut, responses=problem_responses(401, 403, 404))
 def get_job(job: JobDep) -> JobOut:
     """Status, progress (updated while running), timings, metrics, error and artifacts of one job."""
     return job_view(job)
@@ -34,8 +36,8 @@ def get_job(job: JobDep) -> JobOut:
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses={
     202: {"description": "Running: its worker stops at the next tensor and removes the partial output."},
-    **problem_responses(404, 409)})
-def cancel_job(job: JobDep, response: Response, services: ServicesDep) -> JobOut:
+    **problem_responses(401, 403, 404, 409)})
+def cancel_job(job: JobDep, caller: Submitter, response: Response, services: ServicesDep) -> JobOut:
     """Cancel a queued job at once (200) or ask a running one to stop (202). Cancelling twice is harmless."""
     if job.status is JobStatus.cancelled:
         return job_view(job)
@@ -49,8 +51,9 @@ def cancel_job(job: JobDep, response: Response, services: ServicesDep) -> JobOut
     return job_view(updated)
 
 
-@router.delete("/{job_id}", status_code=204, response_class=Response, responses=problem_responses(404, 409))
-def delete_job(job: JobDep, services: ServicesDep) -> Response:
+@router.delete("/{job_id}", status_code=204, response_class=Response,
+               responses=problem_responses(401, 403, 404, 409))
+def delete_job(job: JobDep, caller: Submitter, services: ServicesDep) -> Response:
     """Remove a finished job and its artifacts."""
     if job.status in ACTIVE_STATUSES or not services.context.store.delete(job.id):
         raise Problem(Problems.JOB_ACTIVE, f"job {job.id} is {job.status.value}; cancel it before deleting it",
