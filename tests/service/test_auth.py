@@ -48,7 +48,7 @@ class Issuer:
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 body = {"/.well-known/openid-configuration": json.dumps(
                     {"issuer": issuer.url, "jwks_uri": issuer.url + "/jwks"}).encode(), "/jwks": jwks}.get(self.path)
                 self.send_response(200 if body else 404)
@@ -146,7 +146,8 @@ def test_oidc_tokens_carry_tenant_and_role(client: TestClient, issuer: Issuer, s
         problem(response, 401)
         assert 'error="invalid_token"' in response.headers["www-authenticate"]
     forged = jwt.encode({"iss": issuer.url, "aud": AUDIENCE, "sub": "x", "exp": int(time.time()) + 60,
-                         "tenant": "team-a", "roles": ["admin"]}, "a-guessed-shared-secret-32-bytes-long", algorithm="HS256")
+                         "tenant": "team-a", "roles": ["admin"]}, "a-guessed-shared-secret-32-bytes-long",
+                        algorithm="HS256")
     problem(client.get("/jobs", headers=bearer(forged)), 401)
     client.post(f"/jobs/{job['id']}/cancel", headers=bearer("root"))
 
