@@ -6,9 +6,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from adapter_merge.worker.engine import (
     AdapterSpec,
+    InputError,
     MergeCancelled,
     MergeError,
     MergeOptions,
@@ -53,31 +55,43 @@ def parse_weights(text: str | None, count: int) -> list[float]:
     try:
         weights = [float(part) for part in text.split(",")]
     except ValueError as error:
-        raise MergeError(f"--weights: {text!r} is not a comma-separated list of numbers") from error
+        raise InputError(f"--weights: {text!r} is not a comma-separated list of numbers", option="weights") from error
     if len(weights) != count:
-        raise MergeError(f"--weights: {len(weights)} weights given for {count} adapters")
+        raise InputError(f"--weights: {len(weights)} weights given for {count} adapters", option="weights")
     return weights
+
+
+class MergeCall(NamedTuple):
+    """The engine call a `merge` command line stands for."""
+
+    base: Path
+    adapters: list[AdapterSpec]
+    out: Path
+    options: MergeOptions
+
+
+def merge_call(args: argparse.Namespace) -> MergeCall:
+    """The engine's inputs from parsed arguments; a bad --weights or --max-shard-size is an InputError."""
+    weights = parse_weights(args.weights, len(args.adapters))
+    options = MergeOptions(
+        dtype=args.dtype,
+        max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
+        overwrite=args.overwrite,
+        fsync=args.fsync,
+        checksum_cache=checksum_cache_dir(),
+    )
+    adapters = [AdapterSpec(Path(path), weight) for path, weight in zip(args.adapters, weights, strict=True)]
+    return MergeCall(Path(args.base), adapters, Path(args.out), options)
 
 
 def run_merge(args: argparse.Namespace) -> int:
     try:
-        weights = parse_weights(args.weights, len(args.adapters))
-        options = MergeOptions(
-            dtype=args.dtype,
-            max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
-            overwrite=args.overwrite,
-            fsync=args.fsync,
-            checksum_cache=checksum_cache_dir(),
-        )
-        adapters = [AdapterSpec(Path(path), weight) for path, weight in zip(args.adapters, weights, strict=True)]
-        report = merge(Path(args.base), adapters, Path(args.out), options, progress=ProgressBar(not args.quiet))
+        call = merge_call(args)
+        report = merge(call.base, call.adapters, call.out, call.options, progress=ProgressBar(not args.quiet))
     except MergeCancelled:
         print("adapter-merge: cancelled", file=sys.stderr)
         return EXIT_CANCELLED
-    except MergeError as error:
-        print(f"adapter-merge: error: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as error:
+    except (MergeError, OSError) as error:  # OSError: an input that fails to read while merging
         print(f"adapter-merge: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
