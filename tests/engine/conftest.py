@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from adapter_merge.worker.engine import AdapterSpec, MergeOptions, merge
 from tests.builders import AdapterRecipe, BaseSpec, Case, build_adapter, build_base
 from tests.oracle import load_dir_tensors, oracle_state_dict
 
@@ -66,9 +67,7 @@ class Workspace:
 
 def run_merge(base_dir: Path, adapters: list[tuple[Path, float]], out: Path, *, dtype: str = "auto",
               max_shard_size: int | None = None) -> None:
-    """Call the engine's public API (imported here so collection works while the engine is unfinished)."""
-    from adapter_merge.worker.engine import AdapterSpec, MergeOptions, merge
-
+    """Merge through the engine's public API, as a caller of the library would."""
     merge(base_dir, [AdapterSpec(path, weight) for path, weight in adapters], out,
           MergeOptions(dtype=dtype, max_shard_size=max_shard_size))
 

@@ -1,33 +1,55 @@
-"""Bad inputs through the real command line: exit 1, one error line naming the culprit, no output left.
+"""Bad inputs: exit 1 with one error line naming the culprit, the right error with the right facts, no output.
 
 Each test copies pristine, known-good inputs (the control test proves they merge), breaks one thing in the
-files and runs `adapter-merge merge` as a subprocess, exactly as a user would.
+files and runs `adapter-merge merge` in process (`cli.main.main`), as a user would, and the same call through
+the Python API, where the error's class, stage and attributes are checked. A few cases also go through the
+real command line in a subprocess, for the exit code and what reaches stderr.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapter_merge.cli.main import build_parser, main
+from adapter_merge.cli.merge import merge_call
+from adapter_merge.worker.engine import (
+    InputError,
+    MergeCancelled,
+    MergeError,
+    MergeOptions,
+    NumericError,
+    StorageError,
+    UnsupportedOptionError,
+    merge,
+    parse_size,
+    plan_merge,
+)
+from adapter_merge.worker.engine import writer as engine_writer
 from tests.builders import CASES, edit_adapter_config
 from tests.engine.conftest import Workspace
 from tests.oracle import load_dir_tensors
 
 REPO = Path(__file__).resolve().parents[2]
 ERROR_PREFIX = "adapter-merge: error: "
-BASE_FILE, ADAPTER_FILE = "model.safetensors", "adapter_model.safetensors"
+BASE_FILE, ADAPTER_FILE, CONFIG_FILE = "model.safetensors", "adapter_model.safetensors", "adapter_config.json"
 Q_PROJ = "model.layers.0.self_attn.q_proj"
+FACTS = ("file", "tensor", "option", "input")
+"""The attributes every MergeError carries."""
 
 
 @dataclass
@@ -45,31 +67,80 @@ class Inputs:
 
 
 @pytest.fixture
-def inputs(workspace: Workspace, tmp_path: Path) -> Inputs:
+def inputs(workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Inputs:
     case = CASES["llama_stacked"]  # a bf16 Llama with a LoRA and a DoRA adapter
     base_dir, ((lora, _), (dora, _)) = workspace.inputs(case)
     copies = [shutil.copytree(src, tmp_path / "in" / name) for src, name in
               [(base_dir, "base"), (lora, "lora"), (dora, "dora")]]
     (tmp_path / "outs").mkdir()
+    monkeypatch.setenv("ADAPTER_MERGE_CACHE", str(tmp_path / "checksum-cache"))
     return Inputs(*copies, out=tmp_path / "outs" / "merged")
 
 
-def run_cli(*args: str | Path, out: Path) -> subprocess.CompletedProcess[str]:
-    """`adapter-merge merge ARGS --out OUT --quiet` in a fresh interpreter."""
+@dataclass(frozen=True)
+class Refusal:
+    """What one broken input must produce: the command line's arguments (besides --out), words its one error
+    line names, and the error the engine raises: its class, where it is raised and its attributes."""
+
+    args: list[Path | str]
+    needles: tuple[str, ...]
+    error: type[MergeError]
+    stage: Literal["cli", "plan", "merge"]
+    """Raised by the command line's own argument handling, by the preflight `plan_merge`, or by `merge`."""
+    facts: dict[str, Any] = field(default_factory=dict)
+    """Expected attributes; every other one of FACTS must be None."""
+
+
+def run_main(args: list[Path | str], out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """`adapter-merge merge ARGS --out OUT --quiet` in this process: the exit code and stderr."""
+    code = main(["merge", *map(str, args), "--out", str(out), "--quiet"])
+    return code, capsys.readouterr().err
+
+
+def run_cli(*args: str | Path, out: Path, timeout: int = 300,
+            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """The same through the real command line, in a fresh interpreter."""
     env = {**os.environ, "ADAPTER_MERGE_CACHE": str(out.parent.parent / "checksum-cache")}
     command = [sys.executable, "-m", "adapter_merge.cli", "merge", *map(str, args), "--out", str(out), "--quiet"]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False, preexec_fn=preexec_fn)
 
 
-def assert_refused(result: subprocess.CompletedProcess[str], needles: tuple[str, ...], out_parent: Path,
+def assert_refused(code: int, stderr: str, needles: tuple[str, ...], out_parent: Path,
                    left: list[str] | None = None) -> None:
     """Exit 1, exactly one `adapter-merge: error:` line naming one of `needles`, nothing left behind."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 1, f"exit {result.returncode}, stderr:\n{result.stderr}"
-    assert len(lines) == 1, f"expected one error line, got:\n{result.stderr}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 1, f"exit {code}, stderr:\n{stderr}"
+    assert len(lines) == 1, f"expected one error line, got:\n{stderr}"
     assert lines[0].startswith(ERROR_PREFIX), lines[0]
     assert any(n in lines[0] for n in needles), f"{lines[0]!r} names none of {needles}"
     assert sorted(os.listdir(out_parent)) == sorted(left or []), "output or temp folder left behind"
+
+
+def raised(args: list[Path | str], out: Path) -> tuple[str, MergeError]:
+    """Run the command line's engine call step by step: where the error is raised, and the error."""
+    parsed = build_parser().parse_args(["merge", *map(str, args), "--out", str(out)])
+    try:
+        call = merge_call(parsed)
+    except MergeError as error:
+        return "cli", error
+    try:
+        plan_merge(call.base, call.adapters, call.options)
+    except MergeError as error:
+        return "plan", error
+    try:
+        merge(*call)
+    except MergeError as error:
+        return "merge", error
+    pytest.fail("the bad input was merged")
+
+
+def facts_of(error: MergeError) -> dict[str, Any]:
+    return {name: getattr(error, name) for name in FACTS}
+
+
+def assert_facts(error: MergeError, expected: dict[str, Any]) -> None:
+    assert facts_of(error) == {name: expected.get(name) for name in FACTS}, str(error)
 
 
 # --- helpers that break files -------------------------------------------------------------------------
@@ -97,84 +168,120 @@ def _lora_key(module: str, suffix: str) -> str:
     return f"base_model.model.{module}.{suffix}"
 
 
+def _first_tensor_past(header: dict, size: int) -> str:
+    """The first tensor, in file order, whose data ends past `size` bytes of data."""
+    entries = sorted((entry["data_offsets"], name) for name, entry in header.items() if name != "__metadata__")
+    return next(name for (_, end), name in entries if end > size)
+
+
 # --- the bad inputs -------------------------------------------------------------------------------------
 
 
-def truncate_base(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def truncate_base(i: Inputs) -> Refusal:
     path = i.base / BASE_FILE
+    header, _ = _read_safetensors(path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    return [i.base, i.lora], (f"{i.base.name}/{BASE_FILE}",)
+    _, kept = _read_safetensors(path)
+    return Refusal([i.base, i.lora], (f"{i.base.name}/{BASE_FILE}",), InputError, "plan",
+                   {"file": path, "input": "base", "tensor": _first_tensor_past(header, len(kept))})
 
 
-def truncate_adapter(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def truncate_adapter(i: Inputs) -> Refusal:
     path = i.lora / ADAPTER_FILE
     path.write_bytes(path.read_bytes()[:-16])
-    return [i.base, i.lora], (f"{i.lora.name}/{ADAPTER_FILE}",)
+    header, body = _read_safetensors(path)
+    return Refusal([i.base, i.lora], (f"{i.lora.name}/{ADAPTER_FILE}",), InputError, "plan",
+                   {"file": path, "input": 0, "tensor": _first_tensor_past(header, len(body))})
 
 
-def header_length_past_eof(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def header_length_past_eof(i: Inputs) -> Refusal:
     path = i.base / BASE_FILE
     data = path.read_bytes()
     path.write_bytes((len(data) + 1000).to_bytes(8, "little") + data[8:])
-    return [i.base, i.lora], (f"{i.base.name}/{BASE_FILE}",)
+    return Refusal([i.base, i.lora], (f"{i.base.name}/{BASE_FILE}",), InputError, "plan",
+                   {"file": path, "input": "base"})
 
 
-def header_not_json(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def header_not_json(i: Inputs) -> Refusal:
     path = i.lora / ADAPTER_FILE
     data = bytearray(path.read_bytes())
     data[8:16] = b"{oops: ["
     path.write_bytes(bytes(data))
-    return [i.base, i.lora], (f"{i.lora.name}/{ADAPTER_FILE}",)
+    return Refusal([i.base, i.lora], (f"{i.lora.name}/{ADAPTER_FILE}",), InputError, "plan",
+                   {"file": path, "input": 0})
 
 
-def data_offsets_past_eof(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def data_offsets_past_eof(i: Inputs) -> Refusal:
     path = i.base / BASE_FILE
     header, body = _read_safetensors(path)
     name = f"{Q_PROJ}.weight"
     start, end = header[name]["data_offsets"]
     header[name]["data_offsets"] = [len(body) + 64, len(body) + 64 + end - start]
     _write_safetensors(path, header, body)
-    return [i.base, i.lora], (f"{i.base.name}/{BASE_FILE}", name)
+    return Refusal([i.base, i.lora], (f"{i.base.name}/{BASE_FILE}", name), InputError, "plan",
+                   {"file": path, "input": "base", "tensor": name})
 
 
-def module_not_in_base(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def module_not_in_base(i: Inputs) -> Refusal:
     def rename(tensors: dict[str, torch.Tensor]) -> None:
         for suffix in ("lora_A.weight", "lora_B.weight"):
             tensors[_lora_key("model.layers.0.self_attn.nonexistent_proj", suffix)] = tensors.pop(
                 _lora_key(Q_PROJ, suffix))
 
     _edit_tensors(i.lora / ADAPTER_FILE, rename)
-    return [i.base, i.lora], ("nonexistent_proj",)
+    return Refusal([i.base, i.lora], ("nonexistent_proj",), InputError, "plan", {
+        "file": i.lora / ADAPTER_FILE, "input": 0, "tensor": "model.layers.0.self_attn.nonexistent_proj.weight"})
 
 
-def wrong_shape_lora_b(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def wrong_shape_lora_b(i: Inputs) -> Refusal:
+    """The second adapter does not fit the base: the error is about adapter 1."""
+    key = _lora_key(Q_PROJ, "lora_B.weight")
+
     def grow(tensors: dict[str, torch.Tensor]) -> None:
-        key = _lora_key(Q_PROJ, "lora_B.weight")
         tensors[key] = torch.cat([tensors[key], tensors[key][:1]])
 
     _edit_tensors(i.lora / ADAPTER_FILE, grow)
-    return [i.base, i.lora], (Q_PROJ,)
+    return Refusal([i.base, i.dora, i.lora], (Q_PROJ,), InputError, "plan",
+                   {"file": i.lora / ADAPTER_FILE, "input": 1, "tensor": key})
 
 
-def nan_in_adapter(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def rank_differs_from_config(i: Inputs) -> Refusal:
+    module = "model.layers.1.self_attn.q_proj"
+    edit_adapter_config(i.lora, rank_pattern={r"layers\.1\.self_attn\.q_proj": 8})
+    return Refusal([i.base, i.lora], ("r=8", module), InputError, "plan", {
+        "file": i.lora / ADAPTER_FILE, "input": 0, "option": "r", "tensor": _lora_key(module, "lora_A.weight")})
+
+
+def magnitude_without_use_dora(i: Inputs) -> Refusal:
+    edit_adapter_config(i.dora, use_dora=False)
+    return Refusal([i.base, i.lora, i.dora], ("use_dora",), InputError, "plan", {
+        "file": i.dora / ADAPTER_FILE, "input": 1, "option": "use_dora",
+        "tensor": _lora_key("model.layers.0.mlp.down_proj", "lora_magnitude_vector")})  # first in the file
+
+
+def nan_in_adapter(i: Inputs) -> Refusal:
+    key = _lora_key("model.layers.1.self_attn.v_proj", "lora_A.weight")
+
     def poison(tensors: dict[str, torch.Tensor]) -> None:
-        tensors[_lora_key("model.layers.1.self_attn.v_proj", "lora_A.weight")][0, 0] = math.nan
+        tensors[key][0, 0] = math.nan
 
     _edit_tensors(i.lora / ADAPTER_FILE, poison)
-    return [i.base, i.lora], ("model.layers.1.self_attn.v_proj",)
+    return Refusal([i.base, i.lora], ("model.layers.1.self_attn.v_proj",), NumericError, "merge",
+                   {"file": i.lora / ADAPTER_FILE, "input": 0, "tensor": key})
 
 
-def fp16_overflow(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
-    """A delta of ~1e5 fits bf16 but not fp16 (max 65504)."""
+def fp16_overflow(i: Inputs) -> Refusal:
+    """A delta of ~1e5 fits bf16 but not fp16 (max 65504): the output dtype is at fault."""
     _edit_tensors(i.lora / ADAPTER_FILE, _blow_up_down_proj)
-    return [i.base, i.lora, "--dtype", "float16"], ("model.layers.0.mlp.down_proj",)
+    return Refusal([i.base, i.lora, "--dtype", "float16"], ("model.layers.0.mlp.down_proj",), NumericError, "merge",
+                   {"option": "dtype", "tensor": "model.layers.0.mlp.down_proj.weight"})
 
 
 def _blow_up_down_proj(tensors: dict[str, torch.Tensor]) -> None:
     tensors[_lora_key("model.layers.0.mlp.down_proj", "lora_B.weight")] *= 1e6
 
 
-def dora_zero_norm_row(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def dora_zero_norm_row(i: Inputs) -> Refusal:
     """Row 0 of W + D is zero: PEFT would divide by a zero norm and write NaN."""
     def zero_base_row(tensors: dict[str, torch.Tensor]) -> None:
         tensors[f"{Q_PROJ}.weight"][0] = 0
@@ -184,51 +291,63 @@ def dora_zero_norm_row(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
 
     _edit_tensors(i.base / BASE_FILE, zero_base_row)
     _edit_tensors(i.dora / ADAPTER_FILE, zero_b_row)
-    return [i.base, i.dora], (Q_PROJ,)
+    return Refusal([i.base, i.dora], (Q_PROJ,), NumericError, "merge",
+                   {"file": i.dora / ADAPTER_FILE, "input": 0, "tensor": f"{Q_PROJ}.weight"})
 
 
-def missing_base(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
-    return [i.base.parent / "no_such_base", i.lora], ("no_such_base",)
+def missing_base(i: Inputs) -> Refusal:
+    path = i.base.parent / "no_such_base"
+    return Refusal([path, i.lora], ("no_such_base",), InputError, "plan", {"file": path, "input": "base"})
 
 
-def empty_base(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def empty_base(i: Inputs) -> Refusal:
     empty = i.base.parent / "empty_base"
     empty.mkdir()
-    return [empty, i.lora], ("empty_base",)
+    return Refusal([empty, i.lora], ("empty_base",), InputError, "plan",
+                   {"file": empty / "config.json", "input": "base"})
 
 
-def missing_adapter_config(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
-    (i.lora / "adapter_config.json").unlink()
-    return [i.base, i.lora], ("adapter_config.json",)
+def missing_adapter_config(i: Inputs) -> Refusal:
+    (i.lora / CONFIG_FILE).unlink()
+    return Refusal([i.base, i.lora], (CONFIG_FILE,), InputError, "plan", {"file": i.lora / CONFIG_FILE, "input": 0})
 
 
-def missing_adapter_weights(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def missing_adapter_weights(i: Inputs) -> Refusal:
     (i.lora / ADAPTER_FILE).unlink()
-    return [i.base, i.lora], ("adapter_model",)
+    return Refusal([i.base, i.lora], ("adapter_model",), InputError, "plan", {"file": i.lora, "input": 0})
 
 
-def weights_count(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
-    return [i.base, i.lora, "--weights", "1.0,0.5"], ("--weights",)
+def weights_count(i: Inputs) -> Refusal:
+    return Refusal([i.base, i.lora, "--weights", "1.0,0.5"], ("--weights",), InputError, "cli",
+                   {"option": "weights"})
 
 
-def weights_not_numbers(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
-    return [i.base, i.lora, i.dora, "--weights", "1.0,half"], ("--weights",)
+def weights_not_numbers(i: Inputs) -> Refusal:
+    return Refusal([i.base, i.lora, i.dora, "--weights", "1.0,half"], ("--weights",), InputError, "cli",
+                   {"option": "weights"})
 
 
-def unsupported(option: str, value: object, needles: tuple[str, ...] = ()) -> Callable:
-    def corrupt(i: Inputs) -> tuple[list[Path | str], tuple[str, ...]]:
+def bad_max_shard_size(i: Inputs) -> Refusal:
+    return Refusal([i.base, i.lora, "--max-shard-size", "5XB"], ("max_shard_size",), InputError, "cli",
+                   {"option": "max_shard_size"})
+
+
+def unsupported(option: str, value: object, needles: tuple[str, ...] = ()) -> Callable[[Inputs], Refusal]:
+    def corrupt(i: Inputs) -> Refusal:
         edit_adapter_config(i.lora, **{option: value})
-        return [i.base, i.lora], needles or (option,)
+        return Refusal([i.base, i.lora], needles or (option,), UnsupportedOptionError, "plan",
+                       {"file": i.lora / CONFIG_FILE, "input": 0, "option": option})
 
     corrupt.__name__ = f"unsupported_{option}"
     return corrupt
 
 
-BAD_INPUTS: list[Callable[[Inputs], tuple[list[Path | str], tuple[str, ...]]]] = [
+BAD_INPUTS: list[Callable[[Inputs], Refusal]] = [
     missing_base, empty_base, missing_adapter_config, missing_adapter_weights,
     truncate_base, truncate_adapter, header_length_past_eof, header_not_json, data_offsets_past_eof,
-    module_not_in_base, wrong_shape_lora_b, nan_in_adapter, fp16_overflow, dora_zero_norm_row,
-    weights_count, weights_not_numbers,
+    module_not_in_base, wrong_shape_lora_b, rank_differs_from_config, magnitude_without_use_dora,
+    nan_in_adapter, fp16_overflow, dora_zero_norm_row,
+    weights_count, weights_not_numbers, bad_max_shard_size,
     unsupported("init_lora_weights", "pissa"),
     unsupported("layer_replication", [[0, 2], [1, 2]]),
     unsupported("use_qalora", True),
@@ -239,42 +358,69 @@ BAD_INPUTS: list[Callable[[Inputs], tuple[list[Path | str], tuple[str, ...]]]] =
 
 
 @pytest.mark.parametrize("corrupt", BAD_INPUTS, ids=lambda f: f.__name__)
-def test_bad_input_is_refused(inputs: Inputs, corrupt: Callable) -> None:
-    args, needles = corrupt(inputs)
-    assert_refused(run_cli(*args, out=inputs.out), needles, inputs.out_parent)
+def test_bad_input_is_refused(inputs: Inputs, corrupt: Callable[[Inputs], Refusal],
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    refusal = corrupt(inputs)
+    assert_refused(*run_main(refusal.args, inputs.out, capsys), refusal.needles, inputs.out_parent)
 
 
-def test_fp16_overflow_is_specific_to_fp16(inputs: Inputs) -> None:
+@pytest.mark.parametrize("corrupt", BAD_INPUTS, ids=lambda f: f.__name__)
+def test_bad_input_error_says_what_is_at_fault(inputs: Inputs, corrupt: Callable[[Inputs], Refusal]) -> None:
+    """The engine raises the expected class at the expected stage (input faults in the preflight, before any
+    output exists; numeric ones while merging), with attributes that say what is at fault."""
+    refusal = corrupt(inputs)
+    stage, error = raised(refusal.args, inputs.out)
+    assert (stage, type(error)) == (refusal.stage, refusal.error), f"{stage}: {error!r}"
+    assert error.fault == "input"
+    assert_facts(error, refusal.facts)
+    assert any(n in str(error) for n in refusal.needles), str(error)
+    assert os.listdir(inputs.out_parent) == []
+
+
+@pytest.mark.parametrize("corrupt", [truncate_base, fp16_overflow], ids=lambda f: f.__name__)
+def test_bad_input_through_the_real_command_line(inputs: Inputs, corrupt: Callable[[Inputs], Refusal]) -> None:
+    """The exit code and the one stderr line as a shell sees them, for a preflight and a mid-merge refusal."""
+    refusal = corrupt(inputs)
+    result = run_cli(*refusal.args, out=inputs.out)
+    assert_refused(result.returncode, result.stderr, refusal.needles, inputs.out_parent)
+
+
+def test_fp16_overflow_is_specific_to_fp16(inputs: Inputs, capsys: pytest.CaptureFixture[str]) -> None:
     """The same huge delta is fine in bf16, so the fp16 refusal above is about range, not the adapter."""
     _edit_tensors(inputs.lora / ADAPTER_FILE, _blow_up_down_proj)
-    result = run_cli(inputs.base, inputs.lora, "--dtype", "bfloat16", out=inputs.out)
-    assert result.returncode == 0, result.stderr
+    code, stderr = run_main([inputs.base, inputs.lora, "--dtype", "bfloat16"], inputs.out, capsys)
+    assert code == 0, stderr
     merged = load_dir_tensors(inputs.out)["model.layers.0.mlp.down_proj.weight"]
     assert torch.isfinite(merged).all() and merged.abs().max() > 65504
 
 
-def test_existing_out_is_left_alone(inputs: Inputs) -> None:
+def test_existing_out_is_left_alone(inputs: Inputs, capsys: pytest.CaptureFixture[str]) -> None:
     inputs.out.mkdir()
     sentinel = inputs.out / "keep.txt"
     sentinel.write_text("precious")
-    result = run_cli(inputs.base, inputs.lora, out=inputs.out)
-    assert_refused(result, (inputs.out.name,), inputs.out_parent, left=[inputs.out.name])
+    code, stderr = run_main([inputs.base, inputs.lora], inputs.out, capsys)
+    assert_refused(code, stderr, (inputs.out.name,), inputs.out_parent, left=[inputs.out.name])
+    stage, error = raised([inputs.base, inputs.lora], inputs.out)
+    assert (stage, type(error), error.fault) == ("merge", InputError, "input")
+    assert_facts(error, {"file": inputs.out, "option": "out"})
     assert sorted(p.name for p in inputs.out.iterdir()) == ["keep.txt"]
     assert sentinel.read_text() == "precious"
 
 
-def test_overwrite_replaces_existing_out(inputs: Inputs, workspace: Workspace) -> None:
+def test_overwrite_replaces_existing_out(inputs: Inputs, workspace: Workspace,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     inputs.out.mkdir()
     (inputs.out / "keep.txt").write_text("stale")
-    result = run_cli(inputs.base, inputs.lora, "--overwrite", out=inputs.out)
-    assert result.returncode == 0, result.stderr
+    code, stderr = run_main([inputs.base, inputs.lora, "--overwrite"], inputs.out, capsys)
+    assert code == 0, stderr
     assert not (inputs.out / "keep.txt").exists()
     assert sorted(os.listdir(inputs.out_parent)) == [inputs.out.name]
     _assert_same_tensors(inputs.out, workspace.merged(CASES["llama_lora"]))
 
 
 def test_control_good_inputs_merge(inputs: Inputs, workspace: Workspace) -> None:
-    """The pristine copies merge through the CLI (with --weights and --dtype) to the API's exact bytes."""
+    """The pristine copies merge through the real command line (with --weights and --dtype) to the API's
+    exact bytes."""
     result = run_cli(inputs.base, inputs.lora, inputs.dora, "--weights", "1.0,0.5", "--dtype", "float32",
                      out=inputs.out)
     assert result.returncode == 0, result.stderr
@@ -288,45 +434,59 @@ def _assert_same_tensors(folder: Path, reference: Path) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), "CLI and API outputs differ"
 
 
-# --- the same refusals through the Python API ---------------------------------------------------------
-
-PLAN_ERRORS = [
-    (unsupported("init_lora_weights", "pissa"), "UnsupportedOptionError"),
-    (unsupported("use_qalora", True), "UnsupportedOptionError"),
-    (unsupported("peft_type", "IA3", ("peft_type",)), "UnsupportedOptionError"),
-    (module_not_in_base, "InputError"),
-    (wrong_shape_lora_b, "InputError"),
-    (header_not_json, "InputError"),
-    (missing_adapter_config, "InputError"),
-]
+# --- faults of the options and of the machine ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("corrupt", "error"), PLAN_ERRORS, ids=lambda x: getattr(x, "__name__", x))
-def test_plan_merge_refuses_before_writing(inputs: Inputs, corrupt: Callable, error: str) -> None:
-    """Preflight (`plan_merge`) finds input faults from headers and configs alone, as the API's 4xx needs."""
-    import adapter_merge.worker.engine as engine
+@pytest.mark.parametrize(("make", "option"), [
+    (lambda: MergeOptions(dtype="float8"), "dtype"),  # type: ignore[arg-type]
+    (lambda: MergeOptions(max_shard_size=0), "max_shard_size"),
+    (lambda: parse_size("5XB"), "max_shard_size"),
+], ids=["dtype", "max_shard_size", "parse_size"])
+def test_bad_option_names_the_option(make: Callable[[], object], option: str) -> None:
+    with pytest.raises(InputError) as caught:
+        make()
+    assert_facts(caught.value, {"option": option})
+    assert str(caught.value).startswith(f"{option}: ")
 
-    args, needles = corrupt(inputs)
-    adapters = [engine.AdapterSpec(Path(a)) for a in args[1:]]
-    with pytest.raises(getattr(engine, error)) as caught:
-        engine.plan_merge(Path(args[0]), adapters, engine.MergeOptions())
-    assert any(n in str(caught.value) for n in needles), str(caught.value)
+
+def test_output_folder_that_cannot_be_created_is_a_storage_error(inputs: Inputs,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Creating the output folder fails (here its parent is a file): the machine's fault, not the input's."""
+    blocker = inputs.out_parent / "not-a-folder"
+    blocker.write_text("")
+    out = blocker / "merged"
+    code, stderr = run_main([inputs.base, inputs.lora], out, capsys)
+    assert_refused(code, stderr, ("cannot create the output folder",), inputs.out_parent, left=[blocker.name])
+    stage, error = raised([inputs.base, inputs.lora], out)
+    assert (stage, type(error), error.fault) == ("merge", StorageError, "machine")
+    assert_facts(error, {"file": out})
+
+
+def test_shard_write_failure_is_a_storage_error(inputs: Inputs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard write that fails (a full disk) is a StorageError naming the shard; the partial output goes."""
+    def disk_full(fd: int, data: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(engine_writer, "write_all", disk_full)
+    stage, error = raised([inputs.base, inputs.lora], inputs.out)
+    assert (stage, type(error), error.fault) == ("merge", StorageError, "machine")
+    assert error.file is not None and error.file.name == BASE_FILE
+    assert_facts(error, {"file": error.file})
+    assert "No space left on device" in str(error) and BASE_FILE in str(error)
     assert os.listdir(inputs.out_parent) == []
 
 
-@pytest.mark.parametrize("corrupt", [nan_in_adapter, fp16_overflow, dora_zero_norm_row], ids=lambda f: f.__name__)
-def test_numeric_faults_raise_numeric_error(inputs: Inputs, corrupt: Callable) -> None:
-    """Faults found in the data while merging are NumericError (not the requester's malformed input)."""
-    import adapter_merge.worker.engine as engine
+def test_errors_keep_their_facts_across_processes() -> None:
+    """Merges run in worker processes: an error pickled back to the service keeps its message and facts."""
+    error = InputError("adapter 1: bad", file=Path("/a/b"), tensor="t", option="r", input=1)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), str(copy), facts_of(copy)) == (InputError, str(error), facts_of(error))
 
-    args, needles = corrupt(inputs)
-    paths = [a for a in args if isinstance(a, Path)]
-    dtype = args[args.index("--dtype") + 1] if "--dtype" in args else "auto"
-    with pytest.raises(engine.NumericError) as caught:
-        engine.merge(paths[0], [engine.AdapterSpec(p) for p in paths[1:]], inputs.out,
-                     engine.MergeOptions(dtype=dtype))
-    assert any(n in str(caught.value) for n in needles), str(caught.value)
-    assert os.listdir(inputs.out_parent) == []
+
+def test_fault_of_each_error_class() -> None:
+    assert [cls.fault for cls in (InputError, UnsupportedOptionError, NumericError, StorageError)] == [
+        "input", "input", "input", "machine"]
+    assert not hasattr(MergeCancelled("stop"), "fault")
 
 
 def _limit_file_size(limit: int) -> Callable[[], None]:
@@ -342,13 +502,11 @@ def _limit_file_size(limit: int) -> Callable[[], None]:
 
 
 def test_write_failure_mid_merge_is_an_error_not_a_hang(inputs: Inputs) -> None:
-    """A shard write that fails part-way (here: a file size limit) ends the merge at once with one error
-    line naming the file, and removes the partial output: the writer thread must not strand the merge."""
+    """A shard write that fails part-way (here: a real file size limit, so in a child process) ends the merge
+    at once with one error line naming the file, and removes the partial output: the writer thread must not
+    strand the merge."""
     limit = (inputs.base / BASE_FILE).stat().st_size // 2
-    env = {**os.environ, "ADAPTER_MERGE_CACHE": str(inputs.out_parent.parent / "checksum-cache")}
-    command = [sys.executable, "-m", "adapter_merge.cli", "merge", str(inputs.base), str(inputs.lora), str(inputs.dora),
-               "--out", str(inputs.out), "--quiet"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-                            check=False, preexec_fn=_limit_file_size(limit))
-    assert_refused(result, ("File too large",), inputs.out_parent)
+    result = run_cli(inputs.base, inputs.lora, inputs.dora, out=inputs.out, timeout=120,
+                     preexec_fn=_limit_file_size(limit))
+    assert_refused(result.returncode, result.stderr, ("File too large",), inputs.out_parent)
     assert BASE_FILE in result.stderr

@@ -159,22 +159,23 @@ def test_side_files_and_manifest(workspace: Workspace, case_name: str) -> None:
         if (base_dir / name).exists():
             assert (out / name).read_bytes() == (base_dir / name).read_bytes(), name
     manifest = read_json(out / "merge_manifest.json")
-    text = json.dumps(manifest)
-    for path, _ in workspace.inputs(case)[1]:
+    adapters = workspace.inputs(case)[1]
+    assert len(manifest["adapters"]) == len(adapters)
+    for entry, (path, weight) in zip(manifest["adapters"], adapters, strict=True):
+        assert (entry["path"], entry["weight"]) == (str(path), weight)
         digest = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
-        assert digest in text, f"manifest lacks the sha256 of {path.name}"
-    listed = _manifest_files(manifest)
-    weights = sorted(p.name for p in out.glob("*.safetensors"))
-    assert weights and set(weights) <= set(listed)
+        assert _files(entry["files"])["adapter_model.safetensors"] == digest, f"wrong sha256 of {path.name}"
+    listed = _files(manifest["outputs"])
+    assert set(listed) == {p.name for p in out.iterdir()} - {"merge_manifest.json"}
     for name, digest in listed.items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
 
 
-def _manifest_files(manifest: dict) -> dict[str, str]:
-    """{relative path: sha256} from the manifest's list of output files."""
-    files = manifest.get("files") or manifest.get("outputs") or manifest.get("report", {}).get("files")
-    assert isinstance(files, list) and files, f"manifest has no file list: {sorted(manifest)}"
-    return {Path(entry["path"]).name: entry["sha256"] for entry in files}
+def _files(entries: list[dict]) -> dict[str, str]:
+    """{relative path: sha256} from a manifest file list, whose entries are a path, a size and a sha256."""
+    assert entries, "empty file list"
+    assert all(set(entry) == {"path", "size", "sha256"} for entry in entries), entries
+    return {entry["path"]: entry["sha256"] for entry in entries}
 
 
 def _shard_layout(folder: Path) -> tuple[dict[str, str], dict]:
