@@ -24,6 +24,7 @@ import uvicorn
 from adapter_merge.core.process import start_process
 from adapter_merge.core.settings import Settings
 from adapter_merge.service.app import create_app
+from adapter_merge.service.limits import HeaderTimeoutProtocol
 
 log = logging.getLogger("adapter_merge.cli.serve")
 WORKER_STOP_SECONDS = 30.0
@@ -105,6 +106,7 @@ def serve(host: str | None = None, port: int | None = None, fd: int | None = Non
     config = uvicorn.Config(
         create_app(settings), host=host, port=settings.port if port is None else port,
         log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=10, fd=fd,
+        http=type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": settings.request_read_seconds}),
     )
     server = _Server(config, on_started=supervisor.start if supervisor else None)
     _log_mode(settings)

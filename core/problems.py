@@ -37,6 +37,8 @@ class Problems:
 
     MALFORMED_JSON = ProblemType("malformed-json", 400, "Malformed JSON")
     VALIDATION_ERROR = ProblemType("validation-error", 422, "Invalid request")
+    REQUEST_TOO_LARGE = ProblemType("request-too-large", 413, "Request too large")
+    REQUEST_TIMEOUT = ProblemType("request-timeout", 408, "Request timeout")
     UNSUPPORTED_MEDIA_TYPE = ProblemType("unsupported-media-type", 415, "Unsupported media type")
     REFERENCE_INVALID = ProblemType("reference-invalid", 422, "Unusable reference")
     REFERENCE_OUTSIDE_ROOTS = ProblemType("reference-outside-roots", 422, "Unusable reference")

@@ -37,19 +37,22 @@ class LocalRootsResolver:
         self.roots = [Path(os.path.realpath(root)) for root in roots]
 
     def resolve(self, ref: str, field: str) -> Path:
+        """Messages name the reference as the client wrote it, never the server path it resolves to."""
         if "\x00" in ref:
             raise BadReference(field, ref, Problems.REFERENCE_INVALID, "contains a NUL byte")
-        given = Path(ref).expanduser() if ref.startswith("~") else Path(ref)
+        given = Path(ref)  # `~` means nothing on a server: it is a folder name like any other
         candidate = given if given.is_absolute() else self.roots[0] / given
-        real = Path(os.path.realpath(candidate))
-        if not any(real == root or real.is_relative_to(root) for root in self.roots):
-            roots = ", ".join(str(root) for root in self.roots)
-            raise BadReference(field, ref, Problems.REFERENCE_OUTSIDE_ROOTS,
-                                 f"resolves to {real}, outside the model roots ({roots})")
-        if not real.exists():
-            raise BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, "does not exist")
-        if not real.is_dir():
-            raise BadReference(field, ref, Problems.REFERENCE_NOT_A_FOLDER, "is not a folder")
+        try:
+            real = Path(os.path.realpath(candidate))
+            if not any(real == root or real.is_relative_to(root) for root in self.roots):
+                raise BadReference(field, ref, Problems.REFERENCE_OUTSIDE_ROOTS, "leads outside the model roots")
+            if not real.exists():
+                raise BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, "does not exist")
+            if not real.is_dir():
+                raise BadReference(field, ref, Problems.REFERENCE_NOT_A_FOLDER, "is not a folder")
+        except OSError as error:  # a name too long for the filesystem, a loop of links, ...
+            raise BadReference(field, ref, Problems.REFERENCE_INVALID,
+                               f"cannot be resolved: {error.strerror or error}") from None
         return real
 
 
@@ -59,4 +62,4 @@ def check_kind(path: Path, ref: str, field: str, adapter: bool) -> None:
     if not (path / marker).is_file():
         kind = "a PEFT adapter" if adapter else "a base model"
         hint = " (it looks like an adapter)" if not adapter and (path / ADAPTER_MARKER).is_file() else ""
-        raise BadReference(field, ref, Problems.REFERENCE_WRONG_KIND, f"is not {kind}: no {marker} in {path}{hint}")
+        raise BadReference(field, ref, Problems.REFERENCE_WRONG_KIND, f"is not {kind}: it has no {marker}{hint}")

@@ -13,6 +13,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from adapter_merge.worker.engine import InputError, parse_size
 from adapter_merge.worker.engine.spec import OutputDtype
 
+SIZE_PATTERN = r"^\s*([0-9]*[1-9][0-9]*(\.[0-9]+)?|0+\.[0-9]*[1-9][0-9]*)\s*([KMGTkmgt][Ii]?[Bb]|[Bb])?\s*$"
+"""The size strings `parse_size` reads (a non-zero number, an optional unit), for the schema."""
 Ref = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 
 
@@ -55,7 +57,8 @@ class MergeRequest(BaseModel):
     output_dtype: OutputDtype = Field("auto", description="dtype of the merged weights; auto keeps the base's.")
     max_shard_size: Annotated[int | None, BeforeValidator(_shard_size)] = Field(
         None, description="Re-shard the output: bytes or a size like '5GB'; null keeps the base layout.",
-        json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string"}, {"type": "null"}]},
+        json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1},
+                                     {"type": "string", "pattern": SIZE_PATTERN}, {"type": "null"}]},
     )
 
     @field_validator("adapters", mode="before")

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     oidc_audience: str | None = Field(None, description="The `aud` a JWT must carry (required with an issuer).")
     oidc_tenant_claim: str = Field("tenant", description="JWT claim that names the caller's tenant.")
     oidc_roles_claim: str = Field("roles", description="JWT claim listing the caller's roles (read, submit, admin).")
+    max_request_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body; larger ones get 413 "
+                                   "before they are read.")
+    request_read_seconds: float = Field(10.0, gt=0, description="Time a client has to send a request's headers, "
+                                        "and again its body; slower ones are cut off (408 for a body).")
     tenant_max_active_jobs: int = Field(100, ge=1, description="Queued + running jobs a tenant may have at once.")
     tenant_max_artifact_bytes: int | None = Field(None, ge=0, description="Bytes of results a tenant may keep; "
                                                   "unset: no limit.")

@@ -6,10 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.store import STORE_UNAVAILABLE
 from adapter_merge.service.deps import Services
+from adapter_merge.service.limits import RequestLimits
 from adapter_merge.service.problems import install_problem_handlers
 from adapter_merge.service.routes import artifacts, health, jobs, merge
 
@@ -34,7 +36,10 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.services.close()
 
     app = FastAPI(title="adapter-merge", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, read_seconds=settings.request_read_seconds)
     install_problem_handlers(app, unavailable=STORE_UNAVAILABLE)
-    for module in (merge, jobs, artifacts, health):
-        app.include_router(module.router)
+    routers = [module.router for module in (merge, jobs, artifacts, health)]
+    for router in routers:
+        app.include_router(router)
+    app.state.api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     return app

@@ -20,6 +20,7 @@ from adapter_merge.core.problems import Problem, Problems
 
 CHUNK_BYTES = 1024 * 1024
 TAR_BLOCK = 512
+MAX_POSITION_DIGITS = 18
 _RANGE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
 
 
@@ -35,7 +36,8 @@ class ByteRange:
 
 
 def _unsatisfiable(header: str, size: int, why: str) -> Problem:
-    return Problem(Problems.RANGE_NOT_SATISFIABLE, f"Range header {header!r}: {why} (file size {size} bytes)",
+    shown = header if len(header) <= 100 else header[:100] + "..."
+    return Problem(Problems.RANGE_NOT_SATISFIABLE, f"Range header {shown!r}: {why} (file size {size} bytes)",
                    headers={"Content-Range": f"bytes */{size}"}, field="Range")
 
 
@@ -55,19 +57,26 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     match = _RANGE.match(spec)
     if not match or match.groups() == ("", ""):
         raise _unsatisfiable(header, size, "expected bytes=START-END, bytes=START- or bytes=-SUFFIX")
-    first, last = match.groups()
-    if first == "":
-        suffix = int(last)
+    first, last = (_position(group) if group else None for group in match.groups())
+    if first is None:
+        assert last is not None
+        suffix = last
         if suffix == 0 or size == 0:
             raise _unsatisfiable(header, size, "an empty suffix range selects nothing")
         return ByteRange(max(0, size - suffix), size - 1)
-    start = int(first)
-    if last and int(last) < start:
+    start = first
+    if last is not None and last < start:
         raise _unsatisfiable(header, size, "the range ends before it starts")
     if start >= size:
         raise _unsatisfiable(header, size, "the range starts at or past the end of the file")
-    end = int(last) if last else size - 1
+    end = last if last is not None else size - 1
     return ByteRange(start, min(end, size - 1))
+
+
+def _position(digits: str) -> int:
+    """A byte position; one longer than any file can be reads as 'past the end' (Python would refuse to
+    parse thousands of digits, and no file is that large anyway)."""
+    return int(digits) if len(digits) <= MAX_POSITION_DIGITS else 10**MAX_POSITION_DIGITS
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:

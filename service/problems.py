@@ -85,18 +85,35 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(validation_problem(exc.errors()), request)
 
 
+BODY_PARSE_ERRORS = (ValueError, RecursionError)
+"""What FastAPI's JSON parsing raises besides JSONDecodeError: a number of thousands of digits, nesting deeper
+than the interpreter's stack, bytes that are not UTF-8 (UnicodeDecodeError is a ValueError)."""
+
+
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
-    """Routing errors (unknown path, wrong method) and any other HTTPException a library raises."""
+    """Routing errors (unknown path, wrong method), unparsable bodies, and any other HTTPException."""
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    if exc.status_code == 404:
+    headers = dict(exc.headers or {})
+    if exc.status_code == 400 and isinstance(exc.__cause__, BODY_PARSE_ERRORS):
+        reason = type(exc.__cause__).__name__
+        kind, detail = Problems.MALFORMED_JSON, f"request body is not valid JSON ({reason}: {exc.__cause__})"[:300]
+    elif exc.status_code == 404:
         kind = Problems.NOT_FOUND
         detail = f"no resource at {request.url.path}" if detail == "Not Found" else detail
     elif exc.status_code == 405:
         kind, detail = Problems.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.url.path}"
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     else:
         kind = ProblemType(detail.lower().replace(" ", "-"), exc.status_code, detail)
-    return problem_response(Problem(kind, detail, headers=dict(exc.headers or {})), request)
+    return problem_response(Problem(kind, detail, headers=headers), request)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (the router names only the first route's)."""
+    path = request.url.path
+    return sorted({method for route in request.app.state.api_routes if route.path_regex.match(path)
+                   for method in route.methods})
 
 
 async def _on_unavailable(request: Request, exc: Exception) -> JSONResponse:

@@ -13,8 +13,9 @@ READY_RETRY_SECONDS = 5
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """The process answers."""
+async def healthz() -> Health:
+    """The process answers. Runs on the event loop itself, not in the thread pool, so it answers at once
+    even while every worker thread is busy (preflights, downloads)."""
     return Health(status="ok")
 
 

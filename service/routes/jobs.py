@@ -12,6 +12,8 @@ from adapter_merge.service.deps import JobDep, Reader, ServicesDep, Submitter
 from adapter_merge.service.schemas import JobOut, JobPage, job_view, problem_responses
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+MAX_OFFSET = 2**31 - 1
+"""Far beyond any real listing, and within what every store's integers hold."""
 
 
 @router.get("", response_model=JobPage, responses=problem_responses(401, 403, 422))
@@ -20,7 +22,7 @@ def list_jobs(
     principal: Reader,
     status: Annotated[list[JobStatus] | None, Query(description="Only these statuses (repeatable).")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
-    offset: Annotated[int, Query(ge=0, description="Jobs to skip, newest first.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Jobs to skip, newest first.")] = 0,
 ) -> JobPage:
     """Jobs of the caller's tenant (an admin's: of every tenant), newest first."""
     jobs, total = services.context.store.list(status or None, limit=limit, offset=offset,
