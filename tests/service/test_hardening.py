@@ -1,0 +1,117 @@
+"""Requests an attacker would send, against the app in process and over a real socket: each gets its
+documented 4xx (never a 500), and none can hold the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from adapter_merge.core.problems import Problem
+from adapter_merge.core.settings import Settings
+from adapter_merge.service.app import create_app
+from adapter_merge.service.files import parse_range
+from tests.service.checks import problem
+from tests.service.conftest import ModelSet
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def client(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    settings = Settings(data_dir=tmp_path_factory.mktemp("hardening"), model_roots=[models.root], auth="none")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("body", "status", "slug"), [
+    (b"[" * 30000 + b"]" * 30000, 400, "malformed-json"),  # nested deeper than the parser's stack
+    (b'{"base_model": ' + b"9" * 5000 + b', "adapters": ["a"]}', 400, "malformed-json"),  # too many digits
+    ('{"base_model": "é", "adapters": ["a"]}'.encode("latin-1"), 400, "malformed-json"),  # not UTF-8
+    (b"x" * (64 * 1024 + 1), 413, "request-too-large"),
+    (json.dumps({"base_model": "small/base", "adapters": ["small/lora"], "max_shard_size": ""}).encode(), 422,
+     "validation-error"),
+    (json.dumps({"base_model": "~abc", "adapters": ["small/lora"]}).encode(), 422, "reference-not-found"),
+    (json.dumps({"base_model": "a" * 256, "adapters": ["small/lora"]}).encode(), 422, "reference-invalid"),
+    (json.dumps({"base_model": "../../etc", "adapters": ["small/lora"]}).encode(), 422, "reference-outside-roots"),
+])
+def test_bad_bodies_get_their_4xx(client: TestClient, body: bytes, status: int, slug: str) -> None:
+    response = client.post("/merge", content=body, headers=JSON)
+    assert problem(response, status)["type"].endswith(slug)
+    assert "/tmp" not in response.text and socket.gethostname() not in response.text  # no server paths or host
+
+
+def test_a_huge_declared_body_is_refused_before_it_is_read(client: TestClient) -> None:
+    response = client.post("/merge", content=b"{}", headers={**JSON, "content-length": "200000000"})
+    problem(response, 413, "200000000")
+
+
+def test_query_and_header_extremes(client: TestClient) -> None:
+    problem(client.get("/jobs?offset=9223372036854775808"), 422, "offset")
+    problem(client.get("/jobs?limit=0"), 422, "limit")
+    response = client.put("/jobs/x")
+    problem(response, 405)
+    assert response.headers["allow"] == "DELETE, GET"
+
+
+def test_range_with_thousands_of_digits() -> None:
+    huge = "9" * 5000
+    assert parse_range(f"bytes=0-{huge}", 100) == parse_range("bytes=0-", 100)
+    with pytest.raises(Problem) as caught:
+        parse_range(f"bytes={huge}-", 100)
+    assert caught.value.status == 416
+
+
+def _serve(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], int]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    variables = {key: value for key, value in os.environ.items() if not key.startswith("MERGE_")}
+    variables.update(MERGE_DATA_DIR=str(tmp_path), MERGE_AUTH="none", MERGE_LOG_LEVEL="warning", **env)
+    process = subprocess.Popen([sys.executable, "-m", "adapter_merge.cli", "serve", "--fd", str(listener.fileno())],
+                               pass_fds=[listener.fileno()], env=variables)
+    port = listener.getsockname()[1]
+    listener.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process, port
+        time.sleep(0.05)
+    raise AssertionError("server did not start")
+
+
+def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
+    process, port = _serve(tmp_path, MERGE_REQUEST_READ_SECONDS="1")
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as slow_headers:
+            started = time.monotonic()
+            slow_headers.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the rest
+            slow_headers.settimeout(10)
+            assert slow_headers.recv(100) == b""  # closed by the server
+            assert time.monotonic() - started < 5
+        with socket.create_connection(("127.0.0.1", port)) as slow_body:
+            slow_body.sendall(b"POST /merge HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: 100\r\n\r\n{")
+            slow_body.settimeout(10)
+            assert slow_body.recv(100).startswith(b"HTTP/1.1 408")
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def test_serve_refuses_to_run_unprotected(tmp_path: Path) -> None:
+    base = {key: value for key, value in os.environ.items() if not key.startswith("MERGE_")}
+    for env, needle in (({"MERGE_AUTH": "required"}, "no authentication is configured"),
+                        ({"MERGE_AUTH": "none", "MERGE_HOST": "0.0.0.0"}, "not a loopback address")):
+        result = subprocess.run([sys.executable, "-m", "adapter_merge.cli", "serve"], capture_output=True, text=True,
+                                env={**base, "MERGE_DATA_DIR": str(tmp_path), **env}, timeout=60)
+        assert result.returncode == 2 and needle in result.stderr, result.stderr
