@@ -117,16 +117,12 @@ class TokenRowsOp(Operation):
 
 
 @dataclass(frozen=True)
-class OutputTensor:
-    """One tensor of the output, built whole by the plan: where it starts from, what changes it, how it is
-    stored."""
+class TensorContent:
+    """What one output tensor is made of: its starting value and the operations applied to it in order."""
 
     name: str
     source: TensorInfo
     """The base tensor, or the adapter tensor that replaces it (modules_to_save, saved base_layer)."""
-    dtype: str
-    shard: str
-    """The output file it is written to."""
     ops: tuple[Operation, ...] = ()
     replaced: bool = False
     """The starting value comes from an adapter (or, for an untied head, from the shared embedding)."""
@@ -136,12 +132,21 @@ class OutputTensor:
         return self.source.shape
 
     @property
-    def nbytes(self) -> int:
-        return self.source.numel * DTYPE_SIZES[self.dtype]
-
-    @property
     def changed(self) -> bool:
         return bool(self.ops) or self.replaced
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputTensor(TensorContent):
+    """One tensor of the output as the plan fixes it: its content, and how and where it is stored."""
+
+    dtype: str
+    shard: str
+    """The output file it is written to."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel * DTYPE_SIZES[self.dtype]
 
     @property
     def verbatim_bytes(self) -> SafetensorsBytes | None:

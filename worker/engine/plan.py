@@ -25,6 +25,7 @@ from adapter_merge.worker.engine.operations import (
     LoraOp,
     Operation,
     OutputTensor,
+    TensorContent,
     TokenRowsOp,
 )
 from adapter_merge.worker.engine.safetensors_format import same_bytes
@@ -97,20 +98,6 @@ def plan_merge(
     for adapter in loaded:
         builder.add(adapter)
     return builder.finish(loaded)
-
-
-@dataclass(frozen=True)
-class _Content:
-    """What one output tensor is made of, known before its dtype and shard are chosen."""
-
-    name: str
-    source: TensorInfo
-    ops: tuple[Operation, ...] = ()
-    replaced: bool = False
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.source.shape
 
 
 class _PlanBuilder:
@@ -225,7 +212,7 @@ class _PlanBuilder:
         """Every output tensor, checked and built whole: its content first, then its dtype and shard."""
         self._check_targets()
         contents = [
-            _Content(name, self.sources.get(name, info), tuple(self.ops.get(name, ())), name in self.sources)
+            TensorContent(name, self.sources.get(name, info), tuple(self.ops.get(name, ())), name in self.sources)
             for name, info in self.base.tensors.items()
         ]
         embed = next((content for content in contents if content.name == self.input_embedding), None)
@@ -242,7 +229,7 @@ class _PlanBuilder:
                 op.check(content.name, content.shape)
         shards: dict[str, list[OutputTensor]] = {}
         for content, dtype, shard in zip(contents, dtypes, self._shard_names(contents, dtypes), strict=True):
-            tensor = OutputTensor(content.name, content.source, dtype, shard, content.ops, content.replaced)
+            tensor = OutputTensor(content.name, content.source, content.ops, content.replaced, dtype=dtype, shard=shard)
             shards.setdefault(shard, []).append(tensor)
         if self.options.dtype != "auto":
             config["torch_dtype"] = self.options.dtype
@@ -261,7 +248,7 @@ class _PlanBuilder:
                 raise InputError(f"{type(ops[0]).__name__} target {name!r} is not a tensor of the base model",
                                  tensor=name, input=ops[0].adapter)
 
-    def _untied_head(self, embed: _Content | None) -> _Content | None:
+    def _untied_head(self, embed: TensorContent | None) -> TensorContent | None:
         """A separate output embedding when adapters make the tied pair differ; None keeps them tied."""
         if not self.tied or embed is None:
             return None
@@ -277,9 +264,9 @@ class _PlanBuilder:
             f"tie_word_embeddings: the adapters change {embed.name} and {name} differently, so the output is "
             f"untied: {name} is written separately and config.json says tie_word_embeddings=false"
         )
-        return _Content(name, head_source or embed.source, token_ops + head_ops, replaced=True)
+        return TensorContent(name, head_source or embed.source, token_ops + head_ops, replaced=True)
 
-    def _check_vocab(self, contents: list[_Content], config: dict[str, Any]) -> None:
+    def _check_vocab(self, contents: list[TensorContent], config: dict[str, Any]) -> None:
         """A saved, resized embedding changes the vocabulary: every vocabulary-sized tensor must agree."""
         base = self.base.tensors
         resized = [c for c in contents if c.replaced and c.name in base and c.shape != base[c.name].shape]
@@ -308,7 +295,7 @@ class _PlanBuilder:
         """The base tensor an output stems from: its own, or for an untied head the shared embedding."""
         return self.base.tensors.get(name) or self.base.tensors[self.input_embedding or ""]
 
-    def _output_dtype(self, content: _Content) -> str:
+    def _output_dtype(self, content: TensorContent) -> str:
         base_info = self._base_info(content.name)
         if base_info.dtype not in FLOAT_DTYPES:
             if content.ops:
@@ -319,7 +306,7 @@ class _PlanBuilder:
             return base_info.dtype
         return OUTPUT_DTYPE_CODES[self.options.dtype]
 
-    def _shard_names(self, contents: list[_Content], dtypes: list[str]) -> list[str]:
+    def _shard_names(self, contents: list[TensorContent], dtypes: list[str]) -> list[str]:
         """The base's shard of each tensor, or with max_shard_size a new layout."""
         limit = self.options.max_shard_size
         if limit is None:

@@ -30,17 +30,6 @@ class SafetensorsFile:
     """In file order (by data offset)."""
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """One header entry, validated on its own; its place among the others is checked next."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
 def _corrupt(path: Path, input: InputRef, detail: str, tensor: str | None = None) -> InputError:
     return InputError(f"{path}: not a valid safetensors file: {detail}", file=path, tensor=tensor, input=input)
 
@@ -71,18 +60,17 @@ def read_header(path: Path, input: InputRef) -> SafetensorsFile:
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + header_len
     data_size = file_size - data_start
-    entries = [_parse_entry(path, input, name, entry, data_size) for name, entry in header.items()]
-    entries.sort(key=lambda entry: entry.begin)
-    _check_contiguous(path, input, entries, data_size)
-    tensors = {
-        entry.name: TensorInfo(entry.name, entry.dtype, entry.shape, SafetensorsBytes(path, data_start + entry.begin),
-                               input)
-        for entry in entries
-    }
-    return SafetensorsFile(path=path, metadata=metadata, tensors=tensors)
+    placed = [_parse_entry(path, input, name, entry, data_start, data_size) for name, entry in header.items()]
+    placed.sort(key=lambda offset_and_info: offset_and_info[0])
+    _check_contiguous(path, input, placed, data_start, data_start + data_size)
+    return SafetensorsFile(path=path, metadata=metadata, tensors={info.name: info for _, info in placed})
 
 
-def _parse_entry(path: Path, input: InputRef, name: str, entry: object, data_size: int) -> _Entry:
+def _parse_entry(path: Path, input: InputRef, name: str, entry: object, data_start: int,
+                 data_size: int) -> tuple[int, TensorInfo]:
+    """One header entry, validated on its own, with its absolute offset (its place among the others is
+    checked next)."""
+
     def corrupt(detail: str) -> InputError:
         return _corrupt(path, input, detail, name)
 
@@ -106,18 +94,21 @@ def _parse_entry(path: Path, input: InputRef, name: str, entry: object, data_siz
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise corrupt(f"tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}")
-    return _Entry(name, dtype, tuple(shape), begin, end)
+    offset = data_start + begin
+    return offset, TensorInfo(name, dtype, tuple(shape), SafetensorsBytes(path, offset), input)
 
 
-def _check_contiguous(path: Path, input: InputRef, entries: list[_Entry], data_size: int) -> None:
-    position = 0
-    for entry in entries:
-        if entry.begin != position:
-            problem = "overlaps the previous tensor" if entry.begin < position else "leaves a gap before it"
-            raise _corrupt(path, input, f"tensor {entry.name!r} {problem}", entry.name)
-        position = entry.end
-    if position != data_size:
-        raise _corrupt(path, input, f"{data_size - position} bytes after the last tensor")
+def _check_contiguous(path: Path, input: InputRef, placed: list[tuple[int, TensorInfo]], data_start: int,
+                      data_end: int) -> None:
+    """The tensors, in offset order, must tile the data exactly."""
+    position = data_start
+    for offset, info in placed:
+        if offset != position:
+            problem = "overlaps the previous tensor" if offset < position else "leaves a gap before it"
+            raise _corrupt(path, input, f"tensor {info.name!r} {problem}", info.name)
+        position = offset + info.nbytes
+    if position != data_end:
+        raise _corrupt(path, input, f"{data_end - position} bytes after the last tensor")
 
 
 COMPARE_CHUNK_BYTES = 8 * 1024 * 1024
