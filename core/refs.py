@@ -8,11 +8,14 @@ so neither can lead outside the roots.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 from adapter_merge.core.problems import Problem, Problems, ProblemType
 
+MAX_DEPTH = 3
+MAX_ENTRIES = 10_000
 BASE_MARKER = "config.json"
 ADAPTER_MARKER = "adapter_config.json"
 
@@ -44,16 +47,44 @@ class LocalRootsResolver:
         candidate = given if given.is_absolute() else self.roots[0] / given
         try:
             real = Path(os.path.realpath(candidate))
-            if not any(real == root or real.is_relative_to(root) for root in self.roots):
+            if not self.inside(real):
                 raise BadReference(field, ref, Problems.REFERENCE_OUTSIDE_ROOTS, "leads outside the model roots")
             if not real.exists():
                 raise BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, "does not exist")
             if not real.is_dir():
                 raise BadReference(field, ref, Problems.REFERENCE_NOT_A_FOLDER, "is not a folder")
+            self._check_contents(real, ref, field)
         except OSError as error:  # a name too long for the filesystem, a loop of links, ...
             raise BadReference(field, ref, Problems.REFERENCE_INVALID,
                                f"cannot be resolved: {error.strerror or error}") from None
         return real
+
+    def inside(self, path: Path) -> bool:
+        return any(path == root or path.is_relative_to(root) for root in self.roots)
+
+    def _check_contents(self, folder: Path, ref: str, field: str) -> None:
+        """Every file the merge may read or copy must be a regular file inside the roots: a link from a model
+        folder to /etc/passwd or another model must not be merged or served back."""
+        for count, entry in enumerate(_walk(folder), start=1):
+            name = str(entry.relative_to(folder))
+            if count > MAX_ENTRIES or len(entry.relative_to(folder).parts) > MAX_DEPTH:
+                raise BadReference(field, ref, Problems.REFERENCE_INVALID,
+                                   f"holds more than {MAX_ENTRIES} files or folders nested deeper than {MAX_DEPTH}")
+            real = Path(os.path.realpath(entry))
+            if not self.inside(real):
+                raise BadReference(field, ref, Problems.REFERENCE_OUTSIDE_ROOTS,
+                                   f"holds {name!r}, a link that leads outside the model roots")
+            if not (real.is_file() or real.is_dir()):
+                raise BadReference(field, ref, Problems.REFERENCE_INVALID,
+                                   f"holds {name!r}, which is neither a file nor a folder")
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Entries of a model folder and of its sub-folders (tokenizer and pooling folders), links not followed."""
+    for entry in sorted(folder.iterdir()):
+        yield entry
+        if entry.is_dir() and not entry.is_symlink():
+            yield from _walk(entry)
 
 
 def check_kind(path: Path, ref: str, field: str, adapter: bool) -> None:

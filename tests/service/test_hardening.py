@@ -115,3 +115,27 @@ def test_serve_refuses_to_run_unprotected(tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, "-m", "adapter_merge.cli", "serve"], capture_output=True, text=True,
                                 env={**base, "MERGE_DATA_DIR": str(tmp_path), **env}, timeout=60)
         assert result.returncode == 2 and needle in result.stderr, result.stderr
+
+
+def test_links_out_of_the_roots_inside_a_model_folder_are_refused(models: ModelSet, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for name in ("base", "lora"):
+        (root / name).mkdir(parents=True)
+        for file in (models.root / "small" / name).iterdir():
+            (root / name / file.name).symlink_to(file)  # links within the roots are fine (the hub cache uses them)
+    leaky = root / "leaky"
+    leaky.mkdir()
+    for file in (root / "base").iterdir():
+        (leaky / file.name).symlink_to(file)
+    (leaky / "tokenizer.json").symlink_to("/etc/passwd")
+    swapped = root / "swapped"
+    swapped.mkdir()
+    (swapped / "config.json").symlink_to(root / "base" / "config.json")
+    (swapped / "model.safetensors").symlink_to(models.outside / "base" / "model.safetensors")
+    settings = Settings(data_dir=tmp_path / "data", model_roots=[root, models.root], auth="none")
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/merge", json={"base_model": "base", "adapters": ["lora"]}).status_code == 202
+        for base, needle in (("leaky", "tokenizer.json"), ("swapped", "model.safetensors")):
+            response = client.post("/merge", json={"base_model": base, "adapters": ["lora"]})
+            body = problem(response, 422, needle, "outside the model roots")
+            assert body["field"] == "base_model" and "/etc" not in response.text
