@@ -270,6 +270,16 @@ def nan_in_adapter(i: Inputs) -> Refusal:
                    {"file": i.lora / ADAPTER_FILE, "input": 0, "tensor": key})
 
 
+def nan_in_base(i: Inputs) -> Refusal:
+    """A base tensor an adapter changes is not finite: the base is at fault, not the adapter."""
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{Q_PROJ}.weight"][3, 5] = math.nan
+
+    _edit_tensors(i.base / BASE_FILE, poison)
+    return Refusal([i.base, i.lora], (Q_PROJ,), NumericError, "merge",
+                   {"file": i.base / BASE_FILE, "input": "base", "tensor": f"{Q_PROJ}.weight"})
+
+
 def fp16_overflow(i: Inputs) -> Refusal:
     """A delta of ~1e5 fits bf16 but not fp16 (max 65504): the output dtype is at fault."""
     _edit_tensors(i.lora / ADAPTER_FILE, _blow_up_down_proj)
@@ -346,7 +356,7 @@ BAD_INPUTS: list[Callable[[Inputs], Refusal]] = [
     missing_base, empty_base, missing_adapter_config, missing_adapter_weights,
     truncate_base, truncate_adapter, header_length_past_eof, header_not_json, data_offsets_past_eof,
     module_not_in_base, wrong_shape_lora_b, rank_differs_from_config, magnitude_without_use_dora,
-    nan_in_adapter, fp16_overflow, dora_zero_norm_row,
+    nan_in_adapter, nan_in_base, fp16_overflow, dora_zero_norm_row,
     weights_count, weights_not_numbers, bad_max_shard_size,
     unsupported("init_lora_weights", "pissa"),
     unsupported("layer_replication", [[0, 2], [1, 2]]),
