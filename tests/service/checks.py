@@ -1,14 +1,17 @@
 """What a correct result means, checked the same way in both modes: every artifact downloads with its
-advertised size, sha256 and ETag, and the merged model equals what the engine CLI wrote for the same inputs."""
+advertised size, sha256 and ETag, and the merged model equals what the engine CLI wrote for the same inputs;
+and what a correct refusal means: problem+json with the right status, naming what is at fault."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import httpx
 import torch
 from safetensors.torch import load_file
 
+from adapter_merge.core.settings import Settings
 from tests.service.harness import Api
 
 MANIFEST = "merge_manifest.json"
@@ -48,3 +51,26 @@ def assert_no_leftovers(data_dir: Path, job_id: str) -> None:
     assert not work.exists() or not any(work.iterdir()), list(work.rglob("*"))
     partial = [path for path in data_dir.rglob("*") if ".partial-" in path.name]
     assert not partial, partial
+
+
+def problem(response: httpx.Response, status: int, *needles: str) -> dict:
+    """An RFC 9457 problem document with `status` whose detail contains every needle; returns its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["type"].startswith("urn:adapter-merge:problem:")
+    for needle in needles:
+        assert needle in body["detail"], (needle, body)
+    return body
+
+
+def run_queued_job(settings: Settings, job_id: str) -> None:
+    """Run a queued job to its end in this process with the job runner every worker uses."""
+    from adapter_merge.core.context import JobContext
+    from adapter_merge.worker.runner import JobRunner
+
+    context = JobContext.open(settings)
+    try:
+        assert JobRunner(context).run(job_id) is not None, f"job {job_id} was not queued"
+    finally:
+        context.close()

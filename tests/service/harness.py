@@ -1,6 +1,9 @@
 """Real processes for the service tests: `adapter-merge serve` and `adapter-merge worker` subprocesses, each in
 its own session so a test can SIGKILL a whole worker (main process and pool children) and teardown can
 never leave strays behind; plus an HTTP client that knows the API's job lifecycle.
+
+Nothing here sleeps for a fixed time: every wait polls a condition (a job's state, a line in a log) until a
+deadline, so a test is as fast as the machine allows and fails with what it last saw.
 """
 
 from __future__ import annotations
@@ -15,33 +18,45 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 FINISHED = ("succeeded", "failed", "cancelled")
+POLL = 0.05
 
-# Short leases so recovery happens within seconds; heartbeat at most half the lease (a settings rule).
+# Short leases so recovery happens within a few seconds; heartbeat at most half the lease (a settings rule).
+# A healthy worker renews every 0.5 s, so only a pause of more than 2.5 s would cost it its lease.
 TEST_TIMINGS = {
-    "MERGE_LEASE_SECONDS": "6",
-    "MERGE_HEARTBEAT_SECONDS": "1",
-    "MERGE_REAP_INTERVAL_SECONDS": "1",
+    "MERGE_LEASE_SECONDS": "3",
+    "MERGE_HEARTBEAT_SECONDS": "0.5",
+    "MERGE_REAP_INTERVAL_SECONDS": "0.5",
     "MERGE_POLL_SECONDS": "0.2",
 }
 
+T = TypeVar("T")
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str | Callable[[], str]) -> T:
+    """Poll `condition()` until it returns something truthy and return that; fail after `timeout` seconds,
+    saying `what` was awaited (a callable is asked only then, e.g. for the last state seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
+        time.sleep(POLL)
 
 
 def service_env(data_dir: Path, models_root: Path, **overrides: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MERGE_")}
     env.update(TEST_TIMINGS)
     env.update(MERGE_DATA_DIR=str(data_dir), MERGE_MODEL_ROOTS=str(models_root), MERGE_LOG_LEVEL="info",
-               PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+               PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])),
+               PYTHONUNBUFFERED="1")
     env.update(overrides)
     return env
 
@@ -49,13 +64,15 @@ def service_env(data_dir: Path, models_root: Path, **overrides: str) -> dict[str
 class Proc:
     """A CLI subprocess in its own process group, logging to a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, pass_fds: tuple[int, ...] = ()) -> None:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = log.open("ab")
         self.popen = subprocess.Popen([sys.executable, "-m", "adapter_merge.cli", *args], cwd=REPO, env=env,
-                                      stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                                      stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                      pass_fds=pass_fds)
         self.pid = self.popen.pid
+        self._terminated = False
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -63,14 +80,19 @@ class Proc:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def tail(self) -> str:
+        return f"{self.log.name} ({'running' if self.alive() else f'exit {self.popen.returncode}'}):\n" \
+               f"{self.log_text()[-3000:]}"
+
     def wait_for_log(self, needle: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.log_text():
+        def logged() -> bool:
+            if needle in self.log_text():
+                return True
             if not self.alive():
-                raise AssertionError(f"process exited ({self.popen.returncode}):\n{self.log_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{needle!r} not logged in {timeout} s:\n{self.log_text()[-3000:]}")
-            time.sleep(0.1)
+                raise AssertionError(f"process exited before logging {needle!r}: {self.tail()}")
+            return False
+
+        wait_for(logged, timeout, lambda: f"{needle!r} logged by {self.tail()}")
 
     def group_pids(self) -> set[int]:
         """Every live process of this group (the worker and the processes it forked)."""
@@ -91,10 +113,16 @@ class Proc:
             os.killpg(self.pid, signal.SIGKILL)
         self.popen.wait(10)
 
+    def terminate(self) -> None:
+        """SIGTERM, once: a graceful stop (a Celery worker's second signal would be a cold shutdown)."""
+        if self.alive() and not self._terminated:
+            self._terminated = True
+            self.popen.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 40.0) -> int:
         """SIGTERM and wait; SIGKILL the group if it does not stop in time. Returns the exit code."""
+        self.terminate()
         if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -105,13 +133,20 @@ class Proc:
 
     def reap_group(self) -> None:
         """Make sure nothing of this group survives (e.g. children orphaned by a crash)."""
-        deadline = time.monotonic() + 10
-        while self.group_pids() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not self.group_pids(), 10, "the process group to exit")
         if self.group_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGKILL)
         self._log_file.close()
+
+
+def stop_all(procs: Iterable[Proc]) -> list[int]:
+    """Stop several processes at once (all are signalled before any is waited for); their exit codes."""
+    procs = list(procs)
+    for proc in procs:
+        proc.terminate()
+    return [proc.stop() for proc in procs]
 
 
 class Api:
@@ -134,17 +169,18 @@ class Api:
 
     def wait(self, job_id: str, until: Callable[[dict[str, Any]], bool] | Iterable[str] = FINISHED,
              timeout: float = 120.0, on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll the job until `until` (a predicate, or the statuses to wait for) holds; returns it."""
         check = until if callable(until) else (lambda job, wanted=tuple(until): job["status"] in wanted)
-        deadline = time.monotonic() + timeout
-        while True:
+        seen: list[dict[str, Any]] = []
+
+        def reached() -> dict[str, Any] | None:
             job = self.job(job_id)
+            seen[:] = [job]
             if on_poll is not None:
                 on_poll(job)
-            if check(job):
-                return job
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} not there in {timeout} s: {job}")
-            time.sleep(0.1)
+            return job if check(job) else None
+
+        return wait_for(reached, timeout, lambda: f"job {job_id} in the awaited state; last seen {seen}")
 
     def download(self, url: str, dest: Path | None = None) -> tuple[str, int, httpx.Headers]:
         """Stream a download; returns (sha256, byte count, headers) and writes `dest` if given."""
@@ -183,34 +219,44 @@ class Api:
         self.http.close()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until `condition()`; returns the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.1)
-    return time.monotonic() - started
+def launch_server(env: dict[str, str], log: Path) -> tuple[Proc, Api]:
+    """Start `adapter-merge serve` on a socket bound and listening here, so the port cannot be taken in
+    between and a request made before the server is up waits in the backlog instead of being refused."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        proc = Proc(["serve", "--fd", str(listener.fileno())], env, log, pass_fds=(listener.fileno(),))
+    return proc, Api(f"http://127.0.0.1:{port}")
 
 
-def start_server(env: dict[str, str], log: Path, port: int | None = None) -> tuple[Proc, Api]:
-    port = port or free_port()
-    proc = Proc(["serve", "--host", "127.0.0.1", "--port", str(port)], env, log)
-    api = Api(f"http://127.0.0.1:{port}")
-
+def wait_healthy(proc: Proc, api: Api, timeout: float = 30.0) -> None:
     def healthy() -> bool:
         if not proc.alive():
-            raise AssertionError(f"server exited:\n{proc.log_text()[-3000:]}")
+            raise AssertionError(f"server exited: {proc.tail()}")
         try:
             return api.http.get("/healthz", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
 
-    wait_until(healthy, 30, "server health")
+    wait_for(healthy, timeout, lambda: f"server health: {proc.tail()}")
+
+
+def start_server(env: dict[str, str], log: Path) -> tuple[Proc, Api]:
+    proc, api = launch_server(env, log)
+    wait_healthy(proc, api)
     return proc, api
 
 
-def start_worker(env: dict[str, str], log: Path) -> Proc:
-    proc = Proc(["worker"], env, log)
+def launch_worker(env: dict[str, str], log: Path) -> Proc:
+    return Proc(["worker"], env, log)
+
+
+def wait_worker_ready(proc: Proc) -> None:
     proc.wait_for_log(" ready.", 60)
+
+
+def start_worker(env: dict[str, str], log: Path) -> Proc:
+    proc = launch_worker(env, log)
+    wait_worker_ready(proc)
     return proc

@@ -4,7 +4,6 @@ lost its lease (a network partition, a long pause) while its job was re-run else
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.settings import Settings
 from adapter_merge.worker.runner import JobRunner
 from tests.service.conftest import ModelSet
+from tests.service.harness import wait_for
 
 
 def test_a_run_that_lost_its_lease_stops_and_touches_nothing(models: ModelSet, big_request: dict,
@@ -29,10 +29,8 @@ def test_a_run_that_lost_its_lease_stops_and_touches_nothing(models: ModelSet, b
     outcome: list[JobRecord | None] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.execute(claimed)))
     thread.start()
-    deadline = time.monotonic() + 60
-    while store.get(job.id).progress.tensors_done == 0:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    wait_for(lambda: store.get(job.id).progress.tensors_done > 0 or not thread.is_alive(), 60, "merge progress")
+    assert thread.is_alive(), outcome
 
     # Its lease runs out (the worker looks dead), a reaper re-queues the job and another worker claims it.
     store.update(job.id, lambda record, now: record.model_copy(update={"lease_expires_at": now - 1}))
