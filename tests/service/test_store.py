@@ -4,7 +4,6 @@ process relies on to never run a job twice and never lose one."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -102,21 +101,37 @@ def test_writes_are_fenced_by_attempt(store: JobStore) -> None:
     assert store.heartbeat(job.id, claimed.attempt, 30) is None
 
 
-def test_expired_lease_is_recovered_once_then_given_up(store: JobStore) -> None:
+def test_a_valid_lease_is_not_recovered(store: JobStore) -> None:
     job = new_job()
     store.create(job)
-    first = store.claim(job.id, "w1", 0.2)
-    assert store.recover(job.id, max_recoveries=1) is None  # lease still valid
-    time.sleep(0.3)
+    store.claim(job.id, "w1", 30)
+    assert store.recover(job.id, max_recoveries=1) is None
+    assert store.get(job.id).status is JobStatus.running
+
+
+def test_expired_lease_is_recovered_once_then_given_up(store: JobStore) -> None:
+    """Leases of zero seconds have run out by the time anyone looks (the store's clock never goes back)."""
+    job = new_job()
+    store.create(job)
+    first = store.claim(job.id, "w1", 0)
     requeued = store.recover(job.id, max_recoveries=1)
     assert requeued.status is JobStatus.queued and requeued.recoveries == 1
+    assert "worker w1 stopped renewing its lease (attempt 1)" in requeued.notes
     assert store.recover(job.id, max_recoveries=1) is None  # already recovered by someone
     assert store.heartbeat(job.id, first.attempt, 30) is None  # the dead attempt cannot come back
-    second = store.claim(job.id, "w2", 0.2)
+    second = store.claim(job.id, "w2", 0)
     assert second.attempt == 2
-    time.sleep(0.3)
     failed = store.recover(job.id, max_recoveries=1)
     assert failed.status is JobStatus.failed and "lost its worker 2 times" in failed.error["detail"]
+
+
+def test_expired_lease_of_a_job_being_cancelled_ends_it_cancelled(store: JobStore) -> None:
+    job = new_job()
+    store.create(job)
+    store.claim(job.id, "w1", 0)
+    assert store.request_cancel(job.id).cancel_requested
+    cancelled = store.recover(job.id, max_recoveries=1)
+    assert cancelled.status is JobStatus.cancelled and cancelled.finished_at is not None
 
 
 def test_cancel_queued_is_immediate_running_is_a_request(store: JobStore) -> None:
