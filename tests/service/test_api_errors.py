@@ -1,50 +1,41 @@
-"""Bad requests against a live server: each gets the right 4xx, as problem+json naming what is at fault."""
+"""Bad requests against the app in process (embedded mode: its SQLite store, no server and no worker
+process): each gets the right 4xx, as problem+json naming what is at fault. The same answers over a real
+socket (malformed JSON, 415, a preflight 422) are checked against a live server in test_embedded."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from adapter_merge.core.settings import Settings
+from adapter_merge.service.app import create_app
+from tests.service.checks import problem, run_queued_job
 from tests.service.conftest import ModelSet
-from tests.service.harness import Api, service_env, start_server
 
 
 @pytest.fixture(scope="module")
-def api(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    data = tmp_path_factory.mktemp("errors-data")
-    proc, client = start_server(service_env(data, models.root), data / "server.log")
-    yield client
-    client.close()
-    assert proc.stop() == 0
+def settings(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("errors-data"), model_roots=[models.root])
 
 
 @pytest.fixture(scope="module")
-def finished_job(api: Api, small_request: dict) -> dict:
-    return api.wait(api.submit(small_request)["id"], ["succeeded"], timeout=60)
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        yield client
 
 
-def problem(response: httpx.Response, status: int, *needles: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body = response.json()
-    assert body["status"] == status and body["type"].startswith("urn:adapter-merge:problem:")
-    for needle in needles:
-        assert needle in body["detail"], (needle, body)
-    return body
-
-
-def test_malformed_json_is_400(api: Api) -> None:
-    response = api.http.post("/merge", content=b'{"base_model": "small/base",',
-                             headers={"content-type": "application/json"})
-    problem(response, 400, "not valid JSON")
-
-
-def test_non_json_body_is_415(api: Api) -> None:
-    problem(api.http.post("/merge", data={"base_model": "x"}), 415, "application/x-www-form-urlencoded")
-    problem(api.http.post("/merge", content=b'{"base_model": "x"}'), 415, "Content-Type header missing")
+@pytest.fixture(scope="module")
+def finished_job(client: TestClient, settings: Settings, small_request: dict) -> dict:
+    """A job that really ran: queued through the API, merged by the job runner in this process."""
+    submitted = client.post("/merge", json=small_request)
+    assert submitted.status_code == 202, submitted.text
+    run_queued_job(settings, submitted.json()["id"])
+    job = client.get(f"/jobs/{submitted.json()['id']}").json()
+    assert job["status"] == "succeeded", job
+    return job
 
 
 @pytest.mark.parametrize(("raw", "needle"), [
@@ -57,8 +48,12 @@ def test_non_json_body_is_415(api: Api) -> None:
     (b'{"base_model": "small/base", "adapters": ["small/lora"], "max_shard_size": true}', "max_shard_size: "),
     (b'{"base_model": 5, "adapters": ["small/lora"]}', "base_model: Input should be a valid string"),
 ])
-def test_wrong_json_shapes_are_422(api: Api, raw: bytes, needle: str) -> None:
-    problem(api.http.post("/merge", content=raw, headers={"content-type": "application/json"}), 422, needle)
+def test_wrong_json_shapes_are_422(client: TestClient, raw: bytes, needle: str) -> None:
+    problem(client.post("/merge", content=raw, headers={"content-type": "application/json"}), 422, needle)
+
+
+def test_form_body_is_415(client: TestClient) -> None:
+    problem(client.post("/merge", data={"base_model": "x"}), 415, "application/x-www-form-urlencoded")
 
 
 @pytest.mark.parametrize(("body", "field", "needle"), [
@@ -73,8 +68,8 @@ def test_wrong_json_shapes_are_422(api: Api, raw: bytes, needle: str) -> None:
     ({"base_model": "small/base", "adapters": ["small/lora"], "max_shard_size": "5XB"}, "max_shard_size", "5XB"),
     ({"base_model": "small/base", "adapters": ["small/lora"], "max_shard_size": 0}, "max_shard_size", "positive"),
 ])
-def test_invalid_fields_are_422_naming_the_field(api: Api, body: dict, field: str, needle: str) -> None:
-    found = problem(api.http.post("/merge", json=body), 422, f"{field}: ", needle)
+def test_invalid_fields_are_422_naming_the_field(client: TestClient, body: dict, field: str, needle: str) -> None:
+    found = problem(client.post("/merge", json=body), 422, f"{field}: ", needle)
     assert field in [error["field"] for error in found["errors"]]
 
 
@@ -88,64 +83,77 @@ def test_invalid_fields_are_422_naming_the_field(api: Api, body: dict, field: st
     ("small/base", "small/base", "adapters[0].ref", "reference-wrong-kind"),
     ("small/base\x00", "small/lora", "base_model", "reference-invalid"),
 ])
-def test_bad_references_are_422_naming_field_and_ref(api: Api, base: str, adapter: str, field: str,
+def test_bad_references_are_422_naming_field_and_ref(client: TestClient, base: str, adapter: str, field: str,
                                                      slug: str) -> None:
-    body = problem(api.http.post("/merge", json={"base_model": base, "adapters": [adapter]}), 422, f"{field}: ")
+    body = problem(client.post("/merge", json={"base_model": base, "adapters": [adapter]}), 422, f"{field}: ")
     assert body["type"].endswith(slug) and body["field"] == field
     assert body["ref"] in (base, adapter)
 
 
-def test_absolute_ref_outside_root_names_the_resolved_path(api: Api, models: ModelSet) -> None:
-    body = problem(api.http.post("/merge", json={"base_model": str(models.outside / "base"),
-                                                 "adapters": ["small/lora"]}), 422, "outside the model roots")
+def test_absolute_ref_outside_root_names_the_resolved_path(client: TestClient, models: ModelSet) -> None:
+    body = problem(client.post("/merge", json={"base_model": str(models.outside / "base"),
+                                               "adapters": ["small/lora"]}), 422, "outside the model roots")
     assert str(models.outside / "base") in body["detail"]
 
 
-def test_adapter_that_does_not_fit_the_base_is_422(api: Api) -> None:
-    body = problem(api.http.post("/merge", json={"base_model": "small/base",
-                                                 "adapters": ["small/lora", "other/lora"]}), 422, "adapters[1].ref")
-    assert body["field"] == "adapters[1].ref" and body["type"].endswith("inputs-do-not-fit")
-    assert "model.layers." in body["detail"]  # the message names the tensor at fault
+def test_nothing_was_queued_by_bad_requests(client: TestClient) -> None:
+    assert client.get("/jobs", params={"status": ["queued", "running"]}).json()["total"] == 0
 
 
-def test_nothing_was_queued_by_bad_requests(api: Api) -> None:
-    assert api.http.get("/jobs", params={"status": ["queued", "running"]}).json()["total"] == 0
-
-
-def test_unknown_job_is_404(api: Api) -> None:
+def test_unknown_job_is_404(client: TestClient) -> None:
     for method, path in [("GET", "/jobs/nope"), ("POST", "/jobs/nope/cancel"), ("DELETE", "/jobs/nope"),
                          ("GET", "/jobs/nope/archive"), ("GET", "/jobs/nope/artifacts/config.json")]:
-        body = problem(api.http.request(method, path), 404, "'nope'")
+        body = problem(client.request(method, path), 404, "'nope'")
         assert body["field"] == "job_id"
 
 
-def test_bad_query_parameters_are_422(api: Api) -> None:
-    problem(api.http.get("/jobs", params={"status": "done"}), 422, "query parameter 'status'")
-    problem(api.http.get("/jobs", params={"limit": 0}), 422, "query parameter 'limit'")
+def test_bad_query_parameters_are_422(client: TestClient) -> None:
+    problem(client.get("/jobs", params={"status": "done"}), 422, "query parameter 'status'")
+    problem(client.get("/jobs", params={"limit": 0}), 422, "query parameter 'limit'")
 
 
-def test_unknown_artifact_is_404_listing_what_exists(api: Api, finished_job: dict) -> None:
-    problem(api.http.get(f"/jobs/{finished_job['id']}/artifacts/../jobs.sqlite3"), 404)
-    problem(api.http.get(f"/jobs/{finished_job['id']}/artifacts/nope.bin"), 404, "'nope.bin'", "config.json")
+def test_unknown_artifact_is_404_listing_what_exists(client: TestClient, finished_job: dict) -> None:
+    problem(client.get(f"/jobs/{finished_job['id']}/artifacts/../jobs.sqlite3"), 404)
+    problem(client.get(f"/jobs/{finished_job['id']}/artifacts/nope.bin"), 404, "'nope.bin'", "config.json")
 
 
-def test_bad_ranges_are_416(api: Api, finished_job: dict) -> None:
+def test_bad_ranges_are_416(client: TestClient, finished_job: dict) -> None:
     artifact = finished_job["artifacts"][0]
     for header in [f"bytes={artifact['size']}-", "bytes=5-1", "bytes=0-1,4-5", "bytes=x-y"]:
-        response = api.http.get(artifact["url"], headers={"Range": header})
+        response = client.get(artifact["url"], headers={"Range": header})
         problem(response, 416, header)
         assert response.headers["content-range"] == f"bytes */{artifact['size']}"
 
 
-def test_finished_job_cannot_be_cancelled(api: Api, finished_job: dict) -> None:
-    problem(api.http.post(f"/jobs/{finished_job['id']}/cancel"), 409, "already succeeded")
+def test_finished_job_cannot_be_cancelled(client: TestClient, finished_job: dict) -> None:
+    problem(client.post(f"/jobs/{finished_job['id']}/cancel"), 409, "already succeeded")
 
 
-def test_unknown_route_and_method(api: Api) -> None:
-    problem(api.http.get("/nothing"), 404, "/nothing")
-    problem(api.http.put("/merge", json={}), 405, "PUT")
+def test_active_job_cannot_be_deleted_nor_downloaded(client: TestClient, small_request: dict) -> None:
+    queued = client.post("/merge", json=small_request).json()
+    problem(client.delete(f"/jobs/{queued['id']}"), 409)
+    problem(client.get(f"/jobs/{queued['id']}/archive"), 409)
+    assert client.post(f"/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"
+    assert client.delete(f"/jobs/{queued['id']}").status_code == 204
 
 
-def test_readyz(api: Api, tmp_path: Path) -> None:
-    body = api.http.get("/readyz").json()
+def test_unknown_route_and_method(client: TestClient) -> None:
+    problem(client.get("/nothing"), 404, "/nothing")
+    problem(client.put("/merge", json={}), 405, "PUT")
+
+
+def test_readyz(client: TestClient) -> None:
+    body = client.get("/readyz").json()
     assert body == {"status": "ready", "mode": "embedded", "checks": {"store": "ok", "broker": "ok", "data_dir": "ok"}}
+
+
+def test_unreachable_redis_is_503_not_500(models: ModelSet, tmp_path: Path, small_request: dict) -> None:
+    """Nothing listens on port 1: the app still starts, says what is down, and refuses work with a 503."""
+    settings = Settings(data_dir=tmp_path, model_roots=[models.root], redis_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["content-type"] == "application/problem+json"
+        checks = ready.json()["checks"]
+        assert checks["data_dir"] == "ok" and "Connection" in checks["store"] and checks["broker"] != "ok"
+        problem(client.post("/merge", json=small_request), 503, "job store cannot be reached")
+        problem(client.get("/jobs/anything"), 503)
