@@ -1,14 +1,13 @@
 """Inputs for the service tests, built once per session with tools.synthetic, and the Redis namespace.
 
-Two model sets live under one model root: a small demo-sized model (fast end-to-end checks) and a large one
-(~0.6 GB: a merge that lasts seconds, so a test can cancel or kill it mid-way). Each merge the service runs is
-compared with the engine CLI's output for the same inputs, computed here once.
+Two model sets live under one model root: a small demo-sized model (fast end-to-end checks) and a big one
+(~0.3 GB, merged into 0.6 GB of float32: 2-3 s, long enough to cancel or kill a merge mid-way, short enough
+to run one to the end several times). Each merge the service runs is compared with the engine CLI's output
+for the same inputs, computed here once.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,12 +16,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.service.harness import REPO
+from adapter_merge.cli.main import main as cli_main
 from tools.synthetic import DEMO, write_llama_base, write_lora_adapter
 
 REDIS_URL_BASE = "redis://127.0.0.1:6379"
 REDIS_DB = 15
-BIG_SHAPE = {"hidden": 1024, "intermediate": 2816, "layers": 24, "heads": 8, "kv_heads": 2, "vocab": 8000,
+BIG_SHAPE = {"hidden": 1024, "intermediate": 2816, "layers": 12, "heads": 8, "kv_heads": 2, "vocab": 8000,
              "max_shard_bytes": 150_000_000}
 
 
@@ -34,12 +33,11 @@ class ModelSet:
 
 
 def cli_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, dtype: str = "auto") -> Path:
-    """The engine's own CLI on the same inputs: the reference every service result must equal."""
-    command = [sys.executable, "-m", "adapter_merge.cli", "merge", str(base), *(str(path) for path, _ in adapters),
-               "--out", str(out), "--dtype", dtype, "--quiet",
-               "--weights", ",".join(str(weight) for _, weight in adapters)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, f"engine CLI failed: {result.stderr}"
+    """The engine's own CLI on the same inputs: the reference every service result must equal (run in this
+    process, where torch is loaded already)."""
+    arguments = ["merge", str(base), *(str(path) for path, _ in adapters), "--out", str(out), "--dtype", dtype,
+                 "--quiet", "--weights", ",".join(str(weight) for _, weight in adapters)]
+    assert cli_main(arguments) == 0, f"engine CLI failed: adapter-merge {' '.join(arguments)}"
     return out
 
 
@@ -74,7 +72,7 @@ def small_reference(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def big_request(models: ModelSet) -> dict:
-    """A merge of a few seconds: ~0.6 GB base, a DoRA and a LoRA adapter."""
+    """A merge of a few seconds: ~0.3 GB base, a DoRA and a LoRA adapter, 0.6 GB of float32 output."""
     root = models.root / "big"
     if not root.exists():
         base = write_llama_base(root / "base", **BIG_SHAPE)
