@@ -98,14 +98,17 @@ def _keep_running(signum: int, frame: FrameType | None) -> None:
 def serve(host: str | None = None, port: int | None = None, fd: int | None = None) -> int:
     settings = start_process("adapter-merge serve")
     host = host or settings.host
-    refusal = _auth_refusal(settings, _bound_host(fd) if fd is not None else host)
+    # An inherited socket is wrapped here, not by uvicorn's `fd` option: that one takes every socket for a
+    # Unix socket, so asyncio leaves Nagle's algorithm on and each small response waits ~40 ms for an ACK.
+    inherited = socket.socket(fileno=fd) if fd is not None else None
+    refusal = _auth_refusal(settings, str(inherited.getsockname()[0]) if inherited else host)
     if refusal:
         print(f"adapter-merge serve: {refusal}", file=sys.stderr)
         return 2
     supervisor = None if settings.distributed else WorkerSupervisor(settings.worker_concurrency)
     config = uvicorn.Config(
         create_app(settings), host=host, port=settings.port if port is None else port,
-        log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=10, fd=fd,
+        log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=10,
         http=type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": settings.request_read_seconds}),
     )
     server = _Server(config, on_started=supervisor.start if supervisor else None)
@@ -113,7 +116,7 @@ def serve(host: str | None = None, port: int | None = None, fd: int | None = Non
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _keep_running)
     try:
-        server.run()
+        server.run(sockets=[inherited] if inherited else None)
     except SystemExit as exit_:  # uvicorn exits this way when it cannot bind or start
         return int(exit_.code or 1)
     finally:
@@ -142,12 +145,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _bound_host(fd: int) -> str:
-    """The address an inherited listening socket is bound to."""
-    with socket.socket(fileno=os.dup(fd)) as bound:
-        return str(bound.getsockname()[0])
 
 
 def _log_mode(settings: Settings) -> None:

@@ -63,6 +63,7 @@ class Problems:
     JOB_NOT_SUCCEEDED = ProblemType("job-not-succeeded", 409, "No artifacts")
     RANGE_NOT_SATISFIABLE = ProblemType("range-not-satisfiable", 416, "Range not satisfiable")
     STORE_UNAVAILABLE = ProblemType("store-unavailable", 503, "Service unavailable")
+    PREFLIGHT_TIMEOUT = ProblemType("preflight-timeout", 503, "Inputs could not be checked in time")
     QUEUE_UNAVAILABLE = ProblemType("queue-unavailable", 503, "Queue unavailable")
     NOT_READY = ProblemType("not-ready", 503, "Not ready")
     WORKER_LOST = ProblemType("worker-lost", 500, "Worker lost")
@@ -72,6 +73,10 @@ class Problems:
     @classmethod
     def all(cls) -> list[ProblemType]:
         return [value for value in vars(cls).values() if isinstance(value, ProblemType)]
+
+    @classmethod
+    def by_slug(cls, slug: str) -> ProblemType:
+        return next(kind for kind in cls.all() if kind.slug == slug)
 
 
 class Problem(Exception):

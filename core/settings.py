@@ -63,6 +63,9 @@ class Settings(BaseSettings):
                                    "before they are read.")
     request_read_seconds: float = Field(10.0, gt=0, description="Time a client has to send a request's headers, "
                                         "and again its body; slower ones are cut off (408 for a body).")
+    preflight_seconds: float = Field(30.0, gt=0, description="Time limit of checking a request's inputs before "
+                                     "it is queued; past it, 503.")
+    preflight_workers: int = Field(2, ge=1, description="Processes that check requests' inputs (per API process).")
     tenant_max_active_jobs: int = Field(100, ge=1, description="Queued + running jobs a tenant may have at once.")
     tenant_max_artifact_bytes: int | None = Field(None, ge=0, description="Bytes of results a tenant may keep; "
                                                   "unset: no limit.")

@@ -16,6 +16,7 @@ from adapter_merge.core.maintenance import MaintenanceThread
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.settings import Settings
 from adapter_merge.service.auth import Authenticator, forbid_unless
+from adapter_merge.service.preflight_pool import PreflightPool
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Services:
     dispatcher: Dispatcher
     maintenance: MaintenanceThread
     authenticator: Authenticator
+    preflight: PreflightPool
 
     @classmethod
     def open(cls, settings: Settings) -> Services:
@@ -34,9 +36,10 @@ class Services:
         dispatcher = _dispatcher(settings)
         maintenance = MaintenanceThread(context, dispatcher, retention=True)
         maintenance.start()
-        return cls(context, dispatcher, maintenance, authenticator)
+        return cls(context, dispatcher, maintenance, authenticator, PreflightPool(settings))
 
     def close(self) -> None:
+        self.preflight.close()
         self.maintenance.stop()
         self.context.close()
 

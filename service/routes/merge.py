@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Response
 
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.jobs import JobRecord, JobStatus, Progress
-from adapter_merge.core.preflight import preflight
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.store.base import QuotaExceeded
@@ -29,8 +28,7 @@ def submit_merge(body: MergeRequest, caller: Submitter, response: Response, serv
     queued, so a request that cannot work fails now with a 4xx naming the field at fault."""
     context = services.context
     _check_artifact_quota(context, caller.tenant)
-    _, plan = preflight(body, context.resolver)
-    summary = plan.summary()
+    summary = services.preflight.check(body)
     job = JobRecord(
         id=str(uuid.uuid4()), tenant=caller.tenant, request=body,
         progress=Progress(tensors_total=summary["tensors_total"], bytes_total=summary["bytes_total"]),
