@@ -15,7 +15,8 @@ from adapter_merge.worker.engine.spec import OutputDtype
 
 SIZE_PATTERN = r"^\s*([0-9]*[1-9][0-9]*(\.[0-9]+)?|0+\.[0-9]*[1-9][0-9]*)\s*([KMGTkmgt][Ii]?[Bb]|[Bb])?\s*$"
 """The size strings `parse_size` reads (a non-zero number, an optional unit), for the schema."""
-Ref = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+MAX_REF_LENGTH = 4096
+Ref = Annotated[str, StringConstraints(min_length=1, max_length=MAX_REF_LENGTH)]
 
 
 def _shard_size(value: object) -> int | None:
@@ -46,13 +47,17 @@ class AdapterIn(BaseModel):
 class MergeRequest(BaseModel):
     """A merge to run: one base model and one or more adapters applied in order."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"base_model": "llama-3-8b", "adapters": ["my-lora", {"ref": "other-lora", "weight": 0.5}],
+         "output_dtype": "auto", "max_shard_size": "5GB"},
+    ]})
 
     base_model: Ref = Field(description="Base model folder inside a model root (config.json + safetensors).")
     adapters: list[AdapterIn] = Field(
         min_length=1, max_length=64,
         description="Adapters in order; each is {ref, weight} or a bare ref string.",
-        json_schema_extra={"items": {"anyOf": [{"$ref": "#/components/schemas/AdapterIn"}, {"type": "string"}]}},
+        json_schema_extra={"items": {"anyOf": [{"$ref": "#/components/schemas/AdapterIn"},
+                                               {"type": "string", "minLength": 1, "maxLength": MAX_REF_LENGTH}]}},
     )
     output_dtype: OutputDtype = Field("auto", description="dtype of the merged weights; auto keeps the base's.")
     max_shard_size: Annotated[int | None, BeforeValidator(_shard_size)] = Field(

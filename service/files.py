@@ -6,7 +6,6 @@ headers and file contents, so its length is known up front and no copy of the mo
 
 from __future__ import annotations
 
-import mimetypes
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -21,6 +20,7 @@ from adapter_merge.core.problems import Problem, Problems
 CHUNK_BYTES = 1024 * 1024
 TAR_BLOCK = 512
 MAX_POSITION_DIGITS = 18
+ARTIFACT_MEDIA_TYPE = "application/octet-stream"
 _RANGE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
 
 
@@ -105,7 +105,7 @@ def file_response(
     """The file (or the requested part) with Content-Length, ETag (its sha256) and Accept-Ranges."""
     size = path.stat().st_size
     etag = f'"{sha256}"'
-    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    media_type = ARTIFACT_MEDIA_TYPE  # a download, whatever the file holds: one documented type for every artifact
     headers = {"ETag": etag, "Accept-Ranges": "bytes",
                "Content-Disposition": f'attachment; filename="{path.name}"'}
     if _etag_matches(if_none_match, etag):

@@ -21,6 +21,7 @@ from adapter_merge.service.app import create_app
 from adapter_merge.service.files import parse_range
 from tests.service.checks import problem
 from tests.service.conftest import ModelSet
+from tests.service.harness import service_env, start_server
 
 JSON = {"content-type": "application/json"}
 
@@ -70,27 +71,10 @@ def test_range_with_thousands_of_digits() -> None:
     assert caught.value.status == 416
 
 
-def _serve(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], int]:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    variables = {key: value for key, value in os.environ.items() if not key.startswith("MERGE_")}
-    variables.update(MERGE_DATA_DIR=str(tmp_path), MERGE_AUTH="none", MERGE_LOG_LEVEL="warning", **env)
-    process = subprocess.Popen([sys.executable, "-m", "adapter_merge.cli", "serve", "--fd", str(listener.fileno())],
-                               pass_fds=[listener.fileno()], env=variables)
-    port = listener.getsockname()[1]
-    listener.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return process, port
-        time.sleep(0.05)
-    raise AssertionError("server did not start")
-
-
-def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
-    process, port = _serve(tmp_path, MERGE_REQUEST_READ_SECONDS="1")
+def test_slow_clients_are_cut_off(models: ModelSet, tmp_path: Path) -> None:
+    env = service_env(tmp_path, models.root, MERGE_AUTH="none", MERGE_REQUEST_READ_SECONDS="1")
+    process, api = start_server(env, tmp_path / "server.log")
+    port = int(api.base_url.rsplit(":", 1)[1])
     try:
         with socket.create_connection(("127.0.0.1", port)) as slow_headers:
             started = time.monotonic()
@@ -104,8 +88,8 @@ def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
             slow_body.settimeout(10)
             assert slow_body.recv(100).startswith(b"HTTP/1.1 408")
     finally:
-        process.terminate()
-        process.wait()
+        api.close()
+        process.stop()
 
 
 def test_serve_refuses_to_run_unprotected(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.service.test_hardening import _serve
+from tests.service.harness import service_env, start_server
 
 PROBES = 300
 P99_LIMIT_SECONDS = 0.1
@@ -58,11 +58,12 @@ def hostile_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(hostile_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    process, port = _serve(tmp_path_factory.mktemp("load-data"), MERGE_MODEL_ROOTS=str(hostile_root),
-                           MERGE_PREFLIGHT_SECONDS="3")
-    yield f"http://127.0.0.1:{port}"
-    process.terminate()
-    process.wait()
+    data = tmp_path_factory.mktemp("load-data")
+    process, api = start_server(service_env(data, hostile_root, MERGE_AUTH="none", MERGE_PREFLIGHT_SECONDS="3",
+                                            MERGE_LOG_LEVEL="warning"), data / "server.log")
+    yield api.base_url
+    api.close()
+    process.stop()
 
 
 ATTACKS = {
