@@ -7,6 +7,7 @@ runs it again before merging (the folders may have changed meanwhile). Planning 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,19 +25,23 @@ class ResolvedMerge:
     base: Path
     adapters: list[AdapterSpec]
     options: MergeOptions
+    names: dict[Path, str]
+    """Resolved folder -> the reference as the client wrote it, so that messages never show server paths."""
 
 
 def resolve_request(request: MergeRequest, resolver: Resolver) -> ResolvedMerge:
     base = resolver.resolve(request.base_model, "base_model")
     check_kind(base, request.base_model, "base_model", adapter=False)
+    names = {base: request.base_model}
     adapters = []
     for index, adapter in enumerate(request.adapters):
         field = adapter_field(index)
         path = resolver.resolve(adapter.ref, field)
         check_kind(path, adapter.ref, field, adapter=True)
+        names.setdefault(path, adapter.ref)
         adapters.append(AdapterSpec(path, adapter.weight))
     options = MergeOptions(dtype=request.output_dtype, max_shard_size=request.max_shard_size)
-    return ResolvedMerge(base, adapters, options)
+    return ResolvedMerge(base, adapters, options, names)
 
 
 def adapter_field(index: int) -> str:
@@ -52,11 +57,20 @@ def error_field(error: MergeError) -> str | None:
     return OPTION_FIELDS.get(error.option or "")
 
 
-def merge_problem(error: MergeError) -> Problem:
-    """An engine error as a problem naming the request field (and file and tensor) at fault."""
+def merge_problem(error: MergeError, names: Mapping[Path, str]) -> Problem:
+    """An engine error as a problem naming the request field (and file and tensor) at fault, with input
+    folders named by their references as the client wrote them; a failure of the server's own storage says
+    what failed, not where."""
+    if error.fault == "machine":
+        cause = error.__cause__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else type(error).__name__
+        return Problem(engine_problem_type(error), f"the server could not write the merged model: {reason}")
+    message = str(error)
+    for path in sorted(names, key=lambda path: -len(str(path))):
+        message = message.replace(str(path), names[path])
     field = error_field(error)
-    detail = f"{field}: {error}" if field else str(error)
-    return Problem(engine_problem_type(error), detail, field=field, tensor=error.tensor)
+    return Problem(engine_problem_type(error), f"{field}: {message}" if field else message, field=field,
+                   tensor=error.tensor)
 
 
 def preflight(request: MergeRequest, resolver: Resolver) -> tuple[ResolvedMerge, MergePlan]:
@@ -65,5 +79,5 @@ def preflight(request: MergeRequest, resolver: Resolver) -> tuple[ResolvedMerge,
     try:
         plan = plan_merge(resolved.base, resolved.adapters, resolved.options)
     except MergeError as error:
-        raise merge_problem(error) from error
+        raise merge_problem(error, resolved.names) from error
     return resolved, plan

@@ -71,8 +71,13 @@ class JobRunner:
         resolve_seconds = _seconds(job.started_at, utcnow())
         # Success is only reported for a result on disk (fsync); inputs are hashed once per file version.
         options = replace(resolved.options, fsync=True, checksum_cache=self.layout.checksum_cache)
-        report = merge(resolved.base, resolved.adapters, self.layout.attempt_output(job.id, job.attempt),
-                       options, progress=watch.progress, should_stop=watch.should_stop)
+        try:
+            report = merge(resolved.base, resolved.adapters, self.layout.attempt_output(job.id, job.attempt),
+                           options, progress=watch.progress, should_stop=watch.should_stop)
+        except MergeCancelled:
+            raise
+        except MergeError as error:  # reported with the client's references, not the server's paths
+            raise merge_problem(error, resolved.names) from error
         if watch.lost or watch.cancel_requested:  # superseded or cancelled after the last tensor
             raise MergeCancelled("stopped before publishing")
         publish_started = time.perf_counter()
@@ -122,7 +127,7 @@ def _problem_of(error: Exception) -> Problem:
     if isinstance(error, Problem):
         return error
     if isinstance(error, MergeError):
-        return merge_problem(error)
+        return merge_problem(error, {})
     if isinstance(error, OSError):
         return Problem(Problems.STORAGE_ERROR, f"{type(error).__name__}: {error.strerror or error}")
     return Problem(Problems.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
