@@ -110,6 +110,7 @@ def serve(host: str | None = None, port: int | None = None, fd: int | None = Non
         create_app(settings), host=host, port=settings.port if port is None else port,
         log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=10,
         http=type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": settings.request_read_seconds}),
+        ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile,
     )
     server = _Server(config, on_started=supervisor.start if supervisor else None)
     _log_mode(settings)

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     oidc_audience: str | None = Field(None, description="The `aud` a JWT must carry (required with an issuer).")
     oidc_tenant_claim: str = Field("tenant", description="JWT claim that names the caller's tenant.")
     oidc_roles_claim: str = Field("roles", description="JWT claim listing the caller's roles (read, submit, admin).")
+    tls_certfile: Path | None = Field(None, description="PEM certificate: `adapter-merge serve` speaks HTTPS.")
+    tls_keyfile: Path | None = Field(None, description="PEM private key of the TLS certificate.")
     max_request_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body; larger ones get 413 "
                                    "before they are read.")
     request_read_seconds: float = Field(10.0, gt=0, description="Time a client has to send a request's headers, "
@@ -77,8 +79,8 @@ class Settings(BaseSettings):
             return [part for part in value.split(":") if part.strip()]
         return value
 
-    @field_validator("redis_url", "api_keys_file", "oidc_issuer", "oidc_audience", "tenant_max_artifact_bytes",
-                     mode="before")
+    @field_validator("redis_url", "api_keys_file", "tls_certfile", "tls_keyfile", "oidc_issuer", "oidc_audience",
+                     "tenant_max_artifact_bytes", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -90,6 +92,12 @@ class Settings(BaseSettings):
                 f"MERGE_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be at most half of "
                 f"MERGE_LEASE_SECONDS ({self.lease_seconds}), or a busy worker loses its lease"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("MERGE_TLS_CERTFILE and MERGE_TLS_KEYFILE go together")
         return self
 
     @model_validator(mode="after")

@@ -48,8 +48,9 @@ def free_port() -> int:
 
 def start_server(port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MERGE_")}
+    # A demo on loopback: authentication off (the server then refuses to listen anywhere else).
     env.update(MERGE_DATA_DIR=str(DATA / "service"), MERGE_MODEL_ROOTS=str(DATA / "models"),
-               MERGE_LOG_LEVEL="warning", PYTHONPATH=str(REPO))
+               MERGE_LOG_LEVEL="warning", MERGE_AUTH="none", PYTHONPATH=str(REPO))
     with log.open("wb") as handle:
         return subprocess.Popen([sys.executable, "-m", "adapter_merge.cli", "serve", "--port", str(port)], cwd=REPO,
                                 env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)

@@ -3,16 +3,24 @@ documented 4xx (never a 500), and none can hold the server."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 
 from adapter_merge.core.problems import Problem
@@ -21,7 +29,7 @@ from adapter_merge.service.app import create_app
 from adapter_merge.service.files import parse_range
 from tests.service.checks import problem
 from tests.service.conftest import ModelSet
-from tests.service.harness import service_env, start_server
+from tests.service.harness import launch_server, service_env, start_server, wait_for
 
 JSON = {"content-type": "application/json"}
 
@@ -123,3 +131,42 @@ def test_links_out_of_the_roots_inside_a_model_folder_are_refused(models: ModelS
             response = client.post("/merge", json={"base_model": base, "adapters": ["lora"]})
             body = problem(response, 422, needle, "outside the model roots")
             assert body["field"] == "base_model" and "/etc" not in response.text
+
+
+def write_self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=1))
+                   .not_valid_after(now + timedelta(hours=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_serve_speaks_tls_when_given_a_certificate(models: ModelSet, tmp_path: Path) -> None:
+    cert, key = write_self_signed(tmp_path)
+    env = service_env(tmp_path, models.root, MERGE_AUTH="none", MERGE_TLS_CERTFILE=str(cert),
+                      MERGE_TLS_KEYFILE=str(key))
+    process, api = launch_server(env, tmp_path / "server.log")
+    url = api.base_url.replace("http://", "https://")
+    try:
+        def answers() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", verify=ssl.create_default_context(cafile=str(cert))).is_success
+            except httpx.TransportError:
+                return False
+
+        wait_for(answers, 30, lambda: f"TLS health: {process.tail()}")
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{api.base_url}/healthz")  # plain HTTP is not spoken
+    finally:
+        api.close()
+        process.stop()
