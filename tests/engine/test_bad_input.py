@@ -39,6 +39,7 @@ from adapter_merge.worker.engine import (
     parse_size,
     plan_merge,
 )
+from adapter_merge.worker.engine import side_files as engine_side_files
 from adapter_merge.worker.engine import writer as engine_writer
 from tests.builders import CASES, edit_adapter_config
 from tests.engine.conftest import Workspace
@@ -472,18 +473,41 @@ def test_output_folder_that_cannot_be_created_is_a_storage_error(inputs: Inputs,
     assert_facts(error, {"file": out})
 
 
-def test_shard_write_failure_is_a_storage_error(inputs: Inputs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A shard write that fails (a full disk) is a StorageError naming the shard; the partial output goes."""
-    def disk_full(fd: int, data: object) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
+def test_shard_write_failure_is_a_storage_error(inputs: Inputs, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """A shard write that fails is a StorageError naming the shard, which says whether the disk (or quota) was
+    full; the partial output goes."""
+    def fail(fd: int, data: object) -> None:
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(engine_writer, "write_all", disk_full)
+    monkeypatch.setattr(engine_writer, "write_all", fail)
     stage, error = raised([inputs.base, inputs.lora], inputs.out)
     assert (stage, type(error), error.fault) == ("merge", StorageError, "machine")
     assert error.file is not None and error.file.name == BASE_FILE
     assert_facts(error, {"file": error.file})
-    assert "No space left on device" in str(error) and BASE_FILE in str(error)
+    assert isinstance(error, StorageError) and error.disk_full == (code != errno.EIO)
+    assert os.strerror(code) in str(error) and BASE_FILE in str(error)
     assert os.listdir(inputs.out_parent) == []
+
+
+def test_disk_full_while_writing_side_files(inputs: Inputs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up after the shards, while config.json is written: still disk_full, nothing left."""
+    def full(path: Path, value: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(engine_side_files, "write_json", full)
+    stage, error = raised([inputs.base, inputs.lora], inputs.out)
+    assert (stage, type(error)) == ("merge", StorageError)
+    assert isinstance(error, StorageError) and error.disk_full
+    assert error.file is not None and error.file.name == "config.json"
+    assert os.listdir(inputs.out_parent) == []
+
+
+def test_storage_error_keeps_disk_full_across_processes() -> None:
+    error = StorageError("full", file=Path("/out/x"), disk_full=True)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.disk_full, facts_of(copy)) == (True, facts_of(error))
+    assert not StorageError("denied").disk_full
 
 
 def test_errors_keep_their_facts_across_processes() -> None:

@@ -62,9 +62,16 @@ class NumericError(MergeError):
 
 
 class StorageError(MergeError):
-    """The output could not be written (folder, shards, side files, the final rename); `file` says where."""
+    """The output could not be written (folder, shards, side files, the final rename); `file` says where.
+
+    `disk_full` says whether the disk (or the user's quota) was full (ENOSPC, EDQUOT), as opposed to any other
+    failure (permissions, a file size limit, an I/O error): a full disk may pass once space is freed."""
 
     fault = "machine"
+
+    def __init__(self, message: str, *, file: Path | None = None, disk_full: bool = False) -> None:
+        super().__init__(message, file=file)
+        self.disk_full = disk_full
 
 
 class MergeCancelled(MergeError):

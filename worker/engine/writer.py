@@ -11,6 +11,7 @@ machine's fault; only an output folder that already exists (without overwrite) i
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -28,13 +29,15 @@ from adapter_merge.worker.engine.tensor_io import write_all
 
 SAFETENSORS_METADATA = {"format": "pt"}
 QUEUED_CHUNKS = 4
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def storage_error(error: OSError, path: Path) -> StorageError:
-    """An output-side OSError as a StorageError with the same message, naming `path` if the OS did not."""
+    """An output-side OSError as a StorageError with the same message, naming `path` if the OS did not;
+    `disk_full` when the disk or the quota was full."""
     if error.filename is None:
         error = OSError(error.errno, error.strerror, str(path))
-    storage = StorageError(str(error), file=Path(error.filename))
+    storage = StorageError(str(error), file=Path(error.filename), disk_full=error.errno in DISK_FULL_ERRNOS)
     storage.__cause__ = error
     return storage
 
@@ -63,8 +66,8 @@ class OutputFolder:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.path.mkdir()
         except OSError as error:
-            raise StorageError(f"{target}: cannot create the output folder: {error.strerror}",
-                               file=self.target) from error
+            raise StorageError(f"{target}: cannot create the output folder: {error.strerror}", file=self.target,
+                               disk_full=error.errno in DISK_FULL_ERRNOS) from error
 
     def commit(self, durable: bool) -> None:
         """Move the finished folder into place; an overwritten folder is swapped out first, then deleted.
