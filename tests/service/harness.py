@@ -95,13 +95,14 @@ class Proc:
         wait_for(logged, timeout, lambda: f"{needle!r} logged by {self.tail()}")
 
     def group_pids(self) -> set[int]:
-        """Every live process of this group (the worker and the processes it forked)."""
+        """Every live process of this group (the worker and the processes it forked). Zombies do not count:
+        they are dead, only not reaped yet (an orphan's by init, which may take seconds)."""
         import psutil
 
         pids = set()
-        for process in psutil.process_iter(["pid"]):
+        for process in psutil.process_iter(["pid", "status"]):
             try:
-                if os.getpgid(process.pid) == self.pid:
+                if os.getpgid(process.pid) == self.pid and process.info["status"] != psutil.STATUS_ZOMBIE:
                     pids.add(process.pid)
             except (ProcessLookupError, PermissionError):
                 continue
