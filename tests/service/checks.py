@@ -5,6 +5,7 @@ and what a correct refusal means: problem+json with the right status, naming wha
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapter_merge.core.settings import Settings
-from tests.service.harness import Api
+from tests.service.harness import FINISHED, Api
 
 MANIFEST = "merge_manifest.json"
 # The manifest records when and where it was made, so it differs between runs; everything else must not.
@@ -51,6 +52,26 @@ def assert_no_leftovers(data_dir: Path, job_id: str) -> None:
     assert not work.exists() or not any(work.iterdir()), list(work.rglob("*"))
     partial = [path for path in data_dir.rglob("*") if ".partial-" in path.name]
     assert not partial, partial
+
+
+def running_with_progress(job: dict) -> bool:
+    return job["status"] == "running" and job["progress"]["tensors_done"] > 0
+
+
+def cancel_running(api: Api, job_id: str, data_dir: Path) -> dict:
+    """Cancel a job that is merging: 202, then it stops within seconds, mid-merge, leaving no files."""
+    asked = time.monotonic()
+    response = api.http.post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 202 and response.json()["cancel_requested"], response.text
+    cancelled = api.wait(job_id, FINISHED, timeout=30)
+    latency = time.monotonic() - asked
+    print(f"\n[measure] cancel latency: {latency:.2f} s")
+    assert cancelled["status"] == "cancelled", cancelled
+    assert cancelled["progress"]["bytes_done"] < cancelled["progress"]["bytes_total"]  # it really was mid-merge
+    assert latency < 5, f"cancel took {latency:.1f} s"
+    assert cancelled["artifacts"] == [] and not (data_dir / "artifacts" / job_id).exists()
+    assert_no_leftovers(data_dir, job_id)
+    return cancelled
 
 
 def problem(response: httpx.Response, status: int, *needles: str) -> dict:

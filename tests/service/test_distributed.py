@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from adapter_merge.core.settings import Settings
-from tests.service.checks import assert_no_leftovers, assert_result_matches
+from tests.service.checks import assert_no_leftovers, assert_result_matches, cancel_running, running_with_progress
 from tests.service.conftest import ModelSet
 from tests.service.harness import (
     FINISHED,
@@ -107,17 +107,8 @@ def test_duplicate_delivery_is_a_no_op(cluster: Cluster, small_job: dict) -> Non
 
 def test_cancel_running_job(cluster: Cluster, big_request: dict) -> None:
     job = cluster.api.submit(big_request)
-    cluster.api.wait(job["id"], lambda j: j["status"] == "running" and j["progress"]["tensors_done"] > 0,
-                     timeout=60)
-    asked = time.monotonic()
-    assert cluster.api.http.post(f"/jobs/{job['id']}/cancel").status_code == 202
-    cancelled = cluster.api.wait(job["id"], FINISHED, timeout=30)
-    latency = time.monotonic() - asked
-    print(f"\n[measure] distributed cancel latency: {latency:.2f} s")
-    assert cancelled["status"] == "cancelled" and latency < 5
-    assert cancelled["progress"]["bytes_done"] < cancelled["progress"]["bytes_total"]  # it really was mid-merge
-    assert_no_leftovers(cluster.data_dir, job["id"])
-    assert not (cluster.data_dir / "artifacts" / job["id"]).exists()
+    cluster.api.wait(job["id"], running_with_progress, timeout=60)
+    cancel_running(cluster.api, job["id"], cluster.data_dir)
 
 
 def test_sigkill_of_a_worker_mid_merge(cluster: Cluster, big_request: dict, big_reference: Path) -> None:
