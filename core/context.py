@@ -1,13 +1,13 @@
-"""The composition root's product: the job store, data layout and reference resolver of one process, built
-once from its settings and handed to everything in that process that needs them."""
+"""The composition root's product: the job store, data layout and sources of one process, built once from its
+settings and handed to everything in that process that needs them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from adapter_merge.core.layout import DataLayout
-from adapter_merge.core.refs import LocalRootsResolver, Resolver
 from adapter_merge.core.settings import Settings
+from adapter_merge.core.sources.registry import Sources
 from adapter_merge.core.store import JobStore, open_store
 
 
@@ -16,7 +16,7 @@ class JobContext:
     settings: Settings
     store: JobStore
     layout: DataLayout
-    resolver: Resolver
+    sources: Sources
 
     @classmethod
     def open(cls, settings: Settings) -> JobContext:
@@ -24,7 +24,7 @@ class JobContext:
         layout.ensure()
         if not settings.model_roots:  # the default root lives in the data dir; create it for first use
             settings.roots[0].mkdir(parents=True, exist_ok=True)
-        return cls(settings, open_store(settings), layout, LocalRootsResolver(settings.roots))
+        return cls(settings, open_store(settings), layout, Sources(settings))
 
     def close(self) -> None:
         self.store.close()

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapter_merge.core.request import MergeRequest
+from adapter_merge.core.sources.base import PinnedInput
 
 
 class JobStatus(StrEnum):
@@ -89,6 +90,8 @@ class JobRecord(BaseModel):
     """Who owns the job: only callers of this tenant (and admins) see it."""
     status: JobStatus = JobStatus.queued
     request: MergeRequest
+    inputs: list[PinnedInput] = Field(default_factory=list)
+    """The base, then the adapters, pinned at submission: what the worker merges, whatever moved since."""
     created_at: datetime = Field(default_factory=utcnow)
     queued_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None

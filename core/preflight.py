@@ -1,19 +1,24 @@
-"""From a merge request to engine inputs: resolve references, check their kind, plan the merge.
+"""From a merge request to engine inputs: pin references, find their files, check their kind, plan.
 
-The API runs this before queueing (so a bad reference is a 4xx now, not a failed job later) and the worker
-runs it again before merging (the folders may have changed meanwhile). Planning reads headers and configs
-(and, for a tied output embedding, compares the two embeddings' bytes); it never imports torch.
+The API pins every reference to an immutable version and plans on it before queueing (so a bad reference is
+a 4xx now, not a failed job later), reading only what planning needs of a remote input (see
+`sources.replica`). The worker merges the pinned versions: local folders are checked again (they may have
+changed), remote ones come from the download cache. Planning reads headers and configs (and, for a tied
+output embedding, compares the two embeddings' bytes); it never imports torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_merge.core.problems import Problem, engine_problem_type
-from adapter_merge.core.refs import Resolver, check_kind
+from adapter_merge.core.refs import check_kind
 from adapter_merge.core.request import MergeRequest
+from adapter_merge.core.sources.base import PinnedInput
+from adapter_merge.core.sources.registry import Sources
+from adapter_merge.core.sources.replica import build_replica
 from adapter_merge.worker.engine import AdapterSpec, MergeError, MergeOptions, MergePlan, plan_merge
 
 OPTION_FIELDS = {"dtype": "output_dtype", "max_shard_size": "max_shard_size"}
@@ -26,22 +31,36 @@ class ResolvedMerge:
     adapters: list[AdapterSpec]
     options: MergeOptions
     names: dict[Path, str]
-    """Resolved folder -> the reference as the client wrote it, so that messages never show server paths."""
+    """Local folder -> the reference as the client wrote it, so that messages never show server paths."""
+    inputs: list[PinnedInput]
+    """The base, then the adapters, as pinned."""
 
 
-def resolve_request(request: MergeRequest, resolver: Resolver) -> ResolvedMerge:
-    base = resolver.resolve(request.base_model, "base_model")
+FolderOf = Callable[[PinnedInput, str], Path]
+"""Where a pinned input's files are on this machine (its own folder, a replica, the download cache); the
+second argument is the request field that names it, for errors."""
+
+
+def pin_request(request: MergeRequest, sources: Sources) -> list[PinnedInput]:
+    """Every reference of the request pinned: the base first, then the adapters in order."""
+    return [sources.pin(request.base_model, "base_model"),
+            *(sources.pin(adapter.ref, adapter_field(index)) for index, adapter in enumerate(request.adapters))]
+
+
+def resolve_request(request: MergeRequest, inputs: list[PinnedInput], folder_of: FolderOf) -> ResolvedMerge:
+    """The engine's inputs: each pinned input's folder, checked to be the right kind."""
+    base = folder_of(inputs[0], "base_model")
     check_kind(base, request.base_model, "base_model", adapter=False)
     names = {base: request.base_model}
     adapters = []
-    for index, adapter in enumerate(request.adapters):
+    for index, (adapter, pinned) in enumerate(zip(request.adapters, inputs[1:], strict=True)):
         field = adapter_field(index)
-        path = resolver.resolve(adapter.ref, field)
+        path = folder_of(pinned, field)
         check_kind(path, adapter.ref, field, adapter=True)
         names.setdefault(path, adapter.ref)
         adapters.append(AdapterSpec(path, adapter.weight))
     options = MergeOptions(dtype=request.output_dtype, max_shard_size=request.max_shard_size)
-    return ResolvedMerge(base, adapters, options, names)
+    return ResolvedMerge(base, adapters, options, names, inputs)
 
 
 def adapter_field(index: int) -> str:
@@ -73,9 +92,17 @@ def merge_problem(error: MergeError, names: Mapping[Path, str]) -> Problem:
                    tensor=error.tensor)
 
 
-def preflight(request: MergeRequest, resolver: Resolver) -> tuple[ResolvedMerge, MergePlan]:
-    """Everything that can be checked without merging; raises `Problem` (422) on the first fault."""
-    resolved = resolve_request(request, resolver)
+def preflight(request: MergeRequest, sources: Sources, scratch: Path) -> tuple[ResolvedMerge, MergePlan]:
+    """Everything that can be checked without merging; raises `Problem` (422) on the first fault. Remote
+    inputs are planned on replicas written under `scratch`."""
+    replicas = iter(range(len(request.adapters) + 1))
+
+    def folder_of(pinned: PinnedInput, field: str) -> Path:
+        if pinned.local_path is not None:
+            return Path(pinned.local_path)
+        return build_replica(sources.remote(pinned.scheme), pinned, scratch / f"input-{next(replicas)}")
+
+    resolved = resolve_request(request, pin_request(request, sources), folder_of)
     try:
         plan = plan_merge(resolved.base, resolved.adapters, resolved.options)
     except MergeError as error:

@@ -44,6 +44,8 @@ class Problems:
     REFERENCE_OUTSIDE_ROOTS = ProblemType("reference-outside-roots", 422, "Unusable reference")
     REFERENCE_NOT_FOUND = ProblemType("reference-not-found", 422, "Unusable reference")
     REFERENCE_NOT_A_FOLDER = ProblemType("reference-not-a-folder", 422, "Unusable reference")
+    REFERENCE_FORBIDDEN = ProblemType("reference-forbidden", 422, "Reference not allowed")
+    REGISTRY_UNAVAILABLE = ProblemType("registry-unavailable", 503, "Registry unavailable")
     REFERENCE_WRONG_KIND = ProblemType("reference-wrong-kind", 422, "Unusable reference")
     INPUTS_DO_NOT_FIT = ProblemType("inputs-do-not-fit", 422, "Inputs cannot be merged")
     UNSUPPORTED_ADAPTER = ProblemType("unsupported-adapter", 422, "Inputs cannot be merged")
@@ -69,6 +71,7 @@ class Problems:
     WORKER_LOST = ProblemType("worker-lost", 500, "Worker lost")
     STORAGE_ERROR = ProblemType("storage-error", 500, "Storage error")
     INTERNAL_ERROR = ProblemType("internal-error", 500, "Internal error")
+    STORAGE_FULL = ProblemType("storage-full", 507, "Insufficient storage")
 
     @classmethod
     def all(cls) -> list[ProblemType]:

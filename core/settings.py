@@ -48,6 +48,17 @@ class Settings(BaseSettings):
         6 * 3600, gt=0, description="Celery/Redis redelivery of unacknowledged messages. Leases, not this, "
         "recover lost jobs; it only has to exceed the queueing time of a job."
     )
+    requeue_grace_seconds: float = Field(
+        300.0, gt=0, description="Distributed mode: a job queued this long (by the store's clock) has its "
+        "message published again, in case the message was lost (the API died before publishing, the queue was "
+        "deleted); at most once per grace period. A job that is only waiting its turn gets a duplicate message, "
+        "which a worker drops at once (the job's claim is the only gate)."
+    )
+    min_free_bytes: int = Field(
+        1 << 30, ge=0, description="Free space the data dir must keep: below it `POST /merge` answers 507 "
+        "storage-full and `/readyz` 503. 1 GiB by default; set it to at least the largest output you expect, "
+        "or a merge may still run out of space (it then fails as storage-full and its partial output is removed)."
+    )
 
     # TEMPORARY default "none" while the test harness is reworked; flipped to "required" before landing.
     auth: Literal["required", "none"] = Field(
@@ -59,6 +70,8 @@ class Settings(BaseSettings):
     oidc_audience: str | None = Field(None, description="The `aud` a JWT must carry (required with an issuer).")
     oidc_tenant_claim: str = Field("tenant", description="JWT claim that names the caller's tenant.")
     oidc_roles_claim: str = Field("roles", description="JWT claim listing the caller's roles (read, submit, admin).")
+    allowed_sources: str = Field("", description="Remote sources references may name, comma-separated patterns "
+                                 "such as `hf://myorg/*,s3://models-bucket/*,models:/*`; empty: local paths only.")
     tls_certfile: Path | None = Field(None, description="PEM certificate: `adapter-merge serve` speaks HTTPS.")
     tls_keyfile: Path | None = Field(None, description="PEM private key of the TLS certificate.")
     max_request_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body; larger ones get 413 "

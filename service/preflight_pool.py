@@ -8,29 +8,42 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import tempfile
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from adapter_merge.core.preflight import preflight
 from adapter_merge.core.problems import Problem, Problems
-from adapter_merge.core.refs import LocalRootsResolver
 from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.settings import Settings
+from adapter_merge.core.sources.base import PinnedInput
+from adapter_merge.core.sources.registry import Sources
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 5
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What a passed preflight hands the job: the plan's summary and every input as pinned."""
+
+    summary: dict[str, Any]
+    inputs: list[PinnedInput]
+
+
 def _check(settings: Settings, request: dict[str, Any]) -> tuple[str, Any]:
     """Runs in a pool process; answers with plain data, since exceptions with extra fields do not pickle."""
     try:
-        _, plan = preflight(MergeRequest.model_validate(request), LocalRootsResolver(settings.roots))
+        with tempfile.TemporaryDirectory(prefix="preflight-") as scratch:
+            resolved, plan = preflight(MergeRequest.model_validate(request), Sources(settings), Path(scratch))
     except Problem as problem:
-        return "problem", (problem.kind.slug, problem.detail, problem.members)
-    return "ok", plan.summary()
+        return "problem", (problem.kind.slug, problem.detail, problem.members, problem.retry_after)
+    return "ok", (plan.summary(), [pinned.model_dump(mode="json") for pinned in resolved.inputs])
 
 
 class PreflightPool:
@@ -46,8 +59,9 @@ class PreflightPool:
                                                      mp_context=multiprocessing.get_context("spawn"))
             return self._executor
 
-    def check(self, request: MergeRequest) -> dict[str, Any]:
-        """The plan's summary; raises the preflight's `Problem`, or a 503 when it overran its time."""
+    def check(self, request: MergeRequest) -> Checked:
+        """The plan's summary and the pinned inputs; raises the preflight's `Problem`, or a 503 when it
+        overran its time."""
         pool = self._pool()
         future = pool.submit(_check, self.settings, request.model_dump(mode="json"))
         try:
@@ -62,9 +76,10 @@ class PreflightPool:
             raise Problem(Problems.PREFLIGHT_TIMEOUT, "checking the inputs failed (its process ended); try again",
                           retry_after=RETRY_SECONDS) from None
         if outcome == "problem":
-            slug, detail, members = value
-            raise Problem(Problems.by_slug(slug), detail, **members)
-        return value
+            slug, detail, members, retry_after = value
+            raise Problem(Problems.by_slug(slug), detail, retry_after=retry_after, **members)
+        summary, inputs = value
+        return Checked(summary, [PinnedInput.model_validate(pinned) for pinned in inputs])
 
     def _kill(self, pool: ProcessPoolExecutor) -> None:
         """End a pool whose work overran: its processes are killed, the next request starts a new pool."""

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus, Metrics, Progress, Timings
 from adapter_merge.core.request import MergeRequest
+from adapter_merge.core.sources.base import PinnedInput
 
 
 class ArtifactOut(Artifact):
@@ -22,6 +23,7 @@ class JobOut(BaseModel):
     tenant: str = Field(description="The tenant that owns the job.")
     status: JobStatus
     request: MergeRequest
+    inputs: list[PinnedInput] = Field(description="The base, then the adapters, pinned at submission.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -76,7 +78,7 @@ def job_view(job: JobRecord) -> JobOut:
     base = f"/jobs/{job.id}"
     succeeded = job.status is JobStatus.succeeded
     return JobOut(
-        id=job.id, tenant=job.tenant, status=job.status, request=job.request,
+        id=job.id, tenant=job.tenant, status=job.status, request=job.request, inputs=job.inputs,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         attempts=job.attempt, worker=job.worker, cancel_requested=job.cancel_requested,
         progress=job.progress, timings=job.timings, metrics=job.metrics, error=job.error,

@@ -9,6 +9,7 @@ number, so a worker that lost its lease (and whose job now runs elsewhere) canno
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -21,12 +22,15 @@ from pathlib import Path
 
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus, Metrics, Timings, utcnow
-from adapter_merge.core.preflight import merge_problem, resolve_request
+from adapter_merge.core.preflight import merge_problem, pin_request, resolve_request
 from adapter_merge.core.problems import Problem, Problems
-from adapter_merge.worker.engine import MergeCancelled, MergeError, MergeReport
+from adapter_merge.core.store import STORE_UNAVAILABLE
+from adapter_merge.core.sources.base import PinnedInput
+from adapter_merge.worker.engine import MergeCancelled, MergeError, MergeReport, StorageError
 from adapter_merge.worker.watch import JobWatch
 
 log = logging.getLogger(__name__)
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def worker_identity() -> str:
@@ -55,18 +59,26 @@ class JobRunner:
         self.layout.clean_work(job.id)
         with JobWatch(self.store, job, self.settings, self.shutdown) as watch:
             try:
-                return self._merge(job, watch)
+                try:
+                    return self._merge(job, watch)
+                finally:  # before a failure is recorded: on a full disk, the store may need the space
+                    self.layout.clean_attempt(job.id, job.attempt)
             except MergeCancelled:
                 return self._stopped(job, watch)
             except Exception as error:
                 return self._fail(job, error, watch)
-            finally:
-                self.layout.clean_attempt(job.id, job.attempt)
 
     def _merge(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
         from adapter_merge.worker.engine import merge  # imports torch: only where merges run
 
-        resolved = resolve_request(job.request, self.context.resolver)
+        sources = self.context.sources
+        inputs = job.inputs or pin_request(job.request, sources)
+
+        def folder_of(pinned: PinnedInput, field: str) -> Path:
+            """A local folder is checked again (it may have changed since submission)."""
+            return Path(sources.pin(pinned.ref, field).local_path or "")
+
+        resolved = resolve_request(job.request, inputs, folder_of)
         # From the claim on: starting the merge process and loading the engine count as getting ready.
         resolve_seconds = _seconds(job.started_at, utcnow())
         # Success is only reported for a result on disk (fsync); inputs are hashed once per file version.
@@ -84,8 +96,8 @@ class JobRunner:
         self.layout.publish(job.id, job.attempt, report.output_dir)
         publish_seconds = time.perf_counter() - publish_started
         finished_at = utcnow()
-        final = self.store.finish(
-            job.id, job.attempt, JobStatus.succeeded, finished_at=finished_at,
+        final = self._finish(
+            job, JobStatus.succeeded, finished_at=finished_at,
             artifacts=[Artifact(**entry) for entry in report.files],
             progress=watch.latest or job.progress,
             timings=_timings(job, finished_at, resolve_seconds, report, publish_seconds),
@@ -104,9 +116,9 @@ class JobRunner:
             return None
         if watch.cancel_requested:
             log.info("job %s: cancelled, partial output removed", job.id)
-            return self.store.finish(job.id, job.attempt, JobStatus.cancelled, progress=watch.latest or job.progress)
+            return self._finish(job, JobStatus.cancelled, progress=watch.latest or job.progress)
         log.info("job %s: worker shutting down; back to the queue", job.id)
-        return self.store.finish(job.id, job.attempt, JobStatus.queued, worker=None)
+        return self._finish(job, JobStatus.queued, worker=None)
 
     def _fail(self, job: JobRecord, error: Exception, watch: JobWatch) -> JobRecord | None:
         problem = _problem_of(error)
@@ -114,8 +126,30 @@ class JobRunner:
             log.exception("job %s: failed", job.id, exc_info=error)
         else:
             log.info("job %s: failed: %s", job.id, problem.detail)
-        return self.store.finish(job.id, job.attempt, JobStatus.failed, error=problem.to_dict(),
-                                 progress=watch.latest or job.progress)
+        return self._finish(job, JobStatus.failed, error=problem.to_dict(), progress=watch.latest or job.progress)
+
+    def _finish(self, job: JobRecord, status: JobStatus, **fields: object) -> JobRecord | None:
+        """Record how the run ended. A store out of reach (restarting, failing over) does not lose the outcome:
+        the write is tried again every poll interval, while the watch thread keeps trying to renew the lease,
+        until it lands (None if the run was superseded meanwhile) or the worker shuts down (the lease then
+        recovers the job)."""
+        unreachable_since = None
+        while True:
+            try:
+                final = self.store.finish(job.id, job.attempt, status, **fields)
+            except STORE_UNAVAILABLE as error:
+                if self.shutdown.is_set():
+                    raise
+                if unreachable_since is None:
+                    unreachable_since = time.monotonic()
+                    log.warning("job %s: cannot record that attempt %d %s, the job store is unreachable (%s); "
+                                "retrying", job.id, job.attempt, status.value, error)
+                self.shutdown.wait(self.settings.poll_seconds)
+                continue
+            if unreachable_since is not None:
+                log.info("job %s: outcome recorded after %.1f s without the store", job.id,
+                         time.monotonic() - unreachable_since)
+            return final
 
 
 def _remove_quietly(path: Path) -> None:
@@ -126,11 +160,24 @@ def _problem_of(error: Exception) -> Problem:
     """How a failed run is reported: the same problem shape the API uses for its own errors."""
     if isinstance(error, Problem):
         return error
+    if _disk_full(error):
+        where = Path(error.file).name if isinstance(error, StorageError) and error.file else None
+        return Problem(Problems.STORAGE_FULL, "the data dir's disk filled up while the merged model was written"
+                       f"{f' ({where})' if where else ''}; the partial output was removed. Free space (delete "
+                       "finished jobs) and submit the merge again", file=where)
     if isinstance(error, MergeError):
         return merge_problem(error, {})
     if isinstance(error, OSError):
         return Problem(Problems.STORAGE_ERROR, f"{type(error).__name__}: {error.strerror or error}")
     return Problem(Problems.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+
+
+def _disk_full(error: BaseException) -> bool:
+    """The one test for 'the disk (or quota) was full': the engine says so (StorageError.disk_full), or an
+    OSError of the runner's own file operations does (ENOSPC, EDQUOT)."""
+    if isinstance(error, StorageError):
+        return error.disk_full
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
 def _seconds(start: datetime | None, end: datetime) -> float:

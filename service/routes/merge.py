@@ -28,9 +28,10 @@ def submit_merge(body: MergeRequest, caller: Submitter, response: Response, serv
     queued, so a request that cannot work fails now with a 4xx naming the field at fault."""
     context = services.context
     _check_artifact_quota(context, caller.tenant)
-    summary = services.preflight.check(body)
+    checked = services.preflight.check(body)
+    summary = checked.summary
     job = JobRecord(
-        id=str(uuid.uuid4()), tenant=caller.tenant, request=body,
+        id=str(uuid.uuid4()), tenant=caller.tenant, request=body, inputs=checked.inputs,
         progress=Progress(tensors_total=summary["tensors_total"], bytes_total=summary["bytes_total"]),
     )
     try:

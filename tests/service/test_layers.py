@@ -44,6 +44,7 @@ def test_api_never_imports_torch(models: ModelSet, tmp_path: Path) -> None:
 API_IMPORTS = """
 import json, sys
 from importlib.metadata import packages_distributions
+from pathlib import Path
 import adapter_merge.cli.serve
 from adapter_merge.core.preflight import preflight
 from adapter_merge.core.request import MergeRequest
@@ -51,7 +52,9 @@ from adapter_merge.core.settings import Settings
 from adapter_merge.service.deps import Services
 settings = Settings()
 services = Services.open(settings)
-preflight(MergeRequest(base_model="small/base", adapters=["small/lora"]), services.context.resolver)
+request = MergeRequest(base_model="small/base", adapters=["small/lora"])
+preflight(request, services.context.sources, Path(sys.argv[1]))
+services.preflight.check(request)  # the same in the API's preflight process
 services.dispatcher.ping()
 services.close()
 owners = packages_distributions()
@@ -60,8 +63,11 @@ print(json.dumps(sorted({dist for top in tops for dist in owners.get(top, [])}))
 """
 
 
-# Imported when present, never needed: uvicorn and kombu try PyYAML; setuptools' .pth hook in any venv.
-OPTIONAL = {"pyyaml", "setuptools"}
+# Imported when present, never needed: uvicorn and kombu try PyYAML; setuptools' .pth hook in any venv; httpx
+# loads its command line (click, rich, pygments) when those are installed; FastAPI's OpenTelemetry API loads the
+# SDK (and the SDK psutil) when the test venv has them, which mlflow-skinny brings.
+OPTIONAL = {"pyyaml", "setuptools", "click", "rich", "pygments", "opentelemetry-sdk", "opentelemetry-proto",
+            "opentelemetry-semantic-conventions", "psutil"}
 
 
 def requirement_closure(lines: list[str]) -> set[str]:
@@ -91,7 +97,7 @@ def test_api_image_requirements_cover_what_the_api_imports(models: ModelSet, tmp
     """docker/Dockerfile.api installs only docker/api-requirements.txt: the distributed API (store, broker,
     preflight, server) must import nothing else, and never torch."""
     env = service_env(tmp_path, models.root, **redis_namespace)
-    result = subprocess.run([sys.executable, "-c", API_IMPORTS], cwd=REPO, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", API_IMPORTS, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     imported = {canonicalize_name(name) for name in json.loads(result.stdout.splitlines()[-1])}

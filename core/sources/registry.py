@@ -1,0 +1,94 @@
+"""Which source a reference belongs to, and whether this deployment may fetch from it.
+
+A reference names its source by its scheme (`hf://`, `s3://`, `models:/`, `file://`; a bare path is a local
+folder). Built-in sources are registered here; a plugin adds one through the `adapter_merge.sources`
+entry-point group (`name = "package.module:factory"`, the factory taking the settings), so an internal
+registry needs no change to the service. Remote sources are off until `MERGE_ALLOWED_SOURCES` allows them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from adapter_merge.core.problems import Problems
+from adapter_merge.core.refs import BadReference
+from adapter_merge.core.settings import Settings
+from adapter_merge.core.sources.base import PinnedInput, RemoteSource, Source
+
+log = logging.getLogger(__name__)
+ENTRY_POINT_GROUP = "adapter_merge.sources"
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):/")
+LOCAL_SCHEME = "file"
+
+SourceFactory = Callable[[Settings], Source]
+
+
+def scheme_of(ref: str) -> str:
+    """`hf://org/x` -> hf, `models:/x/1` -> models, `/srv/models/x` or `x` -> file."""
+    match = _SCHEME.match(ref)
+    return match.group(1).lower() if match else LOCAL_SCHEME
+
+
+def _builtin_factories() -> dict[str, SourceFactory]:
+    """Imported on first use: each pulls in its registry's client library."""
+
+    def local(settings: Settings) -> Source:
+        from adapter_merge.core.sources.local import LocalSource
+
+        return LocalSource(settings.roots)
+
+    def hub(settings: Settings) -> Source:
+        from adapter_merge.core.sources.hub import HubSource
+
+        return HubSource(settings)
+
+    def s3(settings: Settings) -> Source:
+        from adapter_merge.core.sources.s3 import S3Source
+
+        return S3Source(settings)
+
+    def mlflow(settings: Settings) -> Source:
+        from adapter_merge.core.sources.mlflow import MlflowSource
+
+        return MlflowSource(settings)
+
+    return {LOCAL_SCHEME: local, "hf": hub, "s3": s3, "models": mlflow}
+
+
+class Sources:
+    """Every source this process knows, built once per process (sources keep their clients)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.factories = _builtin_factories()
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            self.factories.setdefault(entry.name, entry.load())
+        self.allowed = [pattern.strip() for pattern in settings.allowed_sources.split(",") if pattern.strip()]
+        self._built: dict[str, Source] = {}
+
+    def source(self, scheme: str) -> Source:
+        if scheme not in self._built:
+            self._built[scheme] = self.factories[scheme](self.settings)
+        return self._built[scheme]
+
+    def remote(self, scheme: str) -> RemoteSource:
+        """The source of a remote (fetched) input."""
+        source = self.source(scheme)
+        assert isinstance(source, RemoteSource), f"{scheme} is not a remote source"
+        return source
+
+    def pin(self, ref: str, field: str) -> PinnedInput:
+        """The pinned version of `ref`; 422 for an unknown scheme or a source this deployment does not allow."""
+        scheme = scheme_of(ref)
+        if scheme not in self.factories:
+            known = ", ".join(sorted(f"{name}://" if name != "models" else "models:/" for name in self.factories))
+            raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"has an unknown scheme {scheme!r} "
+                               f"(known: {known}, or a path)")
+        if scheme != LOCAL_SCHEME and not any(fnmatch.fnmatchcase(ref, pattern) for pattern in self.allowed):
+            raise BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, "is not among the sources this service "
+                               "may fetch from (MERGE_ALLOWED_SOURCES)")
+        return self.source(scheme).pin(ref, field)

@@ -1,0 +1,40 @@
+"""What the API's preflight plans on for a remote input: a local stand-in of its folder holding only what
+planning reads. JSON files (and a legacy `.bin` adapter) are fetched whole; a safetensors file gets its real
+header (two ranged reads: the 8-byte length, then the header) in a sparse file of its real size, so every
+offset check holds while no tensor data is downloaded; other files are sparse placeholders of their size.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from adapter_merge.core.sources.base import PinnedFile, PinnedInput, RemoteSource
+from adapter_merge.worker.engine.safetensors_format import MAX_HEADER_BYTES
+
+WHOLE_FILE_LIMIT = 64 * 1024 * 1024
+"""Largest JSON or legacy adapter file fetched whole for planning; real ones are far smaller."""
+
+
+def build_replica(source: RemoteSource, pinned: PinnedInput, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in pinned.files:
+        target = folder / file.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as handle:
+            handle.write(_planning_bytes(source, pinned, file))
+            handle.truncate(file.size)
+    return folder
+
+
+def _planning_bytes(source: RemoteSource, pinned: PinnedInput, file: PinnedFile) -> bytes:
+    """The leading bytes of `file` that planning reads; the rest of the replica stays a hole."""
+    if file.path.endswith(".safetensors") and file.size >= 8:
+        prefix = source.read_range(pinned, file, 0, 8)
+        (header_length,) = struct.unpack("<Q", prefix)
+        if header_length > min(MAX_HEADER_BYTES, file.size - 8):
+            return prefix  # the engine reports the bad length, naming the file
+        return prefix + source.read_range(pinned, file, 8, header_length)
+    if file.path.endswith((".json", ".bin")) and file.size <= WHOLE_FILE_LIMIT:
+        return source.read_range(pinned, file, 0, file.size)
+    return b""
