@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator
+from datetime import UTC, datetime
 
 from adapter_merge.core.jobs import FINISHED_STATUSES, JobRecord, JobStatus, Progress, utcnow
 from adapter_merge.core.problems import Problem, Problems
@@ -13,6 +14,8 @@ from adapter_merge.core.problems import Problem, Problems
 PAGE = 200
 Change = Callable[[JobRecord, float], JobRecord | None]
 """Given the current record and the store clock, return the new record, or None to leave it unchanged."""
+Cursor = tuple[float, str]
+"""A place in creation order: the creation time (epoch seconds, as stored) and id of the last job seen."""
 
 
 class QuotaExceeded(Exception):
@@ -42,6 +45,14 @@ class JobStore(ABC):
         """A page of jobs (of one tenant, if given) ordered by creation time, and how many match in all."""
 
     @abstractmethod
+    def page_after(
+        self, statuses: Collection[JobStatus] | None, tenant: str | None, oldest_first: bool, after: Cursor | None,
+        limit: int,
+    ) -> tuple[list[JobRecord], Cursor | None]:
+        """Up to `limit` matching jobs that come after `after` in creation order (from the start if None), and
+        the cursor to go on from, None once there are no more."""
+
+    @abstractmethod
     def update(self, job_id: str, change: Change) -> JobRecord | None:
         """Apply `change` atomically; return the stored result, or None if the job is gone or `change`
         declined."""
@@ -63,13 +74,14 @@ class JobStore(ABC):
 
     def all_jobs(self, statuses: Collection[JobStatus] | None = None, tenant: str | None = None,
                  oldest_first: bool = False) -> Iterator[JobRecord]:
-        """Every matching job, a page at a time (jobs created meanwhile may or may not be seen)."""
-        offset = 0
+        """Every matching job, a page at a time. Each page starts after the last job of the one before, not at
+        an offset, so jobs that leave the listing meanwhile (finished, recovered, deleted) cannot make it skip
+        others; a job that was listed all along is seen exactly once, jobs created meanwhile may or may not be."""
+        after: Cursor | None = None
         while True:
-            page, total = self.list(statuses, limit=PAGE, offset=offset, oldest_first=oldest_first, tenant=tenant)
+            page, after = self.page_after(statuses, tenant, oldest_first, after, PAGE)
             yield from page
-            offset += PAGE
-            if offset >= total or not page:
+            if after is None:
                 return
 
     def artifact_bytes(self, tenant: str) -> int:
@@ -130,6 +142,19 @@ class JobStore(ABC):
             update: dict[str, object] = {"status": status, "lease_expires_at": None, **fields}
             update.setdefault("queued_at" if status is JobStatus.queued else "finished_at", utcnow())
             return job.model_copy(update=update)
+
+        return self.update(job_id, change)
+
+    def republish(self, job_id: str, grace_seconds: float) -> JobRecord | None:
+        """A job still queued `grace_seconds` after it was last published (by the store's clock) may have lost
+        its message: record now as its publishing time and return it, for the caller to publish again. Of many
+        reapers trying at once exactly one gets it, once per grace period; the claim stays the only gate, so
+        the extra message is harmless if the first one was not lost after all."""
+
+        def change(job: JobRecord, now: float) -> JobRecord | None:
+            if job.status is not JobStatus.queued or job.queued_at.timestamp() > now - grace_seconds:
+                return None
+            return job.model_copy(update={"queued_at": datetime.fromtimestamp(now, UTC)})
 
         return self.update(job_id, change)
 

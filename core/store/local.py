@@ -2,18 +2,40 @@
 
 SQLite gives durable state (queued jobs survive a restart) and cross-process atomicity (BEGIN IMMEDIATE)
 with nothing to install. It is meant for one machine: keep it off network filesystems.
+
+A full disk must not take the API down, since deleting jobs through it is how space is freed:
+
+- The rollback journal is kept (`journal_mode=PERSIST`), not WAL: a reader then writes nothing at all, whereas
+  in WAL mode every connection that finds no other one open must create and size the `-shm` index
+  (SQLITE_IOERR_SHMSIZE on a full disk: reads, deletes, everything failed). A kept journal also reuses its
+  blocks, so most small writes need no new space.
+- `jobs.sqlite3.reserve` holds `RESERVE_BYTES` that a write which finds the disk full deletes before trying
+  once more (a delete, a cancel, a failed job's outcome); the reserve comes back once there is room again.
+  A write that still finds no space is a 507 storage-full, not a 503.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import shutil
 import sqlite3
 import time
-from collections.abc import Collection, Iterator
+import uuid
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from adapter_merge.core.jobs import ACTIVE_STATUSES, DEFAULT_TENANT, FINISHED_STATUSES, JobRecord, JobStatus
-from adapter_merge.core.store.base import Change, JobStore, QuotaExceeded
+from adapter_merge.core.problems import Problem, Problems
+from adapter_merge.core.store.base import Change, Cursor, JobStore, QuotaExceeded
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+RESERVE_BYTES = 4 << 20
+"""Far more than the journal of any one write of the store needs."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -32,20 +54,25 @@ _TENANT_INDEX = "CREATE INDEX IF NOT EXISTS jobs_tenant_status_created ON jobs (
 class SQLiteJobStore(JobStore):
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.reserve = path.with_name(path.name + ".reserve")
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+            db.executescript(_SCHEMA)  # IF NOT EXISTS: writes nothing to an existing store (a full disk is fine)
             columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             if "tenant" not in columns:  # a data dir from before tenants: its jobs belong to the default tenant
                 db.execute(_TENANT_COLUMN)
             db.execute(_TENANT_INDEX)
+        self._restore_reserve()
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # A connection per call: cheap for SQLite, and safe across threads and forked processes.
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         try:
+            # Per connection for a rollback journal. A database left in WAL mode by an older version converts
+            # as soon as no other connection has it open ("locked" until then: it keeps working in WAL mode).
+            with contextlib.suppress(sqlite3.OperationalError):
+                db.execute("PRAGMA journal_mode=PERSIST")
             db.execute("PRAGMA synchronous=NORMAL")
             yield db
         finally:
@@ -58,12 +85,59 @@ class SQLiteJobStore(JobStore):
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite rolls back by itself after some errors (a full disk among them)
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 
+    def _write(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `body` in one write transaction. On a full disk the reserve is given up and the write tried once
+        more; if it still finds no space it fails as storage-full."""
+        released = False
+        while True:
+            try:
+                with self._transaction() as db:
+                    result = body(db)
+            except sqlite3.OperationalError as error:
+                if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_FULL:
+                    raise
+                if not released and self._release_reserve():
+                    released = True
+                    continue
+                raise Problem(Problems.STORAGE_FULL, "the job store cannot be written: the data dir's disk is "
+                              "full; delete finished jobs or add space") from error
+            self._restore_reserve()
+            return result
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("the disk of %s is full: released the job store's reserve of %d bytes", self.path, RESERVE_BYTES)
+        return True
+
+    def _restore_reserve(self) -> None:
+        """Put the reserve back once the disk has room for it twice over (after every write; a stat when
+        it is there)."""
+        if self.reserve.exists() or shutil.disk_usage(self.path.parent).free < 2 * RESERVE_BYTES:
+            return
+        draft = self.reserve.with_name(f".{self.reserve.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            with draft.open("wb") as file:
+                for _ in range(RESERVE_BYTES // (1 << 20)):
+                    file.write(bytes(1 << 20))  # real blocks, not a sparse file: deleting it must free space
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(draft, self.reserve)
+        except OSError as error:
+            log.warning("could not put back the job store's reserve (%s)", error)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                draft.unlink()
+
     def create(self, job: JobRecord, max_active: int | None = None) -> None:
-        with self._transaction() as db:
+        def insert(db: sqlite3.Connection) -> None:
             if max_active is not None:
                 where, args = _where(ACTIVE_STATUSES, job.tenant)
                 active = db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
@@ -71,6 +145,8 @@ class SQLiteJobStore(JobStore):
                     raise QuotaExceeded(job.tenant, active, max_active)
             db.execute("INSERT INTO jobs (id, status, created_at, tenant, doc) VALUES (?, ?, ?, ?, ?)",
                        (job.id, job.status.value, job.created_at.timestamp(), job.tenant, job.to_json()))
+
+        self._write(insert)
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._connect() as db:
@@ -91,8 +167,24 @@ class SQLiteJobStore(JobStore):
             ).fetchall()
         return [JobRecord.from_json(row[0]) for row in rows], total
 
+    def page_after(
+        self, statuses: Collection[JobStatus] | None, tenant: str | None, oldest_first: bool, after: Cursor | None,
+        limit: int,
+    ) -> tuple[list[JobRecord], Cursor | None]:
+        where, args = _where(statuses, tenant)
+        order, beyond = ("ASC", ">") if oldest_first else ("DESC", "<")
+        if after is not None:
+            where = f"{where} AND" if where else "WHERE"
+            where = f"{where} (created_at, id) {beyond} (?, ?)"
+            args = [*args, *after]
+        with self._connect() as db:
+            rows = db.execute(f"SELECT created_at, id, doc FROM jobs {where} ORDER BY created_at {order}, id {order} "
+                              "LIMIT ?", [*args, limit]).fetchall()
+        cursor = (rows[-1][0], rows[-1][1]) if len(rows) == limit else None
+        return [JobRecord.from_json(row[2]) for row in rows], cursor
+
     def update(self, job_id: str, change: Change) -> JobRecord | None:
-        with self._transaction() as db:
+        def write(db: sqlite3.Connection) -> JobRecord | None:
             row = db.execute("SELECT doc FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
@@ -100,15 +192,19 @@ class SQLiteJobStore(JobStore):
             if new is None:
                 return None
             db.execute("UPDATE jobs SET status = ?, doc = ? WHERE id = ?", (new.status.value, new.to_json(), job_id))
-        return new
+            return new
+
+        return self._write(write)
 
     def delete(self, job_id: str, only: Collection[JobStatus] = FINISHED_STATUSES) -> bool:
-        with self._transaction() as db:
+        def remove(db: sqlite3.Connection) -> bool:
             cursor = db.execute(
                 f"DELETE FROM jobs WHERE id = ? AND status IN ({', '.join('?' * len(only))})",
                 [job_id, *(JobStatus(s).value for s in only)],
             )
             return cursor.rowcount > 0
+
+        return self._write(remove)
 
     def now(self) -> float:
         return time.time()

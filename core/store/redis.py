@@ -14,7 +14,7 @@ from typing import TypeVar
 import redis
 
 from adapter_merge.core.jobs import ACTIVE_STATUSES, FINISHED_STATUSES, JobRecord, JobStatus
-from adapter_merge.core.store.base import Change, JobStore, QuotaExceeded
+from adapter_merge.core.store.base import Change, Cursor, JobStore, QuotaExceeded
 
 _T = TypeVar("_T")
 
@@ -93,6 +93,41 @@ class RedisJobStore(JobStore):
         docs = self.redis.mget([self._job_key(job_id) for job_id in ids])
         return [JobRecord.from_json(doc) for doc in docs if doc], total
 
+    def page_after(
+        self, statuses: Collection[JobStatus] | None, tenant: str | None, oldest_first: bool, after: Cursor | None,
+        limit: int,
+    ) -> tuple[list[JobRecord], Cursor | None]:
+        keys = [self._all_key(tenant)] if statuses is None else [self._status_key(s, tenant) for s in set(statuses)]
+        if not keys:
+            return [], None
+        # Members of equal score are ordered by id, as the cursor compares them.
+        if len(keys) == 1:
+            scored = self._scored_after(keys[0], oldest_first, after, limit)
+        else:
+            scored = sorted(((score, job_id) for job_id, score in self.redis.zunion(keys, withscores=True)),
+                            reverse=not oldest_first)
+            scored = [item for item in scored if after is None or _beyond(item, after, oldest_first)][:limit]
+        docs = self.redis.mget([self._job_key(job_id) for _, job_id in scored]) if scored else []
+        cursor = scored[-1] if len(scored) == limit else None
+        return [JobRecord.from_json(doc) for doc in docs if doc], cursor
+
+    def _scored_after(self, key: str, oldest_first: bool, after: Cursor | None, limit: int) -> list[Cursor]:
+        """Up to `limit` (score, id) of one sorted set after `after`: from its score on (members sharing it
+        with the cursor that come before or at it are skipped, a batch at a time)."""
+        start: float | str = after[0] if after is not None else ("-inf" if oldest_first else "+inf")
+        end = "+inf" if oldest_first else "-inf"
+        found: list[Cursor] = []
+        offset = 0
+        while len(found) < limit:
+            batch = self.redis.zrange(key, start, end, desc=not oldest_first, byscore=True, offset=offset,
+                                      num=limit, withscores=True)
+            found += [(score, job_id) for job_id, score in batch
+                      if after is None or _beyond((score, job_id), after, oldest_first)]
+            if len(batch) < limit:
+                break
+            offset += len(batch)
+        return found[:limit]
+
     def _transact(self, job_id: str, body: Callable[[redis.client.Pipeline, JobRecord], _T | None]) -> _T | None:
         """Run `body` on the job's current record in a WATCH/MULTI transaction, retried when another client
         changed the record meanwhile. `body` queues its writes after `pipe.multi()` and returns the result,
@@ -147,6 +182,10 @@ class RedisJobStore(JobStore):
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _beyond(item: Cursor, after: Cursor, oldest_first: bool) -> bool:
+    return item > after if oldest_first else item < after
 
 
 def _seconds(redis_time: tuple[int, int]) -> float:
