@@ -14,6 +14,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from adapter_merge.core.problems import Problem, Problems
+
 
 class DataLayout:
     def __init__(self, data_dir: Path) -> None:
@@ -67,6 +69,19 @@ class DataLayout:
     def remove_job(self, job_id: str) -> None:
         _remove_tree(self.job_artifacts(job_id))
         _remove_tree(self.work_dir(job_id))
+
+    def free_bytes(self) -> int:
+        """Space left for unprivileged writers on the data dir's filesystem (what a merge can use)."""
+        return shutil.disk_usage(self.root).free
+
+    def require_free_space(self, min_free_bytes: int) -> None:
+        """Refuse new work (507 storage-full) while less than `min_free_bytes` are free; reading, downloading
+        and deleting go on, so space can be freed through the API."""
+        free = self.free_bytes()
+        if free < min_free_bytes:
+            raise Problem(Problems.STORAGE_FULL, f"the data dir has {free} bytes free, less than the "
+                          f"{min_free_bytes} it must keep (MERGE_MIN_FREE_BYTES); delete finished jobs or add "
+                          "space, then try again", free_bytes=free, min_free_bytes=min_free_bytes)
 
     def is_writable(self) -> bool:
         probe = self.root / f".probe-{uuid.uuid4().hex}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from adapter_merge.core.layout import DataLayout
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.service.deps import ServicesDep
 from adapter_merge.service.schemas import Health, Readiness, problem_responses
@@ -30,11 +31,21 @@ def readyz(services: ServicesDep) -> Readiness:
             checks[name] = "ok"
         except Exception as error:
             checks[name] = f"{type(error).__name__}: {error}"
-    layout = services.context.layout
-    checks["data_dir"] = "ok" if layout.is_writable() else "the data dir is not writable"
+    # Less than MERGE_MIN_FREE_BYTES free is not ready either (new merges would be refused with 507).
+    checks["data_dir"] = _data_dir_check(services.context.layout, services.context.settings.min_free_bytes)
     mode = "distributed" if services.context.settings.distributed else "embedded"
     failing = [name for name, result in checks.items() if result != "ok"]
     if failing:
         raise Problem(Problems.NOT_READY, f"not ready: {', '.join(f'{n} ({checks[n]})' for n in failing)}",
                       retry_after=READY_RETRY_SECONDS, mode=mode, checks=checks)
     return Readiness(status="ready", mode=mode, checks=checks)
+
+
+def _data_dir_check(layout: DataLayout, min_free_bytes: int) -> str:
+    try:
+        free = layout.free_bytes()
+    except OSError as error:
+        return f"the data dir cannot be examined ({error.strerror})"
+    if free < min_free_bytes:
+        return f"{free} bytes free, less than the {min_free_bytes} MERGE_MIN_FREE_BYTES asks for"
+    return "ok" if layout.is_writable() else "the data dir is not writable"

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from adapter_merge.core.jobs import ACTIVE_STATUSES, JobStatus
+from adapter_merge.core.jobs import ACTIVE_STATUSES, JobRecord, JobStatus
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.service.deps import JobDep, Reader, ServicesDep, Submitter
 from adapter_merge.service.schemas import JobOut, JobPage, job_view, problem_responses
@@ -57,8 +57,23 @@ def cancel_job(job: JobDep, caller: Submitter, response: Response, services: Ser
                responses=problem_responses(401, 403, 404, 409))
 def delete_job(job: JobDep, caller: Submitter, services: ServicesDep) -> Response:
     """Remove a finished job and its artifacts."""
-    if job.status in ACTIVE_STATUSES or not services.context.store.delete(job.id):
-        raise Problem(Problems.JOB_ACTIVE, f"job {job.id} is {job.status.value}; cancel it before deleting it",
-                      status_now=job.status.value)
-    services.context.layout.remove_job(job.id)
+    # This works on a full disk too: it is how space is freed.
+    store, layout = services.context.store, services.context.layout
+    if job.status in ACTIVE_STATUSES:
+        raise _still_active(job)
+    try:
+        deleted = store.delete(job.id)
+    except Problem as problem:
+        if problem.kind is not Problems.STORAGE_FULL:
+            raise
+        layout.remove_job(job.id)  # a disk too full for the store to write: the finished job's files go first
+        deleted = store.delete(job.id)
+    if not deleted:
+        raise _still_active(job)
+    layout.remove_job(job.id)
     return Response(status_code=204)
+
+
+def _still_active(job: JobRecord) -> Problem:
+    return Problem(Problems.JOB_ACTIVE, f"job {job.id} is {job.status.value}; cancel it before deleting it",
+                   status_now=job.status.value)

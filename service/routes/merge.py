@@ -27,6 +27,7 @@ def submit_merge(body: MergeRequest, caller: Submitter, response: Response, serv
     """Queue a merge. References are resolved and the adapters checked against the base before anything is
     queued, so a request that cannot work fails now with a 4xx naming the field at fault."""
     context = services.context
+    context.layout.require_free_space(context.settings.min_free_bytes)  # 507 storage-full below the minimum
     _check_artifact_quota(context, caller.tenant)
     checked = services.preflight.check(body)
     summary = checked.summary
