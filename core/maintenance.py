@@ -1,4 +1,5 @@
-"""Background upkeep: re-queue jobs whose worker died (lease expired) and delete results past retention.
+"""Background upkeep: re-queue jobs whose worker died (lease expired), publish again the messages of queued
+jobs that may have been lost, and delete results past retention.
 
 Safe to run in every API process and every worker at once: each change is a compare-and-set in the store,
 so exactly one reaper wins each recovery, and deletions are idempotent.
@@ -26,13 +27,66 @@ class Maintenance:
     def __init__(self, context: JobContext, dispatcher: Dispatcher) -> None:
         self.store, self.layout, self.settings = context.store, context.layout, context.settings
         self.dispatcher = dispatcher
+        self._answered: float | None = None
+        """When (monotonic) the store last answered this reaper; None before the first answer and after a
+        call that failed."""
+        self._steady_since: float | None = None
+        """Since when the store has answered this reaper without a silence long enough to cost a live worker
+        its lease."""
+
+    @property
+    def max_silence(self) -> float:
+        """The longest the store may go without answering this reaper and still have been reachable for
+        every live worker to renew: a worker renews at most a heartbeat (plus a poll interval to notice, plus
+        one to retry) before its lease would run out."""
+        settings = self.settings
+        return max(settings.lease_seconds - settings.heartbeat_seconds - 2 * settings.poll_seconds,
+                   settings.poll_seconds)
+
+    @property
+    def pass_interval(self) -> float:
+        """Seconds between passes: the reap interval, but often enough that a steady store is seen as steady."""
+        return min(self.settings.reap_interval_seconds, self.max_silence / 2)
+
+    def lost_store(self) -> None:
+        """A store call failed: the store may be down for the workers too, so leases are not judged until it
+        has answered steadily for a lease again."""
+        self._answered = None
+
+    def _store_now(self) -> float:
+        """The store's clock, noting whether the store has answered steadily (see `judging_leases`)."""
+        now = self.store.now()
+        answered = time.monotonic()
+        if self._answered is None or answered - self._answered > self.max_silence:
+            if self._steady_since is not None:
+                silence = "did not answer" if self._answered is None else \
+                    f"was silent for {answered - self._answered:.1f} s"
+                log.warning("maintenance: the job store %s; judging no lease for %.1f s, so that every live "
+                            "worker can renew first", silence, self.settings.lease_seconds)
+            self._steady_since = answered
+        self._answered = answered
+        return now
+
+    def judging_leases(self) -> bool:
+        """Only once the store has answered steadily for a whole lease (after this reaper starts, and again
+        after an outage or a silence of more than `max_silence`): the workers' heartbeats could not land
+        meanwhile either, and each live worker renews within a lease of the store's return. So an outage of
+        the store does not cost a running job its worker, however long it lasts (README: recovery)."""
+        return (self._answered is not None and self._steady_since is not None
+                and self._answered - self._steady_since >= self.settings.lease_seconds)
 
     def reap(self) -> list[str]:
-        """Recover every running job whose lease has expired; returns the ids that were queued again.
+        """Recover every running job whose lease has expired and publish again the messages of jobs queued
+        for too long; returns the ids that were queued again.
 
-        The expired jobs are listed first and recovered afterwards: recovering moves a job out of the running
-        set, which would shift the pages of a listing still in progress and skip jobs."""
-        now = self.store.now()
+        The expired jobs are listed first and recovered afterwards, against the clock read before the listing:
+        a lease the listing shows expired had run out while the store was answering."""
+        now = self._store_now()
+        requeued = self._recover(now) if self.judging_leases() else []
+        self._republish(now)
+        return requeued
+
+    def _recover(self, now: float) -> list[str]:
         expired = [job for job in self.store.all_jobs([JobStatus.running]) if (job.lease_expires_at or 0) <= now]
         requeued = []
         for job in expired:
@@ -46,6 +100,28 @@ class Maintenance:
                 self.dispatcher.submit(job.id)
                 requeued.append(job.id)
         return requeued
+
+    def _republish(self, now: float) -> list[str]:
+        """Distributed mode: a job still queued a grace period after its message was published may have lost
+        it (the API died between storing and publishing, the queue was deleted): publish it again, at most once
+        per grace period among all reapers (`JobStore.republish`). Embedded mode has no messages to lose."""
+        if not self.settings.distributed:
+            return []
+        grace = self.settings.requeue_grace_seconds
+        due = []
+        for job in self.store.all_jobs([JobStatus.queued], oldest_first=True):
+            if job.created_at.timestamp() > now - grace:
+                break  # created within the grace period, as is every job after it
+            if job.queued_at.timestamp() <= now - grace:
+                due.append(job.id)
+        republished = []
+        for job_id in due:
+            if self.store.republish(job_id, grace) is not None:
+                log.warning("job %s: still queued %.0f s after its message was published; published again",
+                            job_id, grace)
+                self.dispatcher.submit(job_id)
+                republished.append(job_id)
+        return republished
 
     def clean(self) -> list[str]:
         """Delete finished jobs (and their files) older than the retention; returns their ids."""
@@ -112,7 +188,8 @@ class MaintenanceThread:
                     next_clean = time.monotonic() + self.settings.cleanup_interval_seconds
                     self.work.clean()
             except STORE_UNAVAILABLE as error:
+                self.work.lost_store()
                 log.warning("maintenance: job store unavailable (%s); retrying", error)
             except Exception:  # a disk hiccup or a bug must not end upkeep for good
-                log.exception("maintenance pass failed; retrying in %.0f s", self.settings.reap_interval_seconds)
-            self._stop.wait(self.settings.reap_interval_seconds)
+                log.exception("maintenance pass failed; retrying in %.0f s", self.work.pass_interval)
+            self._stop.wait(self.work.pass_interval)

@@ -49,10 +49,10 @@ class Settings(BaseSettings):
         "recover lost jobs; it only has to exceed the queueing time of a job."
     )
     requeue_grace_seconds: float = Field(
-        300.0, gt=0, description="Distributed mode: a job queued this long (by the store's clock) has its "
-        "message published again, in case the message was lost (the API died before publishing, the queue was "
-        "deleted); at most once per grace period. A job that is only waiting its turn gets a duplicate message, "
-        "which a worker drops at once (the job's claim is the only gate)."
+        600.0, gt=0, description="Distributed mode: a job still queued this long after its message was published "
+        "(by the store's clock) gets the message again, in case it was lost (the API died before publishing, the "
+        "queue was deleted); at most once per grace period. A job that is only waiting its turn gets a duplicate, "
+        "which a worker drops at once (the job's claim is the only gate): keep it well above usual queue waits."
     )
     min_free_bytes: int = Field(
         1 << 30, ge=0, description="Free space the data dir must keep: below it `POST /merge` answers 507 "

@@ -57,10 +57,12 @@ class JobWatch:
         next_renewal = time.monotonic() + self.settings.heartbeat_seconds
         failing = False
         while not self._done.wait(self.settings.poll_seconds):
-            renew = time.monotonic() >= next_renewal
+            # After a failure the first write that lands renews the lease, whatever else it carries: the store
+            # may be back from an outage longer than the lease (reapers then wait a lease for it: README).
+            renew = failing or time.monotonic() >= next_renewal
             try:
                 self._beat(renew)
-            except Exception:  # keep beating: the lease only lapses if this lasts lease_seconds
+            except Exception:  # keep beating, every poll interval, until the store answers again
                 if not failing:
                     log.exception("job %s: heartbeat failed; retrying", self.job.id)
                 failing = True
