@@ -97,7 +97,7 @@ class JobRunner:
         publish_seconds = time.perf_counter() - publish_started
         finished_at = utcnow()
         final = self._finish(
-            job, JobStatus.succeeded, finished_at=finished_at,
+            job, watch, JobStatus.succeeded, finished_at=finished_at,
             artifacts=[Artifact(**entry) for entry in report.files],
             progress=watch.latest or job.progress,
             timings=_timings(job, finished_at, resolve_seconds, report, publish_seconds),
@@ -116,9 +116,9 @@ class JobRunner:
             return None
         if watch.cancel_requested:
             log.info("job %s: cancelled, partial output removed", job.id)
-            return self._finish(job, JobStatus.cancelled, progress=watch.latest or job.progress)
+            return self._finish(job, watch, JobStatus.cancelled, progress=watch.latest or job.progress)
         log.info("job %s: worker shutting down; back to the queue", job.id)
-        return self._finish(job, JobStatus.queued, worker=None)
+        return self._finish(job, watch, JobStatus.queued, worker=None)
 
     def _fail(self, job: JobRecord, error: Exception, watch: JobWatch) -> JobRecord | None:
         problem = _problem_of(error)
@@ -126,13 +126,15 @@ class JobRunner:
             log.exception("job %s: failed", job.id, exc_info=error)
         else:
             log.info("job %s: failed: %s", job.id, problem.detail)
-        return self._finish(job, JobStatus.failed, error=problem.to_dict(), progress=watch.latest or job.progress)
+        return self._finish(job, watch, JobStatus.failed, error=problem.to_dict(),
+                            progress=watch.latest or job.progress)
 
-    def _finish(self, job: JobRecord, status: JobStatus, **fields: object) -> JobRecord | None:
+    def _finish(self, job: JobRecord, watch: JobWatch, status: JobStatus, **fields: object) -> JobRecord | None:
         """Record how the run ended. A store out of reach (restarting, failing over) does not lose the outcome:
         the write is tried again every poll interval, while the watch thread keeps trying to renew the lease,
         until it lands (None if the run was superseded meanwhile) or the worker shuts down (the lease then
         recovers the job)."""
+        watch.recording_outcome()
         unreachable_since = None
         while True:
             try:

@@ -25,6 +25,7 @@ class JobWatch:
         self.store, self.job, self.settings, self.shutdown = store, job, settings, shutdown
         self.cancel_requested = job.cancel_requested
         self.lost = False
+        self._recording = False
         self._latest: MergeProgress | None = None
         self._sent: MergeProgress | None = None
         self._done = threading.Event()
@@ -46,6 +47,11 @@ class JobWatch:
 
     def should_stop(self) -> bool:
         return self.cancel_requested or self.lost or self.shutdown.is_set()
+
+    def recording_outcome(self) -> None:
+        """The runner is about to record how the run ended (the lease is still renewed meanwhile): a record
+        that stops showing the run as running is that outcome landing, not the job lost to another run."""
+        self._recording = True
 
     @property
     def latest(self) -> Progress | None:
@@ -84,7 +90,7 @@ class JobWatch:
             if record is not None and (record.attempt != self.job.attempt or record.status != "running"):
                 record = None
         if record is None:
-            if not self.lost:
+            if not self.lost and not self._recording:
                 log.warning("job %s: attempt %d no longer owns the job; stopping", self.job.id, self.job.attempt)
             self.lost = True
             return

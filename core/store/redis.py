@@ -12,6 +12,8 @@ from collections.abc import Callable, Collection
 from typing import TypeVar
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from adapter_merge.core.jobs import ACTIVE_STATUSES, FINISHED_STATUSES, JobRecord, JobStatus
 from adapter_merge.core.store.base import Change, Cursor, JobStore, QuotaExceeded
@@ -21,8 +23,12 @@ _T = TypeVar("_T")
 
 class RedisJobStore(JobStore):
     def __init__(self, url: str, prefix: str) -> None:
+        # A refused or reset connection is tried twice more within ~0.3 s, then reported: callers retry at their
+        # own pace (a heartbeat every poll interval, a reaper every pass), so no call sleeps through the store's
+        # return, as redis-py's default backoff (seconds) would.
         self.redis = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=15, socket_connect_timeout=5, health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=2),
         )
         self.prefix = prefix
 
