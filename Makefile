@@ -21,8 +21,10 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(PY) -m tools.demo
 
+# Coverage of the installed packages, including what the service tests run in server and worker subprocesses
+# (tests/service/coverage.toml).
 test: $(INSTALLED)
-	$(PY) -m pytest
+	$(PY) -m pytest --cov=adapter_merge --cov-config=tests/service/coverage.toml --cov-report=term
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -61,6 +61,18 @@ def service_env(data_dir: Path, models_root: Path, **overrides: str) -> dict[str
     return env
 
 
+def coverage_env() -> dict[str, str]:
+    """When this test run measures coverage (`make test`), the servers and workers started here measure theirs
+    with the same configuration: coverage's start-up hook in every Python process reads it from
+    COVERAGE_PROCESS_CONFIG (what `[run] patch = subprocess` sets for all subprocesses; here only for these)."""
+    try:
+        import coverage
+    except ImportError:
+        return {}
+    current = coverage.Coverage.current()
+    return {} if current is None else {"COVERAGE_PROCESS_CONFIG": current.config.serialize()}
+
+
 class Proc:
     """A CLI subprocess in its own process group, logging to a file."""
 
@@ -68,6 +80,7 @@ class Proc:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = log.open("ab")
+        env = {**env, **coverage_env()}
         self.popen = subprocess.Popen([sys.executable, "-m", "adapter_merge.cli", *args], cwd=REPO, env=env,
                                       stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                       pass_fds=pass_fds)
