@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 import transformers
 
 from adapter_merge.worker.engine import AdapterSpec, MergeOptions, merge
-from tests.builders import AdapterRecipe, BaseSpec, Case, build_adapter, build_base
+from tests.builders import CASES, AdapterRecipe, BaseSpec, Case, build_adapter, build_base
 from tests.oracle import load_dir_tensors, oracle_state_dict
 
 transformers.logging.set_verbosity_error()
@@ -79,6 +81,31 @@ def read_json(path: Path) -> dict:
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     yield Workspace(tmp_path_factory.mktemp("engine"))
+
+
+@dataclass
+class Inputs:
+    """Private copies of a good base and two good adapters (LoRA, DoRA) over it, plus an output path."""
+
+    base: Path
+    lora: Path
+    dora: Path
+    out: Path
+
+    @property
+    def out_parent(self) -> Path:
+        return self.out.parent
+
+
+@pytest.fixture
+def inputs(workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Inputs:
+    case = CASES["llama_stacked"]  # a bf16 Llama with a LoRA and a DoRA adapter
+    base_dir, ((lora, _), (dora, _)) = workspace.inputs(case)
+    copies = [shutil.copytree(src, tmp_path / "in" / name) for src, name in
+              [(base_dir, "base"), (lora, "lora"), (dora, "dora")]]
+    (tmp_path / "outs").mkdir()
+    monkeypatch.setenv("ADAPTER_MERGE_CACHE", str(tmp_path / "checksum-cache"))
+    return Inputs(*copies, out=tmp_path / "outs" / "merged")
 
 
 def pytest_configure(config: pytest.Config) -> None:

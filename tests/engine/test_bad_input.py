@@ -13,9 +13,10 @@ import json
 import math
 import os
 import pickle
-import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,40 +43,16 @@ from adapter_merge.worker.engine import (
 from adapter_merge.worker.engine import side_files as engine_side_files
 from adapter_merge.worker.engine import writer as engine_writer
 from tests.builders import CASES, edit_adapter_config
-from tests.engine.conftest import Workspace
+from tests.engine.conftest import Inputs, Workspace
 from tests.oracle import load_dir_tensors
 
 REPO = Path(__file__).resolve().parents[2]
 ERROR_PREFIX = "adapter-merge: error: "
-BASE_FILE, ADAPTER_FILE, CONFIG_FILE = "model.safetensors", "adapter_model.safetensors", "adapter_config.json"
+BASE_FILE, ADAPTER_FILE, CONFIG_FILE, LEGACY_FILE = (
+    "model.safetensors", "adapter_model.safetensors", "adapter_config.json", "adapter_model.bin")
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 FACTS = ("file", "tensor", "option", "input")
 """The attributes every MergeError carries."""
-
-
-@dataclass
-class Inputs:
-    """Private copies of a good base and two good adapters (LoRA, DoRA) over it, plus an output path."""
-
-    base: Path
-    lora: Path
-    dora: Path
-    out: Path
-
-    @property
-    def out_parent(self) -> Path:
-        return self.out.parent
-
-
-@pytest.fixture
-def inputs(workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Inputs:
-    case = CASES["llama_stacked"]  # a bf16 Llama with a LoRA and a DoRA adapter
-    base_dir, ((lora, _), (dora, _)) = workspace.inputs(case)
-    copies = [shutil.copytree(src, tmp_path / "in" / name) for src, name in
-              [(base_dir, "base"), (lora, "lora"), (dora, "dora")]]
-    (tmp_path / "outs").mkdir()
-    monkeypatch.setenv("ADAPTER_MERGE_CACHE", str(tmp_path / "checksum-cache"))
-    return Inputs(*copies, out=tmp_path / "outs" / "merged")
 
 
 @dataclass(frozen=True)
@@ -173,6 +150,28 @@ def _first_tensor_past(header: dict, size: int) -> str:
     """The first tensor, in file order, whose data ends past `size` bytes of data."""
     entries = sorted((entry["data_offsets"], name) for name, entry in header.items() if name != "__metadata__")
     return next(name for (_, end), name in entries if end > size)
+
+
+def to_legacy(adapter: Path) -> Path:
+    """The adapter as adapter_model.bin only (torch.save of the same tensors)."""
+    tensors = load_file(adapter / ADAPTER_FILE)
+    (adapter / ADAPTER_FILE).unlink()
+    torch.save(tensors, adapter / LEGACY_FILE)
+    return adapter / LEGACY_FILE
+
+
+def zip_bomb(path: Path) -> None:
+    """A few KB whose data.pkl says it inflates to 2 GiB (the central directory's size field rewritten)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", bytes(2**20))
+        archive.writestr("archive/version", "3\n")
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the central directory record of data.pkl, the first member
+    data[entry + 24:entry + 28] = struct.pack("<I", 2**31)
+    local = data.index(b"PK\x03\x04")
+    data[local + 22:local + 26] = struct.pack("<I", 2**31)
+    path.write_bytes(bytes(data))
+    assert zipfile.ZipFile(path).getinfo("archive/data.pkl").file_size == 2**31
 
 
 # --- the bad inputs -------------------------------------------------------------------------------------
@@ -343,6 +342,33 @@ def bad_max_shard_size(i: Inputs) -> Refusal:
                    {"option": "max_shard_size"})
 
 
+def adapter_config_nested_deep(i: Inputs) -> Refusal:
+    """Nesting that makes Python's json recurse past its limit (RecursionError, a 500 at the API)."""
+    (i.lora / CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    return Refusal([i.base, i.lora], ("nested deeper",), InputError, "plan", {"file": i.lora / CONFIG_FILE, "input": 0})
+
+
+def alpha_beyond_float32(i: Inputs) -> Refusal:
+    """Finite in Python, but alpha/r overflows the fp32 merge: refused while planning, not mid-merge."""
+    edit_adapter_config(i.lora, lora_alpha=1e308)
+    return Refusal([i.base, i.dora, i.lora], ("lora_alpha",), InputError, "plan",
+                   {"file": i.lora / CONFIG_FILE, "input": 1, "option": "lora_alpha"})
+
+
+def pattern_with_lookahead(i: Inputs) -> Refusal:
+    """RE2 has no lookarounds: refused, naming the option and the key."""
+    edit_adapter_config(i.lora, rank_pattern={"(?=q)q_proj": 4})
+    return Refusal([i.base, i.lora], ("(?=q)q_proj",), InputError, "plan",
+                   {"file": i.lora / CONFIG_FILE, "input": 0, "option": "rank_pattern"})
+
+
+def legacy_adapter_zip_bomb(i: Inputs) -> Refusal:
+    """A few KB of adapter_model.bin whose data.pkl claims 2 GiB."""
+    path = to_legacy(i.lora)
+    zip_bomb(path)
+    return Refusal([i.base, i.lora], ("data.pkl",), InputError, "plan", {"file": path, "input": 0})
+
+
 def unsupported(option: str, value: object, needles: tuple[str, ...] = ()) -> Callable[[Inputs], Refusal]:
     def corrupt(i: Inputs) -> Refusal:
         edit_adapter_config(i.lora, **{option: value})
@@ -359,6 +385,7 @@ BAD_INPUTS: list[Callable[[Inputs], Refusal]] = [
     module_not_in_base, wrong_shape_lora_b, rank_differs_from_config, magnitude_without_use_dora,
     nan_in_adapter, nan_in_base, fp16_overflow, dora_zero_norm_row,
     weights_count, weights_not_numbers, bad_max_shard_size,
+    adapter_config_nested_deep, alpha_beyond_float32, pattern_with_lookahead, legacy_adapter_zip_bomb,
     unsupported("init_lora_weights", "pissa"),
     unsupported("layer_replication", [[0, 2], [1, 2]]),
     unsupported("use_qalora", True),

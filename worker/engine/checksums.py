@@ -12,25 +12,30 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
 CACHE_FILE = "sha256-cache.json"
 
 
-def sha256_file(path: Path) -> str:
+def sha256_of(handle: BinaryIO) -> str:
+    """sha256 of an open file's contents from where it stands to its end."""
     digest = hashlib.sha256()
     buffer = bytearray(HASH_CHUNK_BYTES)
     view = memoryview(buffer)
-    with path.open("rb", buffering=0) as handle:
-        while count := handle.readinto(buffer):
-            digest.update(view[:count])
+    while count := handle.readinto(buffer):
+        digest.update(view[:count])
     return digest.hexdigest()
 
 
-def describe_files(root: Path, paths: list[Path], checksum: Any = sha256_file) -> list[dict[str, Any]]:
+def sha256_file(path: Path) -> str:
+    with path.open("rb", buffering=0) as handle:
+        return sha256_of(handle)
+
+
+def describe_files(root: Path, paths: list[Path]) -> list[dict[str, Any]]:
     """path (relative to root), size and sha256 of each file."""
-    return [{"path": str(path.relative_to(root)), "size": path.stat().st_size, "sha256": checksum(path)}
+    return [{"path": str(path.relative_to(root)), "size": path.stat().st_size, "sha256": sha256_file(path)}
             for path in paths]
 
 
@@ -48,15 +53,16 @@ class ChecksumCache:
             except (OSError, ValueError):
                 self._entries = {}  # a damaged cache is only a slower merge
 
-    def sha256(self, path: Path) -> str:
-        stat = path.stat()
+    def sha256(self, path: Path, handle: BinaryIO) -> str:
+        """sha256 of `path`, open as `handle` (which is read only when the cache has no entry for it)."""
+        stat = os.fstat(handle.fileno())
         identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns]
-        key = str(path.resolve())
+        key = os.path.realpath(path)
         with self._lock:
             entry = self._entries.get(key)
             if entry and entry.get("identity") == identity:
                 return str(entry["sha256"])
-        digest = sha256_file(path)
+        digest = sha256_of(handle)
         with self._lock:
             self._entries[key] = {"identity": identity, "sha256": digest}
             self._dirty = True

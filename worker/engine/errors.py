@@ -12,6 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
+BRIEF_CHARS = 80
+
+
+def brief(value: object) -> str:
+    """`repr(value)`, cut to BRIEF_CHARS: a message quotes what it refuses, not a megabyte of it."""
+    text = repr(value)
+    return text if len(text) <= BRIEF_CHARS else f"{text[:BRIEF_CHARS]}... ({len(text)} characters)"
+
+
 InputRef = Literal["base"] | int | None
 """Which input an error is about: "base", an adapter's 0-based index in the requested order, or None."""
 Fault = Literal["input", "machine"]

@@ -9,7 +9,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from adapter_merge.worker.engine.checksums import ChecksumCache, describe_files
+from adapter_merge.worker.engine.checksums import ChecksumCache
+from adapter_merge.worker.engine.errors import InputError, InputRef
 from adapter_merge.worker.engine.plan import MergePlan
 
 
@@ -20,11 +21,13 @@ def engine_version() -> str:
         return "0+unknown"
 
 
-def input_files(plan: MergePlan) -> dict[str, tuple[Path, list[Path]]]:
-    """Every file the merge reads, grouped by where it came from, with the folder paths are relative to."""
-    groups = {"base": (plan.base.root, sorted(p for p in plan.base.root.iterdir() if p.is_file()))}
+def input_files(plan: MergePlan) -> dict[str, tuple[Path, list[Path], InputRef]]:
+    """Every file the merge reads, grouped by where it came from, with the folder paths are relative to and
+    the input they belong to."""
+    groups: dict[str, tuple[Path, list[Path], InputRef]] = {"base": (plan.base.root, list(plan.base.files), "base")}
     for adapter in plan.adapters:
-        groups[f"adapter {adapter.index}"] = (adapter.root, [adapter.config.path, adapter.weights_file])
+        groups[f"adapter {adapter.index}"] = (adapter.root, [adapter.config.path, adapter.weights_file],
+                                              adapter.index)
     return groups
 
 
@@ -33,9 +36,17 @@ def hash_inputs_in_background(
 ) -> Future[dict[str, list[dict[str, Any]]]]:
     """Checksum the inputs on another thread while the merge runs (hashlib releases the GIL)."""
     groups = input_files(plan)
-    return pool.submit(
-        lambda: {key: describe_files(root, paths, cache.sha256) for key, (root, paths) in groups.items()}
-    )
+
+    def describe(root: Path, path: Path, input: InputRef) -> dict[str, Any]:
+        with plan.files.open(path, input) as handle:
+            try:
+                return {"path": str(path.relative_to(root)), "size": os.fstat(handle.fileno()).st_size,
+                        "sha256": cache.sha256(path, handle)}
+            except OSError as error:
+                raise InputError(f"{path}: cannot read: {error.strerror}", file=path, input=input) from error
+
+    return pool.submit(lambda: {key: [describe(root, path, input) for path in paths]
+                                for key, (root, paths, input) in groups.items()})
 
 
 def build_manifest(

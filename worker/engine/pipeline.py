@@ -62,8 +62,9 @@ def merge(
             shards, changes = _write_shards(plan, folder.path, progress, should_stop)
             timings["merge"] = time.perf_counter() - phase
             phase = time.perf_counter()
+            notes = list(plan.notes)
             with storage_errors(folder.path):
-                notes = [*plan.notes, *write_side_files(plan, folder.path)]
+                write_side_files(folder.path, plan.config, plan.shard_index(), plan.side_files, plan.files)
                 side = sorted(p for p in folder.path.iterdir() if p.is_file() and p.name not in plan.shards)
                 outputs = sorted([*shards, *describe_files(folder.path, side)], key=lambda entry: entry["path"])
             input_checksums = inputs.result()
@@ -117,7 +118,7 @@ def _write_shards(
     sink = ShardSink(fsync=plan.options.fsync)
     pool = BufferPool(CHUNK_BYTES, QUEUED_CHUNKS + 2)
     try:
-        with TensorReader() as reader:
+        with TensorReader(plan.files) as reader:
             merger = TensorMerger(reader, labels, pool)
             for shard_name, tensors in plan.shards.items():
                 sink.open_shard(folder / shard_name, tensors)

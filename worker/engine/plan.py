@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter_merge.worker.engine.adapter import Adapter, load_adapter, split_key
+from adapter_merge.worker.engine.adapter import FP32_MAX, Adapter, load_adapter, split_key
 from adapter_merge.worker.engine.base_model import SINGLE_FILE, BaseModel, load_base_model
-from adapter_merge.worker.engine.errors import InputError, UnsupportedOptionError
+from adapter_merge.worker.engine.errors import InputError, InputRef, UnsupportedOptionError
+from adapter_merge.worker.engine.input_files import InputFiles
 from adapter_merge.worker.engine.name_mapping import find_rewrite
 from adapter_merge.worker.engine.operations import (
     BiasOp,
@@ -29,6 +30,7 @@ from adapter_merge.worker.engine.operations import (
     TokenRowsOp,
 )
 from adapter_merge.worker.engine.safetensors_format import same_bytes
+from adapter_merge.worker.engine.side_files import choose_side_files
 from adapter_merge.worker.engine.spec import AdapterSpec, MergeOptions
 from adapter_merge.worker.engine.tensor_info import DTYPE_SIZES, FLOAT_DTYPES, FP8_DTYPES, TensorInfo
 
@@ -53,6 +55,10 @@ class MergePlan:
     """Output file name -> tensors in write order."""
     config: dict[str, Any]
     """The config.json to write."""
+    files: InputFiles
+    """How every input file is opened (within `options.allowed_roots`)."""
+    side_files: dict[str, tuple[Path, InputRef]]
+    """Output file name -> the input file copied there (tokenizer, generation config, ...) and its input."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -66,6 +72,13 @@ class MergePlan:
     @property
     def index_needed(self) -> bool:
         return list(self.shards) != [SINGLE_FILE]
+
+    def shard_index(self) -> dict[str, Any] | None:
+        """The model.safetensors.index.json to write, or None for a single file."""
+        if not self.index_needed:
+            return None
+        return {"metadata": {"total_size": self.bytes_total},
+                "weight_map": {tensor.name: tensor.shard for tensor in self.outputs}}
 
     def summary(self) -> dict[str, Any]:
         outputs = self.outputs
@@ -86,24 +99,26 @@ def plan_merge(
     options = options or MergeOptions()
     if not adapters:
         raise InputError("adapters: at least one adapter is required", option="adapters")
-    base = load_base_model(Path(base_dir))
+    files = InputFiles(options.allowed_roots)
+    base = load_base_model(Path(base_dir), files)
     for info in base.tensors.values():
         if info.dtype in FP8_DTYPES:
             raise UnsupportedOptionError(
                 f"{info.file}: tensor {info.name!r} is {info.dtype}; fp8 bases are not supported",
                 file=info.file, tensor=info.name, input="base",
             )
-    builder = _PlanBuilder(base, options)
-    loaded = tuple(load_adapter(Path(spec.path), index, spec.weight) for index, spec in enumerate(adapters))
+    builder = _PlanBuilder(base, options, files)
+    loaded = tuple(load_adapter(Path(spec.path), index, spec.weight, files) for index, spec in enumerate(adapters))
     for adapter in loaded:
         builder.add(adapter)
     return builder.finish(loaded)
 
 
 class _PlanBuilder:
-    def __init__(self, base: BaseModel, options: MergeOptions) -> None:
+    def __init__(self, base: BaseModel, options: MergeOptions, files: InputFiles) -> None:
         self.base = base
         self.options = options
+        self.files = files
         self.sources: dict[str, TensorInfo] = {}
         """Output name -> the adapter tensor that replaces its starting value."""
         self.ops: dict[str, list[Operation]] = defaultdict(list)
@@ -155,6 +170,9 @@ class _PlanBuilder:
         self.head_name = name
 
     def _replace(self, name: str, info: TensorInfo, adapter: Adapter) -> None:
+        if info.dtype in FP8_DTYPES:
+            raise UnsupportedOptionError(f"{info.file}: tensor {info.name!r} is {info.dtype}; fp8 tensors are not "
+                                         f"supported", file=info.file, tensor=info.name, input=adapter.index)
         if name in self.sources:
             self.notes.append(f"{name}: replacement from {adapter.label} supersedes an earlier adapter's")
         self.sources[name] = info
@@ -166,7 +184,11 @@ class _PlanBuilder:
             return InputError(message, file=adapter.weights_file, tensor=tensor.name if tensor else None,
                               option=option, input=adapter.index)
 
-        scale = adapter.config.scaling(module) * adapter.weight
+        for info in roles.values():
+            if info.dtype not in FLOAT_DTYPES:
+                raise error(f"{where}: tensor {info.name!r} is {info.dtype}; LoRA tensors must be "
+                            f"{', '.join(sorted(FLOAT_DTYPES))}", info)
+        scale = self._scale(adapter, module) if roles.keys() - {"token_rows"} else 0.0
         if "token_rows" in roles:
             indices = tuple(adapter.config.token_indices(module))
             self.ops[weight_name].append(
@@ -194,6 +216,10 @@ class _PlanBuilder:
                         "use_dora")
         if magnitude is None and adapter.config.use_dora:
             raise error(f"{where} has no lora_magnitude_vector but use_dora is true", lora_a, "use_dora")
+        for factor in (lora_a, lora_b):
+            if len(factor.shape) < 2:
+                raise error(f"{where}: tensor {factor.name!r} has shape {list(factor.shape)}; LoRA factors have "
+                            f"at least 2 dimensions", factor)
         if lora_a.shape[0] != adapter.config.rank(module):
             raise error(f"{where}: tensor {lora_a.name!r} has rank {lora_a.shape[0]} "
                         f"but the config says r={adapter.config.rank(module)}", lora_a, "r")
@@ -202,6 +228,21 @@ class _PlanBuilder:
         else:
             op = DoraOp(adapter.index, module, layout, lora_a, lora_b, scale, magnitude)
         self.ops[weight_name].append(op)
+
+    @staticmethod
+    def _scale(adapter: Adapter, module: str) -> float:
+        """PEFT's scale times the adapter's weight, which the merge multiplies float32 values by: refused
+        unless it is a finite float32, naming what made it too large (lora_alpha, alpha_pattern or weights)."""
+        scaling = adapter.config.scaling(module)
+        scale = scaling * adapter.weight
+        if abs(scale) <= FP32_MAX:
+            return scale
+        if abs(scaling) <= FP32_MAX:
+            raise InputError(f"{adapter.label}: weight {adapter.weight:g} times the scale {scaling:g} of module "
+                             f"{module!r} does not fit float32", option="weights", input=adapter.index)
+        option = adapter.config.alpha_option(module)
+        raise InputError(f"{adapter.config.path}: module {module!r}: {option} makes the scale {scaling:g}, which "
+                         f"does not fit float32", file=adapter.config.path, option=option, input=adapter.index)
 
     def _is_conv1d(self, module: str) -> bool:
         return self.base.model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_MODULES
@@ -235,7 +276,9 @@ class _PlanBuilder:
             config["torch_dtype"] = self.options.dtype
             if "dtype" in config:  # transformers 5's name for it
                 config["dtype"] = self.options.dtype
-        return MergePlan(self.base, adapters, self.options, shards, config, self.notes)
+        side_files, notes = choose_side_files(self.base, adapters, config, self.files)
+        return MergePlan(self.base, adapters, self.options, shards, config, self.files, side_files,
+                         [*self.notes, *notes])
 
     def _check_targets(self) -> None:
         """Every replacement and every operation names a base tensor (or the tied output embedding)."""
@@ -257,7 +300,7 @@ class _PlanBuilder:
         token_ops = tuple(op for op in embed.ops if isinstance(op, TokenRowsOp))
         embed_lora = len(embed.ops) > len(token_ops)  # trainable tokens apply to both sides of a tied pair
         head_source = self.sources.get(name)
-        head_replaced = head_source is not None and not same_bytes(head_source, embed.source)
+        head_replaced = head_source is not None and not same_bytes(head_source, embed.source, self.files)
         if not (embed_lora or head_ops or head_replaced):
             return None
         self.notes.append(

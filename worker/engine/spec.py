@@ -33,8 +33,15 @@ class MergeOptions:
     fsync: bool = False
     """Flush every output file and the folder to disk around the rename into place. Off, like `cp`, files
     reach disk when the kernel writes them back; the service turns it on before it reports success."""
+    allowed_roots: tuple[Path, ...] | None = None
+    """Folders the inputs must lie in; None (the command line) reads any file it is given. When set, every
+    input file is read through its real path, which must be inside a root, and must be a regular file (links
+    within the roots are followed), and the manifest names input folders relative to their root."""
 
     def __post_init__(self) -> None:
+        if self.allowed_roots is not None:
+            roots = (self.allowed_roots,) if isinstance(self.allowed_roots, str | Path) else self.allowed_roots
+            object.__setattr__(self, "allowed_roots", tuple(Path(root) for root in roots))
         if self.dtype not in OUTPUT_DTYPES:
             raise InputError(f"dtype: {self.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}", option="dtype")
         if self.max_shard_size is not None and self.max_shard_size <= 0:

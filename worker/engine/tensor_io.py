@@ -13,10 +13,13 @@ import os
 import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from adapter_merge.worker.engine.errors import InputError, InputRef
+from adapter_merge.worker.engine.adapter import legacy_tensor_infos
+from adapter_merge.worker.engine.errors import InputError
+from adapter_merge.worker.engine.input_files import InputFiles
 from adapter_merge.worker.engine.tensor_info import PickledTensor, SafetensorsBytes, TensorInfo
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -26,13 +29,17 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def legacy_state_dict(path: Path, input: InputRef) -> dict[str, torch.Tensor]:
-    """A legacy `adapter_model.bin`, loaded with `weights_only=True` so no pickled code can run."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises pickle, zip and runtime errors alike for a bad file
-        raise InputError(f"{path}: cannot load legacy adapter weights safely: {error}",
-                         file=path, input=input) from error
+def legacy_state_dict(path: Path, input: int, files: InputFiles) -> dict[str, torch.Tensor]:
+    """A legacy `adapter_model.bin`, loaded with `weights_only=True` so no pickled code can run, after the
+    planner's checks of what it may allocate (`legacy_tensor_infos`) pass again on the very file loaded."""
+    with files.open(path, input) as handle:
+        legacy_tensor_infos(path, handle, input)
+        handle.seek(0)
+        try:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises pickle, zip and runtime errors alike for a bad file
+            raise InputError(f"{path}: cannot load legacy adapter weights safely: {error}",
+                             file=path, input=input) from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{path}: legacy adapter weights are not a dict of tensors", file=path, input=input)
     return state
@@ -62,14 +69,15 @@ def _nothing() -> None:
 class TensorReader:
     """Reads tensors (whole, or a range of rows) from the files of one merge; keeps files open until closed."""
 
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+    def __init__(self, files: InputFiles) -> None:
+        self.files = files
+        self._open: dict[Path, BinaryIO] = {}
         self._legacy: dict[Path, dict[str, torch.Tensor]] = {}
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()
         self._legacy.clear()
 
     def __enter__(self) -> TensorReader:
@@ -78,10 +86,10 @@ class TensorReader:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+    def _fd(self, info: TensorInfo) -> int:
+        if info.file not in self._open:
+            self._open[info.file] = self.files.open(info.file, info.input)
+        return self._open[info.file].fileno()
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         return self.read_rows(info, 0, info.shape[0] if info.shape else 1)
@@ -91,7 +99,8 @@ class TensorReader:
         (a pickled tensor is loaded whole, with its file, and sliced)."""
         match info.location:
             case PickledTensor(file=file):
-                return self._legacy_file(file, info.input)[info.name][start:stop]
+                tensor = self._legacy_tensor(file, info)
+                return tensor[start:stop] if tensor.dim() else tensor
             case SafetensorsBytes(offset=offset):
                 row_bytes = info.nbytes // info.shape[0] if info.shape else info.nbytes
                 nbytes = (stop - start) * row_bytes
@@ -110,14 +119,20 @@ class TensorReader:
             self._read_exact(info, tensor_bytes(buffer), stored.offset + start)
             yield buffer, release
 
-    def _legacy_file(self, path: Path, input: InputRef) -> dict[str, torch.Tensor]:
+    def _legacy_tensor(self, path: Path, info: TensorInfo) -> torch.Tensor:
+        """The tensor from its legacy file (loaded whole, once), as planned: a file changed since is refused."""
+        assert isinstance(info.input, int)
         if path not in self._legacy:
-            self._legacy[path] = legacy_state_dict(path, input)
-        return self._legacy[path]
+            self._legacy[path] = legacy_state_dict(path, info.input, self.files)
+        tensor = self._legacy[path].get(info.name)
+        if tensor is None or TORCH_DTYPES[info.dtype] != tensor.dtype or tuple(tensor.shape) != info.shape:
+            raise InputError(f"{path}: tensor {info.name!r} is not the {info.dtype}{list(info.shape)} planned "
+                             f"(was the file changed while merging?)", file=path, tensor=info.name, input=info.input)
+        return tensor
 
     def _read_exact(self, info: TensorInfo, buffer: memoryview, offset: int) -> None:
         view = buffer
-        fd = self._fd(info.file)
+        fd = self._fd(info)
         while view:
             count = os.preadv(fd, [view], offset)
             if count == 0:
