@@ -32,5 +32,21 @@ lint: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) -m tools.bench
 
+# The MLflow tracking server that tests/registries runs (the fixture runs this target on first use): the full
+# `mlflow` (~850 MB) lives in a venv of its own, so its pins never meet the project's; the project's venv has
+# only the client, mlflow-skinny. The '*' .gitignore keeps the venv out of git, as newer `python -m venv` does.
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_SPEC ?= mlflow>=3,<4
+
+.PHONY: mlflow-venv
+mlflow-venv: $(MLFLOW_VENV)/.installed
+
+$(MLFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	echo '*' > $(MLFLOW_VENV)/.gitignore
+	$(MLFLOW_VENV)/bin/pip install --quiet --upgrade pip
+	$(MLFLOW_VENV)/bin/pip install --quiet '$(MLFLOW_SPEC)'
+	touch $@
+
 clean:
 	rm -rf demo-data build *.egg-info .pytest_cache .ruff_cache

@@ -602,7 +602,8 @@ def _hub_cache(source: Path, repo: Path) -> Path:
 
 
 def test_hub_cache_links_within_the_roots_merge(inputs: Inputs, tmp_path: Path) -> None:
-    """Links inside the roots are followed: the cached copies merge to the same bytes as the plain folders."""
+    """Links inside the roots are followed: the cached copies merge to the same bytes as the plain folders, and
+    the manifest names the inputs relative to the root, with no host name."""
     root = tmp_path / "hub"
     base = _hub_cache(inputs.base, root / "models--tiny--base")
     lora = _hub_cache(inputs.lora, root / "models--tiny--lora")
@@ -613,4 +614,8 @@ def test_hub_cache_links_within_the_roots_merge(inputs: Inputs, tmp_path: Path) 
     assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (inputs.out / "tokenizer.json").read_bytes() == (inputs.base / "tokenizer.json").read_bytes()
     manifest = read_json(inputs.out / "merge_manifest.json")
+    assert manifest["base"]["path"] == "models--tiny--base/snapshots/0123abcd"
+    assert [adapter["path"] for adapter in manifest["adapters"]] == ["models--tiny--lora/snapshots/0123abcd"]
+    assert "host" not in manifest
+    assert str(tmp_path) not in json.dumps(manifest)
     assert {entry["path"] for entry in manifest["base"]["files"]} == {p.name for p in inputs.base.iterdir()}

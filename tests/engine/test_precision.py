@@ -27,6 +27,9 @@ MAX_ULP = 1
 DTYPE_KEYS = ("dtype", "torch_dtype")
 TIED_SOURCE = "model.embed_tokens.weight"  # what lm_head is before the merge in the untied Llama case
 
+MANIFEST_KEYS = ["engine", "created_at", "base", "adapters", "options", "tensors", "outputs", "timings", "notes"]
+"""The manifest's layout, in order."""
+
 CASE_DTYPES = [pytest.param(name, dtype, id=f"{name}-{dtype}")
                for name, case in CASES.items() for dtype in case.dtypes]
 
@@ -159,9 +162,13 @@ def test_side_files_and_manifest(workspace: Workspace, case_name: str) -> None:
         if (base_dir / name).exists():
             assert (out / name).read_bytes() == (base_dir / name).read_bytes(), name
     manifest = read_json(out / "merge_manifest.json")
+    assert list(manifest) == MANIFEST_KEYS  # no "host": the manifest travels, the worker's name stays home
+    assert manifest["base"]["path"] == str(base_dir)  # no allowed_roots: paths as given
+    assert {entry["path"] for entry in manifest["base"]["files"]} == {p.name for p in base_dir.iterdir()}
     adapters = workspace.inputs(case)[1]
     assert len(manifest["adapters"]) == len(adapters)
     for entry, (path, weight) in zip(manifest["adapters"], adapters, strict=True):
+        assert list(entry) == ["path", "weight", "config", "files"]
         assert (entry["path"], entry["weight"]) == (str(path), weight)
         digest = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
         assert _files(entry["files"])["adapter_model.safetensors"] == digest, f"wrong sha256 of {path.name}"

@@ -60,11 +60,10 @@ def build_manifest(
     return {
         "engine": {"name": "adapter-merge", "version": engine_version()},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "host": os.uname().nodename,
-        "base": {"path": str(plan.base.root), "files": inputs["base"]},
+        "base": {"path": plan.files.shown(plan.base.root), "files": inputs["base"]},
         "adapters": [
             {
-                "path": str(adapter.root),
+                "path": adapter.shown,
                 "weight": adapter.weight,
                 "config": adapter.config.raw,
                 "files": inputs[f"adapter {adapter.index}"],
