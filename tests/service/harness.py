@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -274,3 +274,20 @@ def start_worker(env: dict[str, str], log: Path) -> Proc:
     proc = launch_worker(env, log)
     wait_worker_ready(proc)
     return proc
+
+
+@contextlib.contextmanager
+def running_cluster(log_dir: Path, server_env: dict[str, str],
+                    worker_envs: Sequence[dict[str, str]]) -> Iterator[tuple[Proc, Api, list[Proc]]]:
+    """A server and Celery workers, all started at once and each waited for; all stopped afterwards (a worker a
+    test removes from the list, e.g. after killing it, is its own business)."""
+    server, api = launch_server(server_env, log_dir / "server.log")
+    workers = [launch_worker(env, log_dir / f"worker-{index}.log") for index, env in enumerate(worker_envs)]
+    try:
+        wait_healthy(server, api)
+        for worker in workers:
+            wait_worker_ready(worker)
+        yield server, api, workers
+    finally:
+        api.close()
+        stop_all([server, *workers])

@@ -17,18 +17,7 @@ import pytest
 from adapter_merge.core.settings import Settings
 from tests.service.checks import assert_no_leftovers, assert_result_matches, cancel_running, running_with_progress
 from tests.service.conftest import ModelSet
-from tests.service.harness import (
-    FINISHED,
-    Api,
-    Proc,
-    launch_server,
-    launch_worker,
-    service_env,
-    stop_all,
-    wait_for,
-    wait_healthy,
-    wait_worker_ready,
-)
+from tests.service.harness import FINISHED, Api, Proc, running_cluster, service_env, wait_for
 
 
 @dataclass
@@ -56,17 +45,8 @@ def cluster(models: ModelSet, tmp_path_factory: pytest.TempPathFactory,
     env = service_env(data_dir, models.root, **redis_namespace)
     settings = Settings(**{key.removeprefix("MERGE_").lower(): value for key, value in env.items()
                            if key.startswith("MERGE_")})
-    # All three start at once; each is waited for afterwards.
-    server, api = launch_server(env, data_dir / "server.log")
-    workers = [launch_worker(env, data_dir / f"worker-{index}.log") for index in range(2)]
-    try:
-        wait_healthy(server, api)
-        for worker in workers:
-            wait_worker_ready(worker)
+    with running_cluster(data_dir, env, [env, env]) as (server, api, workers):
         yield Cluster(api, server, workers, data_dir, settings)
-    finally:
-        api.close()
-        stop_all([server, *workers])
 
 
 @pytest.fixture(scope="module")
