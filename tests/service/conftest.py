@@ -17,6 +17,9 @@ import pytest
 import redis
 
 from adapter_merge.cli.main import main as cli_main
+from adapter_merge.core.store import JobStore
+from adapter_merge.core.store.local import SQLiteJobStore
+from adapter_merge.core.store.redis import RedisJobStore
 from tools.synthetic import DEMO, write_llama_base, write_lora_adapter
 
 REDIS_URL_BASE = "redis://127.0.0.1:6379"
@@ -102,3 +105,18 @@ def redis_namespace() -> Iterator[dict[str, str]]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    """Each job store backend in turn: a SQLite file, and real Redis under a private key prefix."""
+    if request.param == "sqlite":
+        yield SQLiteJobStore(tmp_path / "jobs.sqlite3")
+        return
+    prefix = f"amtest-store-{uuid.uuid4().hex[:8]}"
+    backend = RedisJobStore(f"{REDIS_URL_BASE}/{REDIS_DB}", prefix)
+    yield backend
+    keys = list(backend.redis.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        backend.redis.delete(*keys)
+    backend.close()

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-
-import pytest
 
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.dispatch import StoreQueue
@@ -17,23 +14,6 @@ from adapter_merge.core.jobs import JobRecord, JobStatus, Progress, utcnow
 from adapter_merge.core.maintenance import Maintenance
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.store import JobStore
-from adapter_merge.core.store.local import SQLiteJobStore
-from adapter_merge.core.store.redis import RedisJobStore
-from tests.service.conftest import REDIS_DB, REDIS_URL_BASE
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "sqlite":
-        yield SQLiteJobStore(tmp_path / "jobs.sqlite3")
-        return
-    prefix = f"amtest-store-{uuid.uuid4().hex[:8]}"
-    backend = RedisJobStore(f"{REDIS_URL_BASE}/{REDIS_DB}", prefix)
-    yield backend
-    keys = list(backend.redis.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        backend.redis.delete(*keys)
-    backend.close()
 
 
 def new_job(**fields: object) -> JobRecord:
