@@ -28,6 +28,11 @@ MAX_CONFIG_BYTES = 16 * 2**20
 _PROC_FD = Path("/proc/self/fd")
 
 
+def unreadable(path: Path, input: InputRef, error: OSError) -> InputError:
+    """A read of an input that failed (an I/O error, a file truncated meanwhile) as the input's error."""
+    return InputError(f"{path}: cannot read: {error.strerror}", file=path, input=input)
+
+
 class InputFiles:
     """Opens input files for one merge; `roots` None means no restriction (the command line)."""
 
@@ -40,22 +45,25 @@ class InputFiles:
     def open(self, path: Path, input: InputRef) -> BufferedReader:
         """`path` open for reading; an InputError naming it and `input` if it is not a regular file inside the
         roots or cannot be opened."""
+        def refuse(detail: str) -> InputError:
+            return InputError(f"{path}: {detail}", file=path, input=input)
+
         flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
         target = path
         if self.roots is not None:
             target = Path(os.path.realpath(path))
             if not self._inside(target):
-                raise InputError(f"{path}: leads outside the allowed folders", file=path, input=input)
+                raise refuse("leads outside the allowed folders")
             flags |= os.O_NOFOLLOW
         try:
             fd = os.open(target, flags)
         except OSError as error:
-            raise InputError(f"{path}: cannot open: {error.strerror}", file=path, input=input) from error
+            raise refuse(f"cannot open: {error.strerror}") from error
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise InputError(f"{path}: not a regular file", file=path, input=input)
+                raise refuse("not a regular file")
             if self.roots is not None and _PROC_FD.is_dir() and not self._inside(Path(os.readlink(_PROC_FD / str(fd)))):
-                raise InputError(f"{path}: leads outside the allowed folders", file=path, input=input)
+                raise refuse("leads outside the allowed folders")
             os.set_blocking(fd, True)
             return os.fdopen(fd, "rb")
         except BaseException:
@@ -76,7 +84,7 @@ class InputFiles:
             try:
                 data = handle.read(limit + 1)
             except OSError as error:
-                raise InputError(f"{path}: cannot read: {error.strerror}", file=path, input=input) from error
+                raise unreadable(path, input, error) from error
         if len(data) > limit:  # it grew meanwhile
             raise InputError(f"{path}: {what} is more than the {limit} bytes this engine reads", file=path,
                              input=input)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from adapter_merge.worker.engine.checksums import ChecksumCache
-from adapter_merge.worker.engine.errors import InputError, InputRef
+from adapter_merge.worker.engine.errors import InputRef
+from adapter_merge.worker.engine.input_files import unreadable
 from adapter_merge.worker.engine.plan import MergePlan
 
 
@@ -43,7 +44,7 @@ def hash_inputs_in_background(
                 return {"path": str(path.relative_to(root)), "size": os.fstat(handle.fileno()).st_size,
                         "sha256": cache.sha256(path, handle)}
             except OSError as error:
-                raise InputError(f"{path}: cannot read: {error.strerror}", file=path, input=input) from error
+                raise unreadable(path, input, error) from error
 
     return pool.submit(lambda: {key: [describe(root, path, input) for path in paths]
                                 for key, (root, paths, input) in groups.items()})

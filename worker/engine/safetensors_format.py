@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_merge.worker.engine.errors import InputError, InputRef, brief
-from adapter_merge.worker.engine.input_files import InputFiles
+from adapter_merge.worker.engine.input_files import InputFiles, unreadable
 from adapter_merge.worker.engine.safe_json import JsonError, parse_json
 from adapter_merge.worker.engine.tensor_info import DTYPE_SIZES, SafetensorsBytes, TensorInfo
 
@@ -64,7 +64,7 @@ def read_header(path: Path, input: InputRef, files: InputFiles) -> SafetensorsFi
                                f"bytes this engine reads")
             raw_header = handle.read(header_len)
         except OSError as error:
-            raise InputError(f"{path}: cannot read: {error.strerror}", file=path, input=input) from error
+            raise unreadable(path, input, error) from error
     try:
         header = parse_json(raw_header)
     except JsonError as error:

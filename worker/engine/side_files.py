@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapter_merge.worker.engine.base_model import INDEX_FILE, BaseModel
-from adapter_merge.worker.engine.errors import InputError, InputRef
-from adapter_merge.worker.engine.input_files import InputFiles
+from adapter_merge.worker.engine.errors import InputRef
+from adapter_merge.worker.engine.input_files import InputFiles, unreadable
 
 if TYPE_CHECKING:
     from adapter_merge.worker.engine.adapter import Adapter
@@ -71,7 +71,7 @@ def _copy(files: InputFiles, source: Path, input: InputRef, target: Path) -> Non
             try:
                 chunk = reader.read(COPY_CHUNK_BYTES)
             except OSError as error:
-                raise InputError(f"{source}: cannot read: {error.strerror}", file=source, input=input) from error
+                raise unreadable(source, input, error) from error
             if not chunk:
                 break
             writer.write(chunk)
