@@ -78,12 +78,13 @@ class FakeHub:
         """Where LFS files are served from (resolve redirects there)."""
         return self._context.cdn_endpoint
 
-    def env(self, *, token: bool = True) -> dict[str, str]:
-        """Environment for a process (or monkeypatch) that should use this hub: HF_ENDPOINT, HF_TOKEN (unless
-        `token=False`) and telemetry off. HF_ENDPOINT is read when huggingface_hub is imported: in this process,
-        pass `endpoint=` instead."""
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a process that should use this hub: HF_ENDPOINT, HF_TOKEN (drop it to go without)
+        and telemetry off. HF_ENDPOINT is read when huggingface_hub is imported: in this process, pass
+        `endpoint=` (HfApi, hf_hub_download, snapshot_download) instead."""
         env = {"HF_ENDPOINT": self.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
-        if token and self.token:
+        if self.token:
             env["HF_TOKEN"] = self.token
         return env
 

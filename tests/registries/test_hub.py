@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -264,3 +267,14 @@ def test_corrupt_bytes_pass_the_client_and_fail_a_checksum(hub: FakeHub, tiny_mo
 
 def api_url(hub: FakeHub, repo: str, revision: str, name: str = SHARD) -> str:
     return f"{hub.endpoint}/{repo}/resolve/{revision}/{name}"
+
+
+def test_the_env_is_all_a_process_needs(hub: FakeHub, private_repo: tuple[str, str], tmp_path: Path) -> None:
+    """A fresh process with only `hub.env` (HF_ENDPOINT read at import, HF_TOKEN) reads the private repo."""
+    repo, sha = private_repo
+    script = "import sys; from huggingface_hub import HfApi; print(HfApi().model_info(sys.argv[1]).sha)"
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **hub.env}
+    out = subprocess.run([sys.executable, "-c", script, repo], env=env, capture_output=True, text=True, timeout=60,
+                         check=True)
+    assert out.stdout.strip() == sha
+    assert [(record.kind, record.authorization) for record in hub.requests] == [("model_info", True)]
