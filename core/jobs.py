@@ -94,6 +94,8 @@ class JobRecord(BaseModel):
     """The base, then the adapters, pinned at submission: what the worker merges, whatever moved since."""
     created_at: datetime = Field(default_factory=utcnow)
     queued_at: datetime = Field(default_factory=utcnow)
+    """When the job's message was last published: the reaper publishes it again once it has waited
+    `MERGE_REQUEUE_GRACE_SECONDS` (a lost message cannot strand it)."""
     started_at: datetime | None = None
     finished_at: datetime | None = None
     attempt: int = 0

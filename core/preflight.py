@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_merge.core.problems import Problem, engine_problem_type
+from adapter_merge.core.problems import Problem, engine_problem_type, storage_detail
 from adapter_merge.core.refs import check_kind
 from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.sources.base import PinnedInput
@@ -81,9 +81,7 @@ def merge_problem(error: MergeError, names: Mapping[Path, str]) -> Problem:
     folders named by their references as the client wrote them; a failure of the server's own storage says
     what failed, not where."""
     if error.fault == "machine":
-        cause = error.__cause__
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else type(error).__name__
-        return Problem(engine_problem_type(error), f"the server could not write the merged model: {reason}")
+        return Problem(engine_problem_type(error), storage_detail(error))
     message = str(error)
     for path in sorted(names, key=lambda path: -len(str(path))):
         message = message.replace(str(path), names[path])

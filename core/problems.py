@@ -7,6 +7,7 @@ to know HTTP to raise one, and nobody finds a problem's kind by reading its mess
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,22 @@ _ENGINE_PROBLEMS: list[tuple[type[MergeError], ProblemType]] = [
 ]
 
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_DETAIL = ("the server's disk filled up while the merged model was written; the partial output was "
+                    "removed. Free space (delete finished jobs) and submit it again")
+
+
+def storage_detail(error: BaseException) -> str:
+    """What clients are told of a failure of the server's own storage: what failed, never where."""
+    if getattr(error, "disk_full", False) or (isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS):
+        return DISK_FULL_DETAIL
+    cause = error if isinstance(error, OSError) else error.__cause__
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else type(error).__name__
+    return f"the server could not write the merged model: {reason}"
+
+
 def engine_problem_type(error: MergeError) -> ProblemType:
-    """The catalogue entry for an engine error, by its class."""
+    """The catalogue entry for an engine error, by its class (and, for storage, whether the disk was full)."""
+    if isinstance(error, StorageError) and error.disk_full:
+        return Problems.STORAGE_FULL
     return next((kind for cls, kind in _ENGINE_PROBLEMS if isinstance(error, cls)), Problems.INTERNAL_ERROR)

@@ -9,7 +9,6 @@ number, so a worker that lost its lease (and whose job now runs elsewhere) canno
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -23,14 +22,13 @@ from pathlib import Path
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus, Metrics, Timings, utcnow
 from adapter_merge.core.preflight import merge_problem, pin_request, resolve_request
-from adapter_merge.core.problems import Problem, Problems
+from adapter_merge.core.problems import DISK_FULL_ERRNOS, Problem, Problems, storage_detail
 from adapter_merge.core.sources.base import PinnedInput
 from adapter_merge.core.store import STORE_UNAVAILABLE
-from adapter_merge.worker.engine import MergeCancelled, MergeError, MergeReport, StorageError
+from adapter_merge.worker.engine import MergeCancelled, MergeError, MergeReport
 from adapter_merge.worker.watch import JobWatch
 
 log = logging.getLogger(__name__)
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def worker_identity() -> str:
@@ -160,29 +158,14 @@ def _remove_quietly(path: Path) -> None:
 
 def _problem_of(error: Exception) -> Problem:
     """How a failed run is reported: the same problem shape the API uses for its own errors."""
-    if _disk_full(error):
-        return Problem(Problems.STORAGE_FULL, "the server's disk filled up while the merged model was written; "
-                       "the partial output was removed. Free space (delete finished jobs) and submit it again")
     if isinstance(error, Problem):
         return error
     if isinstance(error, MergeError):
         return merge_problem(error, {})
-    if isinstance(error, OSError):
-        return Problem(Problems.STORAGE_ERROR, f"{type(error).__name__}: {error.strerror or error}")
+    if isinstance(error, OSError):  # the runner's own file operations (publishing, cleaning up)
+        kind = Problems.STORAGE_FULL if error.errno in DISK_FULL_ERRNOS else Problems.STORAGE_ERROR
+        return Problem(kind, storage_detail(error))
     return Problem(Problems.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
-
-
-def _disk_full(error: BaseException | None) -> bool:
-    """The one test for 'the disk (or quota) was full', through the chain of causes (an engine error arrives
-    as the problem made of it): the engine says so (StorageError.disk_full), or an OSError of the runner's own
-    file operations does (ENOSPC, EDQUOT)."""
-    while error is not None:
-        if isinstance(error, StorageError):
-            return error.disk_full
-        if isinstance(error, OSError):
-            return error.errno in DISK_FULL_ERRNOS
-        error = error.__cause__
-    return False
 
 
 def _seconds(start: datetime | None, end: datetime) -> float:

@@ -54,7 +54,7 @@ def cancel_job(job: JobDep, caller: Submitter, response: Response, services: Ser
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response,
-               responses=problem_responses(401, 403, 404, 409))
+               responses=problem_responses(401, 403, 404, 409, 507))
 def delete_job(job: JobDep, caller: Submitter, services: ServicesDep) -> Response:
     """Remove a finished job and its artifacts."""
     # This works on a full disk too: it is how space is freed.
