@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,16 +41,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
 
-class Progress(_Strict):
-    """How far the running merge is; the totals are planned at submission."""
+Phase = Literal["queued", "downloading", "merging"]
 
+
+class Progress(_Strict):
+    """How far the job is. While `downloading`, the bytes count the remote inputs being fetched; while
+    `merging`, the output written (its totals are planned at submission)."""
+
+    phase: Phase = "queued"
     tensors_done: int = 0
     tensors_total: int = 0
     bytes_done: int = 0
     bytes_total: int = 0
 
     def restarted(self) -> Progress:
-        """A new run starts from nothing done, but the totals still hold."""
+        """A new run starts from nothing done, but the planned totals still hold."""
         return Progress(tensors_total=self.tensors_total, bytes_total=self.bytes_total)
 
 
@@ -58,6 +63,7 @@ class Timings(_Strict):
     """Seconds per phase; a phase not reached yet is absent."""
 
     queued: float | None = Field(None, description="Submission until the run that finished started.")
+    download: float | None = Field(None, description="Fetching remote inputs into the worker's cache.")
     resolve: float | None = Field(None, description="Claim until the merge starts: starting the job process, "
                                   "loading the engine, resolving references and planning.")
     merge: float | None = Field(None, description="Reading, merging and writing tensors.")
@@ -73,6 +79,8 @@ class Metrics(_Strict):
     bytes_per_second: float | None = Field(None, description="Output bytes over the engine's total time.")
     tensors_merged: int | None = None
     tensors_copied: int | None = None
+    bytes_downloaded: int | None = Field(None, description="Bytes fetched from registries for this run.")
+    cache_hits: int | None = Field(None, description="Remote inputs found complete in the download cache.")
     worker_host: str | None = Field(None, description="Host name of the machine that ran the merge.")
 
 

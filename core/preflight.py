@@ -47,8 +47,10 @@ def pin_request(request: MergeRequest, sources: Sources) -> list[PinnedInput]:
             *(sources.pin(adapter.ref, adapter_field(index)) for index, adapter in enumerate(request.adapters))]
 
 
-def resolve_request(request: MergeRequest, inputs: list[PinnedInput], folder_of: FolderOf) -> ResolvedMerge:
-    """The engine's inputs: each pinned input's folder, checked to be the right kind."""
+def resolve_request(request: MergeRequest, inputs: list[PinnedInput], folder_of: FolderOf,
+                    allowed_roots: tuple[Path, ...]) -> ResolvedMerge:
+    """The engine's inputs: each pinned input's folder, checked to be the right kind; the engine will read no
+    file whose real path lies outside `allowed_roots`."""
     base = folder_of(inputs[0], "base_model")
     check_kind(base, request.base_model, "base_model", adapter=False)
     names = {base: request.base_model}
@@ -59,7 +61,8 @@ def resolve_request(request: MergeRequest, inputs: list[PinnedInput], folder_of:
         check_kind(path, adapter.ref, field, adapter=True)
         names.setdefault(path, adapter.ref)
         adapters.append(AdapterSpec(path, adapter.weight))
-    options = MergeOptions(dtype=request.output_dtype, max_shard_size=request.max_shard_size)
+    options = MergeOptions(dtype=request.output_dtype, max_shard_size=request.max_shard_size,
+                           allowed_roots=allowed_roots)
     return ResolvedMerge(base, adapters, options, names, inputs)
 
 
@@ -100,7 +103,8 @@ def preflight(request: MergeRequest, sources: Sources, scratch: Path) -> tuple[R
             return Path(pinned.local_path)
         return build_replica(sources.remote(pinned.scheme), pinned, scratch / f"input-{next(replicas)}")
 
-    resolved = resolve_request(request, pin_request(request, sources), folder_of)
+    allowed = (*sources.settings.roots, scratch.resolve())
+    resolved = resolve_request(request, pin_request(request, sources), folder_of, allowed)
     try:
         plan = plan_merge(resolved.base, resolved.adapters, resolved.options)
     except MergeError as error:

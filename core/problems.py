@@ -47,6 +47,8 @@ class Problems:
     REFERENCE_NOT_A_FOLDER = ProblemType("reference-not-a-folder", 422, "Unusable reference")
     REFERENCE_FORBIDDEN = ProblemType("reference-forbidden", 422, "Reference not allowed")
     REGISTRY_UNAVAILABLE = ProblemType("registry-unavailable", 503, "Registry unavailable")
+    DOWNLOAD_CORRUPT = ProblemType("download-corrupt", 502, "Downloaded file does not match its registry")
+    DOWNLOAD_FAILED = ProblemType("download-failed", 502, "Download failed")
     REFERENCE_WRONG_KIND = ProblemType("reference-wrong-kind", 422, "Unusable reference")
     INPUTS_DO_NOT_FIT = ProblemType("inputs-do-not-fit", 422, "Inputs cannot be merged")
     UNSUPPORTED_ADAPTER = ProblemType("unsupported-adapter", 422, "Inputs cannot be merged")

@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     oidc_roles_claim: str = Field("roles", description="JWT claim listing the caller's roles (read, submit, admin).")
     allowed_sources: str = Field("", description="Remote sources references may name, comma-separated patterns "
                                  "such as `hf://myorg/*,s3://models-bucket/*,models:/*`; empty: local paths only.")
+    cache_dir: Path | None = Field(None, description="Where workers keep downloaded inputs; default "
+                                   "<data_dir>/cache/sources. Local disk or one shared volume.")
+    cache_max_bytes: int | None = Field(None, ge=0, description="Byte budget of the download cache: least recently "
+                                        "used entries no running job holds are evicted past it; unset: no limit.")
+    download_timeout_seconds: float = Field(30.0, gt=0, description="Connect and read timeout of every registry "
+                                            "request; a transfer that stalls this long fails (after retries).")
+    download_retries: int = Field(3, ge=0, description="Retries, with backoff, of a failed registry request.")
     tls_certfile: Path | None = Field(None, description="PEM certificate: `adapter-merge serve` speaks HTTPS.")
     tls_keyfile: Path | None = Field(None, description="PEM private key of the TLS certificate.")
     max_request_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body; larger ones get 413 "
@@ -119,6 +126,10 @@ class Settings(BaseSettings):
             raise ValueError("MERGE_OIDC_AUDIENCE must be set with MERGE_OIDC_ISSUER: a token for another "
                              "service of the same issuer must not be accepted here")
         return self
+
+    @property
+    def cache_root(self) -> Path:
+        return (self.cache_dir or self.data_dir / "cache" / "sources").absolute()
 
     @property
     def authenticated(self) -> bool:

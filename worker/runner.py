@@ -21,10 +21,12 @@ from pathlib import Path
 
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus, Metrics, Timings, utcnow
-from adapter_merge.core.preflight import merge_problem, pin_request, resolve_request
+from adapter_merge.core.preflight import FolderOf, merge_problem, pin_request, resolve_request
 from adapter_merge.core.problems import DISK_FULL_ERRNOS, Problem, Problems, storage_detail
 from adapter_merge.core.sources.base import PinnedInput
+from adapter_merge.core.sources.registry import LOCAL_SCHEME
 from adapter_merge.core.store import STORE_UNAVAILABLE
+from adapter_merge.worker.downloads import DownloadCache, Fetched
 from adapter_merge.worker.engine import MergeCancelled, MergeError, MergeReport
 from adapter_merge.worker.watch import JobWatch
 
@@ -39,6 +41,7 @@ class JobRunner:
     def __init__(self, context: JobContext) -> None:
         self.context = context
         self.settings, self.store, self.layout = context.settings, context.store, context.layout
+        self.downloads = DownloadCache(context, worker_identity())
         self.shutdown = threading.Event()
         """Set to stop the current merge and put its job back in the queue (worker shutting down)."""
 
@@ -61,6 +64,7 @@ class JobRunner:
                     return self._merge(job, watch)
                 finally:  # before a failure is recorded: on a full disk, the store may need the space
                     self.layout.clean_attempt(job.id, job.attempt)
+                    self.downloads.release(job.id)
             except MergeCancelled:
                 return self._stopped(job, watch)
             except Exception as error:
@@ -69,16 +73,17 @@ class JobRunner:
     def _merge(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
         from adapter_merge.worker.engine import merge  # imports torch: only where merges run
 
-        sources = self.context.sources
-        inputs = job.inputs or pin_request(job.request, sources)
-
-        def folder_of(pinned: PinnedInput, field: str) -> Path:
-            """A local folder is checked again (it may have changed since submission)."""
-            return Path(sources.pin(pinned.ref, field).local_path or "")
-
-        resolved = resolve_request(job.request, inputs, folder_of)
+        inputs = job.inputs or pin_request(job.request, self.context.sources)
+        fetched: list[Fetched] = []
+        download_started = time.perf_counter()
+        try:
+            resolved = resolve_request(job.request, inputs, self._folder_finder(job, inputs, watch, fetched),
+                                       (*self.settings.roots, self.settings.cache_root))
+        finally:
+            self.downloads.evict()
+        download_seconds = time.perf_counter() - download_started if fetched else 0.0
         # From the claim on: starting the merge process and loading the engine count as getting ready.
-        resolve_seconds = _seconds(job.started_at, utcnow())
+        resolve_seconds = _seconds(job.started_at, utcnow()) - download_seconds
         # Success is only reported for a result on disk (fsync); inputs are hashed once per file version.
         options = replace(resolved.options, fsync=True, checksum_cache=self.layout.checksum_cache)
         try:
@@ -98,8 +103,8 @@ class JobRunner:
             job, watch, JobStatus.succeeded, finished_at=finished_at,
             artifacts=[Artifact(**entry) for entry in report.files],
             progress=watch.latest or job.progress,
-            timings=_timings(job, finished_at, resolve_seconds, report, publish_seconds),
-            metrics=_metrics(report), notes=[*job.notes, *report.notes],
+            timings=_timings(job, finished_at, resolve_seconds, report, publish_seconds, download_seconds),
+            metrics=_metrics(report, fetched), notes=[*job.notes, *report.notes],
         )
         if final is None:
             log.warning("job %s: attempt %d finished after losing the job; its result is dropped",
@@ -108,6 +113,24 @@ class JobRunner:
         else:
             log.info("job %s: succeeded in %.2f s", job.id, final.timings.total)
         return final
+
+    def _folder_finder(self, job: JobRecord, inputs: list[PinnedInput], watch: JobWatch,
+                       fetched: list[Fetched]) -> FolderOf:
+        """Where each input's files are: a local folder, checked again (it may have changed since submission);
+        a remote one, in the download cache (fetched now unless a complete entry is there)."""
+        sources = self.context.sources
+        missing = [pinned for pinned in inputs if pinned.scheme != LOCAL_SCHEME and not self.downloads.has(pinned)]
+        arrived = watch.downloading(sum(pinned.total_bytes for pinned in missing)) if missing else None
+
+        def folder_of(pinned: PinnedInput, field: str) -> Path:
+            if pinned.scheme == LOCAL_SCHEME:
+                return Path(sources.pin(pinned.ref, field).local_path or "")
+            result = self.downloads.fetch(pinned, sources.remote(pinned.scheme), field, job.id,
+                                          arrived or (lambda count: None))
+            fetched.append(result)
+            return result.folder
+
+        return folder_of
 
     def _stopped(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
         if watch.lost:
@@ -173,11 +196,12 @@ def _seconds(start: datetime | None, end: datetime) -> float:
 
 
 def _timings(job: JobRecord, finished_at: datetime, resolve: float, report: MergeReport,
-             publish: float) -> Timings:
+             publish: float, download: float) -> Timings:
     engine = report.timings
     after_merge = engine["total"] - engine["plan"] - engine["merge"]
     return Timings(
         queued=_seconds(job.created_at, job.started_at or finished_at),
+        download=download if download else None,
         resolve=resolve + engine["plan"],
         merge=engine["merge"],
         write=after_merge + publish,
@@ -185,9 +209,11 @@ def _timings(job: JobRecord, finished_at: datetime, resolve: float, report: Merg
     )
 
 
-def _metrics(report: MergeReport) -> Metrics:
+def _metrics(report: MergeReport, fetched: list[Fetched]) -> Metrics:
     seconds = report.timings["total"]
     return Metrics(
+        bytes_downloaded=sum(result.bytes_downloaded for result in fetched) if fetched else None,
+        cache_hits=sum(result.cache_hit for result in fetched) if fetched else None,
         peak_rss_bytes=report.peak_rss_bytes,
         bytes_written=report.bytes_written,
         bytes_per_second=report.bytes_written / seconds if seconds > 0 else None,

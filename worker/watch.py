@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from adapter_merge.core.jobs import JobRecord, Progress
@@ -26,8 +27,8 @@ class JobWatch:
         self.cancel_requested = job.cancel_requested
         self.lost = False
         self._recording = False
-        self._latest: MergeProgress | None = None
-        self._sent: MergeProgress | None = None
+        self._latest: Progress | None = None
+        self._sent: Progress | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"watch-{job.id}", daemon=True)
 
@@ -43,7 +44,24 @@ class JobWatch:
     # -- called from the merge thread --------------------------------------------------------------------
 
     def progress(self, progress: MergeProgress) -> None:
-        self._latest = progress
+        """The engine's report after a tensor."""
+        self._latest = Progress(phase="merging", tensors_done=progress.tensors_done,
+                                tensors_total=progress.tensors_total, bytes_done=progress.bytes_done,
+                                bytes_total=progress.bytes_total)
+
+    def downloading(self, bytes_total: int) -> Callable[[int], None]:
+        """Start showing a download of `bytes_total` bytes; returns what to tell as bytes arrive."""
+        done = 0
+        self._latest = Progress(phase="downloading", bytes_total=bytes_total,
+                                tensors_total=self.job.progress.tensors_total)
+
+        def arrived(count: int) -> None:
+            nonlocal done
+            done += count
+            assert self._latest is not None
+            self._latest = self._latest.model_copy(update={"bytes_done": done})
+
+        return arrived
 
     def should_stop(self) -> bool:
         return self.cancel_requested or self.lost or self.shutdown.is_set()
@@ -55,7 +73,7 @@ class JobWatch:
 
     @property
     def latest(self) -> Progress | None:
-        return _record(self._latest) if self._latest is not None else None
+        return self._latest
 
     # -- the thread --------------------------------------------------------------------------------------
 
@@ -81,7 +99,7 @@ class JobWatch:
 
     def _beat(self, renew: bool) -> None:
         latest = self._latest
-        progress = _record(latest) if latest is not None and latest != self._sent else None
+        progress = latest if latest is not None and latest != self._sent else None
         if renew or progress is not None:
             lease = self.settings.lease_seconds if renew else None
             record = self.store.heartbeat(self.job.id, self.job.attempt, lease, progress)
@@ -99,8 +117,3 @@ class JobWatch:
             log.info("job %s: cancel requested", self.job.id)
             self.cancel_requested = True
 
-
-def _record(progress: MergeProgress) -> Progress:
-    """The engine's report after a tensor, as the job's progress."""
-    return Progress(tensors_done=progress.tensors_done, tensors_total=progress.tensors_total,
-                    bytes_done=progress.bytes_done, bytes_total=progress.bytes_total)

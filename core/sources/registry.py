@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "adapter_merge.sources"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):/")
 LOCAL_SCHEME = "file"
+"""The scheme of local folders, read in place (bare paths and file:// URIs)."""
 
 SourceFactory = Callable[[Settings], Source]
 

@@ -62,6 +62,15 @@ class JobStore(ABC):
         """Remove the record if its status is one of `only`."""
 
     @abstractmethod
+    def acquire_lock(self, name: str, owner: str, seconds: float) -> bool:
+        """Take the named lock for `seconds` of the store's clock, or renew it when `owner` holds it already;
+        False while someone else holds it. A holder that dies loses it when the time runs out."""
+
+    @abstractmethod
+    def release_lock(self, name: str, owner: str) -> None:
+        """Give the lock up, if `owner` still holds it."""
+
+    @abstractmethod
     def now(self) -> float:
         """The store's clock (epoch seconds); leases are compared against it, never a worker's clock."""
 

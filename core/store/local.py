@@ -46,6 +46,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 _TENANT_COLUMN = f"ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'"
 _TENANT_INDEX = "CREATE INDEX IF NOT EXISTS jobs_tenant_status_created ON jobs (tenant, status, created_at)"
@@ -205,6 +210,21 @@ class SQLiteJobStore(JobStore):
             return cursor.rowcount > 0
 
         return self._write(remove)
+
+    def acquire_lock(self, name: str, owner: str, seconds: float) -> bool:
+        def take(db: sqlite3.Connection) -> bool:
+            now = self.now()
+            row = db.execute("SELECT owner, expires_at FROM locks WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != owner and row[1] > now:
+                return False
+            db.execute("INSERT OR REPLACE INTO locks (name, owner, expires_at) VALUES (?, ?, ?)",
+                       (name, owner, now + seconds))
+            return True
+
+        return self._write(take)
+
+    def release_lock(self, name: str, owner: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner)))
 
     def now(self) -> float:
         return time.time()

@@ -19,6 +19,17 @@ from adapter_merge.core.jobs import ACTIVE_STATUSES, FINISHED_STATUSES, JobRecor
 from adapter_merge.core.store.base import Change, Cursor, JobStore, QuotaExceeded
 
 _T = TypeVar("_T")
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+"""Take or renew a lock (by the Redis server's clock: its key expires); 0 while another owner holds it."""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class RedisJobStore(JobStore):
@@ -179,6 +190,16 @@ class RedisJobStore(JobStore):
             return True
 
         return bool(self._transact(job_id, remove))
+
+    def _lock_key(self, name: str) -> str:
+        return f"{self.prefix}:lock:{name}"
+
+    def acquire_lock(self, name: str, owner: str, seconds: float) -> bool:
+        taken = self.redis.eval(_ACQUIRE, 1, self._lock_key(name), owner, max(1, int(seconds * 1000)))
+        return bool(taken)
+
+    def release_lock(self, name: str, owner: str) -> None:
+        self.redis.eval(_RELEASE, 1, self._lock_key(name), owner)
 
     def now(self) -> float:
         return _seconds(self.redis.time())
