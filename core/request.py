@@ -17,6 +17,13 @@ SIZE_PATTERN = r"^\s*([0-9]*[1-9][0-9]*(\.[0-9]+)?|0+\.[0-9]*[1-9][0-9]*)\s*([KM
 """The size strings `parse_size` reads (a non-zero number, an optional unit), for the schema."""
 MAX_REF_LENGTH = 4096
 Ref = Annotated[str, StringConstraints(min_length=1, max_length=MAX_REF_LENGTH)]
+REFERENCE_FORMS = (
+    "a folder inside a model root (absolute, relative to the first root, or file:///absolute/path); "
+    "hf://ORG/NAME[@REVISION][/SUBFOLDER] (a Hugging Face hub repo; REVISION a branch, tag, commit or refs/pr/N, "
+    "default main); s3://BUCKET/PREFIX (the objects under the prefix); models:/NAME/VERSION or models:/NAME@ALIAS "
+    "(an MLflow registry version). Remote ones only where MERGE_ALLOWED_SOURCES allows them; every reference is "
+    "pinned to an immutable version when the job is submitted."
+)
 
 
 def _shard_size(value: object) -> int | None:
@@ -40,7 +47,7 @@ class AdapterIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ref: Ref = Field(description="Adapter folder inside a model root: absolute, or relative to the first root.")
+    ref: Ref = Field(description="The adapter: " + REFERENCE_FORMS)
     weight: float = Field(1.0, strict=True, allow_inf_nan=False, description="Scale multiplier, default 1.0.")
 
 
@@ -52,7 +59,7 @@ class MergeRequest(BaseModel):
          "output_dtype": "auto", "max_shard_size": "5GB"},
     ]})
 
-    base_model: Ref = Field(description="Base model folder inside a model root (config.json + safetensors).")
+    base_model: Ref = Field(description="The base model (config.json + safetensors): " + REFERENCE_FORMS)
     adapters: list[AdapterIn] = Field(
         min_length=1, max_length=64,
         description="Adapters in order; each is {ref, weight} or a bare ref string.",
