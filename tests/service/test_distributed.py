@@ -70,8 +70,8 @@ def test_merge_end_to_end(cluster: Cluster, small_job: dict, small_reference: Pa
 
 
 def test_duplicate_delivery_is_a_no_op(cluster: Cluster, small_job: dict) -> None:
-    """A second message for a finished job is delivered to a worker, which finds the job not queued and
-    acknowledges it without running anything: the job record stays exactly as it was."""
+    """A second message for a finished job reaches a worker, which finds the job not queued and returns without
+    running anything: the job record stays exactly as it was."""
     from adapter_merge.service.publisher import CeleryPublisher
 
     job_id = small_job["id"]
