@@ -35,7 +35,7 @@ def server(models: ModelSet, data_dir: Path) -> Iterator[tuple[Proc, Api]]:
     proc, api = start_server(service_env(data_dir, models.root), data_dir / "server.log")
     yield proc, api
     api.close()
-    assert proc.stop() == 0, proc.log_text()[-2000:]
+    assert proc.stop() == 0, proc.tail()
 
 
 @pytest.fixture
