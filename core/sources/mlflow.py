@@ -1,0 +1,272 @@
+"""MLflow model registry versions: `models:/NAME/VERSION` and `models:/NAME@ALIAS`.
+
+Pinned to the version number, its run id and source: an alias moved after submission changes nothing. Its files
+are the version's artifacts (recursively, with their sizes; MLflow keeps no checksums), or the one sub-folder
+among them that holds the model or adapter (`config.json` or `adapter_config.json`), the layout that
+`mlflow.transformers` and `log_artifacts(dir, "model")` leave. The bytes come through the tracking server's
+artifact proxy (`/api/2.0/mlflow-artifacts/artifacts/...`, what `mlflow server` serves by default), which
+honours `Range`: preflight reads safetensors headers without fetching the tensors.
+
+The registry is asked through mlflow-skinny's own transport (`rest_utils.http_request`, with the credentials
+and TLS settings the client reads: MLFLOW_TRACKING_URI, MLFLOW_TRACKING_TOKEN or _USERNAME/_PASSWORD,
+MLFLOW_TRACKING_INSECURE_TLS, ...) rather than `MlflowClient`'s methods: those take their timeout and retries
+only from MLFLOW_HTTP_REQUEST_* (120 s and 7 retries with doubling backoff by default, minutes per call), and
+every request here must keep to the service's own timeout and retries. Tracking servers over HTTP(S) only.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import get_tracking_uri
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import MlflowHostCreds, http_request
+
+from adapter_merge.core.problems import Problem, Problems
+from adapter_merge.core.refs import ADAPTER_MARKER, BASE_MARKER, MAX_DEPTH, MAX_ENTRIES, BadReference
+from adapter_merge.core.settings import Settings
+from adapter_merge.core.sources.base import (
+    ByteCounter,
+    PinnedFile,
+    PinnedInput,
+    RegistryUnavailable,
+    backoff_seconds,
+    download_resuming,
+    fetch_failed,
+    first_bytes,
+    listed_file,
+    range_header,
+    skip_bytes,
+)
+
+REFERENCE = re.compile(r"models:/(?P<name>[^/@:\x00-\x1f]+)(?:/(?P<version>[1-9][0-9]*)|@(?P<alias>[\w-]+))")
+"""Names hold no `/` or `:` (MLflow refuses them); versions are positive integers; aliases are word characters
+and dashes."""
+API = "/api/2.0/mlflow"
+ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
+PROXIED = "mlflow-artifacts"
+MARKERS = (BASE_MARKER, ADAPTER_MARKER)
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_RETRIES = 10
+"""MLflow's transport refuses more retries than this (_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT)."""
+CHUNK_BYTES = 1 << 20
+
+
+class _Failed(Exception):
+    """A request that got no usable answer: `status` None when none came at all."""
+
+    def __init__(self, status: int | None, code: str = "", reason: str = "") -> None:
+        super().__init__(reason or f"HTTP {status} {code}".strip())
+        self.status = status
+        self.code = code
+
+
+class MlflowSource:
+    scheme = "models"
+
+    def __init__(self, settings: Settings) -> None:
+        self.tracking_uri = get_tracking_uri()
+        self.timeout = settings.download_timeout_seconds
+        self.retries = settings.download_retries
+
+    # -- pin ----------------------------------------------------------------------------------------------------
+
+    def pin(self, ref: str, field: str) -> PinnedInput:
+        match = REFERENCE.fullmatch(ref)
+        if match is None:
+            raise BadReference(field, ref, Problems.REFERENCE_INVALID, "is not an MLflow registry reference "
+                               "(models:/NAME/VERSION or models:/NAME@ALIAS)")
+        name, number, alias = match.group("name", "version", "alias")
+        if urlsplit(self.tracking_uri).scheme not in ("http", "https"):
+            raise RegistryUnavailable(field, ref, "MLFLOW_TRACKING_URI names no tracking server (http or https)")
+        try:
+            if alias:
+                found = self._json(f"{API}/registered-models/alias", {"name": name, "alias": alias})
+            else:
+                found = self._json(f"{API}/model-versions/get", {"name": name, "version": number})
+            version = found["model_version"]
+            if version.get("status", "READY") != "READY":
+                raise BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, f"is version {version['version']}, "
+                                   f"which is not ready (status {version['status']})")
+            folder = self._artifact_folder(name, version, field, ref)
+            files = self._files(folder, field, ref)
+        except _Failed as error:
+            raise _pin_problem(error, field, ref, alias) from None
+        if not files:
+            raise BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, f"is version {version['version']}, "
+                               "which has no artifacts")
+        pin = {"name": name, "version": str(version["version"]), "source": str(version.get("source", ""))}
+        if version.get("run_id"):
+            pin["run_id"] = str(version["run_id"])
+        return PinnedInput(ref=ref, scheme=self.scheme, version=pin, files=files)
+
+    def _artifact_folder(self, name: str, version: dict[str, Any], field: str, ref: str) -> str:
+        """The version's artifacts as a path under the artifact proxy; MLflow resolves a logged model's source, a
+        run's is resolved here (`runs:/RUN/PATH` -> the run's artifact root + PATH)."""
+        uri = self._json(f"{API}/model-versions/get-download-uri",
+                         {"name": name, "version": version["version"]})["artifact_uri"]
+        if uri.startswith("runs:/"):
+            run_id, _, path = uri.removeprefix("runs:/").partition("/")
+            root = self._json(f"{API}/runs/get", {"run_id": run_id})["run"]["info"]["artifact_uri"]
+            uri = posixpath.join(root, path) if path else root
+        return self._proxied_path(uri, field, ref)
+
+    def _proxied_path(self, uri: str, field: str, ref: str) -> str:
+        """`mlflow-artifacts:/1/RUN/artifacts/model` -> `1/RUN/artifacts/model`; artifacts stored elsewhere
+        (s3://, a path) are out of reach of a client that talks only to the tracking server."""
+        parts = urlsplit(uri)
+        if parts.scheme == PROXIED and not parts.netloc:
+            return parts.path.strip("/")
+        tracking = urlsplit(self.tracking_uri)
+        if (parts.scheme, parts.netloc) == (tracking.scheme, tracking.netloc) and ARTIFACTS in parts.path:
+            return parts.path.split(ARTIFACTS, 1)[1].strip("/")
+        raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"cannot be fetched: its artifacts are at a "
+                           f"{parts.scheme or 'local'} location, not behind the tracking server's artifact proxy "
+                           "(mlflow server --serve-artifacts)")
+
+    def _files(self, folder: str, field: str, ref: str) -> list[PinnedFile]:
+        """The artifacts under `folder`, or under its one sub-folder that holds a model or an adapter."""
+        listed = self._listing(folder, "", field, ref)
+        top = {path for path, _ in listed if "/" not in path}
+        holders = {head for head, _, rest in (path.partition("/") for path, _ in listed) if rest in MARKERS}
+        if not top & set(MARKERS) and len(holders) == 1:
+            (holder,) = holders
+            listed = [(path.removeprefix(f"{holder}/"), size) for path, size in listed
+                      if path.startswith(f"{holder}/")]
+            folder = f"{folder}/{holder}"
+        return [listed_file(field, ref, path=path, size=size, location=f"{folder}/{path}")
+                for path, size in listed]
+
+    def _listing(self, folder: str, below: str, field: str, ref: str, depth: int = 1) -> list[tuple[str, int]]:
+        """(path relative to `folder`, size) of every artifact under `folder/below`, as deep as a local folder may
+        nest."""
+        answer = self._json(ARTIFACTS, {"path": posixpath.join(folder, below) if below else folder})
+        found: list[tuple[str, int]] = []
+        for entry in answer.get("files", []):
+            path = posixpath.join(below, entry["path"]) if below else entry["path"]
+            if entry.get("is_dir"):
+                if depth >= MAX_DEPTH:
+                    raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"holds {path!r}, nested deeper "
+                                       f"than {MAX_DEPTH}")
+                found += self._listing(folder, path, field, ref, depth + 1)
+            else:
+                found.append((path, int(entry.get("file_size", 0))))
+            if len(found) > MAX_ENTRIES:
+                raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"holds more than {MAX_ENTRIES} files")
+        return found
+
+    # -- bytes --------------------------------------------------------------------------------------------------
+
+    def read_range(self, pinned: PinnedInput, file: PinnedFile, start: int, length: int) -> bytes:
+        length = min(length, file.size - start)
+        if length <= 0:
+            return b""
+        try:
+            with self._open(pinned, file, start, start + length - 1, reading=True) as chunks:
+                return first_bytes(chunks, length)
+        except requests.RequestException as error:
+            raise _transfer_problem(error, pinned, file, reading=True) from None
+
+    def download(self, pinned: PinnedInput, file: PinnedFile, dest: Path, progress: ByteCounter) -> None:
+        def chunks_from(offset: int) -> Iterator[bytes]:
+            with self._open(pinned, file, offset, reading=False) as chunks:
+                yield from chunks
+
+        try:
+            download_resuming(chunks_from, file.size, dest, progress, self.retries,
+                              lambda error: isinstance(error, requests.RequestException))
+        except (requests.RequestException, EOFError) as error:
+            raise _transfer_problem(error, pinned, file, reading=False) from None
+
+    @contextmanager
+    def _open(self, pinned: PinnedInput, file: PinnedFile, first: int, last: int | None = None, *,
+              reading: bool) -> Iterator[Iterator[bytes]]:
+        """The artifact's bytes from `first` (to `last`) through the artifact proxy, which answers a Range with
+        206; a server that ignores it (a proxy in front of another store may) sends the whole file, whose head is
+        skipped and whose tail is never read."""
+        try:
+            response = self._request(f"{ARTIFACTS}/{quote(file.location or file.path)}",
+                                     headers=range_header(first, last), stream=True)
+        except _Failed as error:
+            raise _transfer_problem(error, pinned, file, reading) from None
+        with response:
+            yield skip_bytes(response.iter_content(CHUNK_BYTES), first if response.status_code == 200 else 0)
+
+    # -- requests -----------------------------------------------------------------------------------------------
+
+    def _request(self, endpoint: str, *, params: dict[str, str] | None = None,
+                 headers: dict[str, str] | None = None, stream: bool = False) -> requests.Response:
+        """One GET, with MLflow's retries (5xx, 429, timeouts, refused connections) and the service's timeout;
+        `_Failed` for a refusal or no answer."""
+        try:
+            response = http_request(self._creds(), endpoint, "GET", params=params, extra_headers=headers,
+                                    stream=stream, timeout=self.timeout, raise_on_status=False,
+                                    max_retries=min(self.retries, MAX_RETRIES),
+                                    backoff_factor=backoff_seconds(0), backoff_jitter=0.0)
+        except (MlflowException, requests.RequestException) as error:  # MLflow wraps transport failures
+            raise _Failed(None, reason="no answer in time" if _timed_out(error) else "connection failed") from None
+        if response.status_code >= 400:
+            with response:
+                raise _Failed(response.status_code, _error_code(response))
+        return response
+
+    def _json(self, endpoint: str, params: dict[str, str]) -> dict[str, Any]:
+        with self._request(endpoint, params=params) as response:
+            return dict(response.json())
+
+    def _creds(self) -> MlflowHostCreds:
+        """Read on every request, as the client does (a token file or variable may change)."""
+        return get_default_host_creds(self.tracking_uri)
+
+
+def _error_code(response: requests.Response) -> str:
+    try:
+        return str(response.json().get("error_code", ""))
+    except ValueError:
+        return ""
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether a transport failure (which MLflow wraps in a bare MlflowException) was a timeout."""
+    chain: BaseException | None = error
+    while chain is not None:
+        if isinstance(chain, requests.Timeout):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
+def _transient(error: _Failed) -> bool:
+    return error.status is None or error.status in TRANSIENT_STATUSES
+
+
+def _pin_problem(error: _Failed, field: str, ref: str, alias: str | None) -> Problem:
+    if _transient(error):
+        return RegistryUnavailable(field, ref, str(error))
+    if error.status in (401, 403):
+        return BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, f"cannot be read: the registry refused the "
+                            f"service's credentials ({error})")
+    if error.status == 404 or (alias and error.code == "INVALID_PARAMETER_VALUE"):
+        # An alias that does not exist is a 400 INVALID_PARAMETER_VALUE (its form was checked here already).
+        what = f"has no alias {alias!r}" if alias else "has no such version"
+        return BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, f"is not in the registry: the model does "
+                            f"not exist or {what}")
+    return BadReference(field, ref, Problems.REFERENCE_INVALID, f"was refused by the registry ({error})")
+
+
+def _transfer_problem(error: Exception, pinned: PinnedInput, file: PinnedFile, reading: bool) -> Problem:
+    if isinstance(error, Problem):
+        return error
+    if isinstance(error, _Failed):
+        why = "it is gone since it was pinned" if error.status == 404 else str(error)
+        return fetch_failed(pinned, file, why, unreachable=reading and _transient(error))
+    return fetch_failed(pinned, file, str(error) if isinstance(error, EOFError) else "connection lost",
+                        unreachable=reading)

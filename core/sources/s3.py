@@ -1,0 +1,215 @@
+"""S3 and S3-compatible stores: `s3://BUCKET/PREFIX`, the objects under the prefix as one folder.
+
+Pinned to every object under the prefix as it is at submit time: its size, ETag, version id (versioned buckets)
+and, when S3 vouches for it, its sha256 (the full-object SHA256 checksum of a single-part upload; a multipart
+upload's checksum is one of part checksums, and its ETag no MD5, so neither is the file's). Every read names the
+pinned ETag (`IfMatch`) and version, so an object replaced after submission is an error, not other bytes.
+
+boto3 rather than obstore: botocore's retry modes and timeouts are the documented knobs for exactly what this
+needs, it reads the ecosystem's own configuration (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+/ AWS_SESSION_TOKEN, profiles and instance roles, AWS_DEFAULT_REGION, AWS_CA_BUNDLE), and moto, which the tests
+run, emulates exactly what boto3 sends.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+from adapter_merge.core.problems import Problem, Problems
+from adapter_merge.core.refs import MAX_DEPTH, MAX_ENTRIES, BadReference
+from adapter_merge.core.settings import Settings
+from adapter_merge.core.sources.base import (
+    ByteCounter,
+    PinnedFile,
+    PinnedInput,
+    RegistryUnavailable,
+    download_resuming,
+    fetch_failed,
+    listed_file,
+    range_header,
+)
+
+PREFIX = "s3://"
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+"""S3's bucket naming rules (lowercase letters, digits, dots and hyphens, 3 to 63 characters)."""
+HEAD_THREADS = 8
+CHUNK_BYTES = 1 << 20
+FORBIDDEN_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                             "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AccountProblem"})
+TRANSIENT_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"})
+
+
+class S3Source:
+    scheme = "s3"
+
+    def __init__(self, settings: Settings) -> None:
+        timeout = settings.download_timeout_seconds
+        config = Config(connect_timeout=timeout, read_timeout=timeout,
+                        retries={"max_attempts": settings.download_retries + 1, "mode": "standard"},
+                        max_pool_connections=max(10, HEAD_THREADS))
+        self.client = boto3.session.Session().client("s3", config=config)
+        self.retries = settings.download_retries
+
+    # -- pin ----------------------------------------------------------------------------------------------------
+
+    def pin(self, ref: str, field: str) -> PinnedInput:
+        bucket, prefix = _parse(ref, field)
+        try:
+            keys = self._keys(bucket, prefix, field, ref)
+            with ThreadPoolExecutor(HEAD_THREADS) as pool:
+                heads = list(pool.map(lambda key: self.client.head_object(Bucket=bucket, Key=key,
+                                                                          ChecksumMode="ENABLED"), keys))
+        except (BotoCoreError, ClientError) as error:
+            raise _pin_problem(error, field, ref) from None
+        files = [_pinned_file(key[len(prefix) + 1 if prefix else 0:], key, head, field, ref)
+                 for key, head in zip(keys, heads, strict=True)]
+        listing = json.dumps(sorted((file.location, file.size, file.etag, file.version_id) for file in files))
+        version = {"bucket": bucket, "prefix": prefix, "listing": hashlib.sha256(listing.encode()).hexdigest()}
+        return PinnedInput(ref=ref, scheme=self.scheme, version=version, files=files)
+
+    def _keys(self, bucket: str, prefix: str, field: str, ref: str) -> list[str]:
+        """Every object key under the prefix (folder markers left out), at most as many as a local folder may
+        hold."""
+        keys = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                      Prefix=f"{prefix}/" if prefix else "")
+        for page in pages:
+            keys += [item["Key"] for item in page.get("Contents", []) if not item["Key"].endswith("/")]
+            if len(keys) > MAX_ENTRIES:
+                raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"holds more than {MAX_ENTRIES} objects")
+        if not keys:
+            raise BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, "has no objects under its prefix")
+        return keys
+
+    # -- bytes --------------------------------------------------------------------------------------------------
+
+    def read_range(self, pinned: PinnedInput, file: PinnedFile, start: int, length: int) -> bytes:
+        length = min(length, file.size - start)
+        if length <= 0:
+            return b""
+        body = self._get(pinned, file, range_header(start, start + length - 1), reading=True)
+        try:
+            return bytes(body.read())
+        except BotoCoreError as error:
+            raise _transfer_problem(error, pinned, file, reading=True) from None
+        finally:
+            body.close()
+
+    def download(self, pinned: PinnedInput, file: PinnedFile, dest: Path, progress: ByteCounter) -> None:
+        def chunks_from(offset: int) -> Iterator[bytes]:
+            body = self._get(pinned, file, range_header(offset), reading=False)
+            try:
+                yield from body.iter_chunks(CHUNK_BYTES)
+            finally:
+                body.close()
+
+        try:
+            download_resuming(chunks_from, file.size, dest, progress, self.retries,
+                              lambda error: isinstance(error, BotoCoreError))
+        except (BotoCoreError, EOFError) as error:
+            raise _transfer_problem(error, pinned, file, reading=False) from None
+
+    def _get(self, pinned: PinnedInput, file: PinnedFile, byte_range: dict[str, str], *, reading: bool) -> Any:
+        """The body of a GetObject of the pinned version (botocore retries the request itself)."""
+        conditions = {"IfMatch": f'"{file.etag}"'} if file.etag else {}
+        if file.version_id:
+            conditions["VersionId"] = file.version_id
+        try:
+            return self.client.get_object(Bucket=pinned.version["bucket"], Key=file.location, **conditions,
+                                          **byte_range)["Body"]
+        except (BotoCoreError, ClientError) as error:
+            raise _transfer_problem(error, pinned, file, reading) from None
+
+
+def _parse(ref: str, field: str) -> tuple[str, str]:
+    """(bucket, prefix without its trailing slash) of an `s3://` reference."""
+    bucket, _, prefix = ref.removeprefix(PREFIX).partition("/")
+    prefix = prefix.rstrip("/")
+    if not ref.startswith(PREFIX) or not BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+        raise BadReference(field, ref, Problems.REFERENCE_INVALID, "is not an S3 reference (s3://BUCKET/PREFIX, "
+                           "BUCKET named by S3's rules)")
+    if prefix and any(part in ("", ".", "..") or "\x00" in part for part in prefix.split("/")):
+        raise BadReference(field, ref, Problems.REFERENCE_INVALID, "has a prefix that is not a folder path (an "
+                           "empty, '.' or '..' part)")
+    return bucket, prefix
+
+
+def _pinned_file(path: str, key: str, head: dict[str, Any], field: str, ref: str) -> PinnedFile:
+    """One object as pinned; one nested deeper than a local folder may be makes the prefix unusable."""
+    if path.count("/") >= MAX_DEPTH:
+        raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"holds {path!r}, nested deeper than {MAX_DEPTH}")
+    etag = head["ETag"].strip('"')
+    return listed_file(field, ref, path=path, size=head["ContentLength"], sha256=_full_object_sha256(head, etag),
+                       etag=etag, version_id=head.get("VersionId"), location=key)
+
+
+def _full_object_sha256(head: dict[str, Any], etag: str) -> str | None:
+    """The object's own sha256, if S3 has it: a SHA256 checksum of the full object from a single-part upload."""
+    checksum = head.get("ChecksumSHA256")
+    if not checksum or "-" in checksum or "-" in etag or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    try:
+        digest = base64.b64decode(checksum, validate=True)
+    except binascii.Error:
+        return None
+    return digest.hex() if len(digest) == 32 else None
+
+
+def _code(error: ClientError) -> tuple[str, int]:
+    """The S3 error code and HTTP status of a refusal."""
+    return (str(error.response.get("Error", {}).get("Code", "")),
+            int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)))
+
+
+def _transient(error: Exception) -> bool:
+    """A failure that retries might have mended (and botocore did retry): no answer, or a busy or failing S3."""
+    if isinstance(error, ClientError):
+        code, status = _code(error)
+        return code in TRANSIENT_CODES or status >= 500 or status == 429
+    return isinstance(error, BotoCoreError) and not isinstance(error, NoCredentialsError | PartialCredentialsError)
+
+
+def _reason(error: Exception) -> str:
+    """Why a request failed, naming no endpoint or credential."""
+    if isinstance(error, ClientError):
+        code, status = _code(error)
+        return f"{code or 'HTTP'} {status}"
+    return type(error).__name__
+
+
+def _pin_problem(error: Exception, field: str, ref: str) -> Problem:
+    if isinstance(error, NoCredentialsError | PartialCredentialsError):
+        return BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, "cannot be read: the service has no AWS "
+                            "credentials")
+    if _transient(error):
+        return RegistryUnavailable(field, ref, _reason(error))
+    if isinstance(error, ClientError):
+        code, status = _code(error)
+        if code == "NoSuchBucket":
+            return BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, "names a bucket that does not exist")
+        if code in FORBIDDEN_CODES or status in (401, 403):
+            return BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, f"cannot be read: S3 refused the "
+                                f"service's credentials ({_reason(error)})")
+        if status == 404:
+            return RegistryUnavailable(field, ref, "its objects changed while they were listed")
+    return BadReference(field, ref, Problems.REFERENCE_INVALID, f"was refused by S3 ({_reason(error)})")
+
+
+def _transfer_problem(error: Exception, pinned: PinnedInput, file: PinnedFile, reading: bool) -> Problem:
+    status = _code(error)[1] if isinstance(error, ClientError) else 0
+    why = {412: "it changed since it was pinned", 404: "it is gone since it was pinned"}.get(status)
+    if why is None:
+        why = str(error) if isinstance(error, EOFError) else _reason(error)
+    return fetch_failed(pinned, file, why, unreachable=reading and _transient(error))
