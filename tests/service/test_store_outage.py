@@ -144,8 +144,10 @@ def test_an_outage_longer_than_the_lease_does_not_restart_a_running_job(
     cluster.worker_link.cut()
     lease = store.get(job["id"]).lease_expires_at  # the last renewal that landed before the cut
     outage_started = store.now()
-    # The store keeps running: wait by its clock until the worker's lease has run out.
-    wait_for(lambda: store.now() > lease + 0.2, LEASE_SECONDS + 5, "the lease to run out by the store's clock")
+    # The store keeps running: wait by its clock until the worker's lease has run out and the outage has lasted
+    # a whole lease (the last renewal landed up to a heartbeat before the cut, so the first alone is shorter).
+    wait_for(lambda: store.now() > max(lease, outage_started + LEASE_SECONDS) + 0.2, LEASE_SECONDS + 5,
+             "the lease to run out by the store's clock")
 
     seen = cluster.server.log_text().count("judging no lease")
     cluster.api_link.restore()  # the API's reaper sees the store again, the worker cannot yet
