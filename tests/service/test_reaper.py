@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,28 +19,12 @@ from adapter_merge.core.maintenance import Maintenance
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.store import JobStore
 from adapter_merge.core.store.base import PAGE
-from adapter_merge.core.store.local import SQLiteJobStore
-from adapter_merge.core.store.redis import RedisJobStore
 from tests.service.conftest import REDIS_DB, REDIS_URL_BASE
 from tests.service.harness import wait_for
 
 REDIS_URL = f"{REDIS_URL_BASE}/{REDIS_DB}"
 MANY = 2 * PAGE + 57
 """More than two pages."""
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "sqlite":
-        yield SQLiteJobStore(tmp_path / "jobs.sqlite3")
-        return
-    prefix = f"amtest-reaper-{uuid.uuid4().hex[:8]}"
-    backend = RedisJobStore(REDIS_URL, prefix)
-    yield backend
-    keys = list(backend.redis.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        backend.redis.delete(*keys)
-    backend.close()
 
 
 class Spy:
