@@ -60,9 +60,8 @@ class Settings(BaseSettings):
         "or a merge may still run out of space (it then fails as storage-full and its partial output is removed)."
     )
 
-    # TEMPORARY default "none" while the test harness is reworked; flipped to "required" before landing.
     auth: Literal["required", "none"] = Field(
-        "none", description="`none` turns authentication off (every caller is an admin of the default "
+        "required", description="`none` turns authentication off (every caller is an admin of the default "
         "tenant); `adapter-merge serve` then listens on loopback only.")
     api_keys_file: Path | None = Field(None, description="JSON file of API keys (sha256, tenant, role); "
                                        "reloaded when it changes.")

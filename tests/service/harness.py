@@ -54,7 +54,9 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str | Callable[[]
 def service_env(data_dir: Path, models_root: Path, **overrides: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MERGE_")}
     env.update(TEST_TIMINGS)
+    # Authentication off (loopback only) unless a test is about it and says otherwise.
     env.update(MERGE_DATA_DIR=str(data_dir), MERGE_MODEL_ROOTS=str(models_root), MERGE_LOG_LEVEL="info",
+               MERGE_AUTH="none",
                PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])),
                PYTHONUNBUFFERED="1")
     env.update(overrides)

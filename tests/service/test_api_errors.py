@@ -18,7 +18,7 @@ from tests.service.conftest import ModelSet
 
 @pytest.fixture(scope="module")
 def settings(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(data_dir=tmp_path_factory.mktemp("errors-data"), model_roots=[models.root])
+    return Settings(data_dir=tmp_path_factory.mktemp("errors-data"), model_roots=[models.root], auth="none")
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_readyz(client: TestClient) -> None:
 
 def test_unreachable_redis_is_503_not_500(models: ModelSet, tmp_path: Path, small_request: dict) -> None:
     """Nothing listens on port 1: the app still starts, says what is down, and refuses work with a 503."""
-    settings = Settings(data_dir=tmp_path, model_roots=[models.root], redis_url="redis://127.0.0.1:1/0")
+    settings = Settings(data_dir=tmp_path, model_roots=[models.root], redis_url="redis://127.0.0.1:1/0", auth="none")
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.headers["content-type"] == "application/problem+json"

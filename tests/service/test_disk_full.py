@@ -57,7 +57,7 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def server(disk: Path, models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Api]]:
     logs = tmp_path_factory.mktemp("small-disk-logs")  # off the small disk: logging must not need its space
-    env = service_env(disk, models.root, MERGE_AUTH="none", MERGE_MIN_FREE_BYTES=str(MIN_FREE_BYTES))
+    env = service_env(disk, models.root, MERGE_MIN_FREE_BYTES=str(MIN_FREE_BYTES))
     proc, api = start_server(env, logs / "server.log")
     yield proc, api
     api.close()

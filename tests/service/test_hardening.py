@@ -80,7 +80,7 @@ def test_range_with_thousands_of_digits() -> None:
 
 
 def test_slow_clients_are_cut_off(models: ModelSet, tmp_path: Path) -> None:
-    env = service_env(tmp_path, models.root, MERGE_AUTH="none", MERGE_REQUEST_READ_SECONDS="1")
+    env = service_env(tmp_path, models.root, MERGE_REQUEST_READ_SECONDS="1")
     process, api = start_server(env, tmp_path / "server.log")
     port = int(api.base_url.rsplit(":", 1)[1])
     try:
@@ -153,7 +153,7 @@ def write_self_signed(folder: Path) -> tuple[Path, Path]:
 
 def test_serve_speaks_tls_when_given_a_certificate(models: ModelSet, tmp_path: Path) -> None:
     cert, key = write_self_signed(tmp_path)
-    env = service_env(tmp_path, models.root, MERGE_AUTH="none", MERGE_TLS_CERTFILE=str(cert),
+    env = service_env(tmp_path, models.root, MERGE_TLS_CERTFILE=str(cert),
                       MERGE_TLS_KEYFILE=str(key))
     process, api = launch_server(env, tmp_path / "server.log")
     url = api.base_url.replace("http://", "https://")

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 import adapter_merge.cli.serve, adapter_merge.cli.main
 from adapter_merge.core.settings import Settings
 from adapter_merge.service.app import create_app
-settings = Settings(data_dir=sys.argv[1], model_roots=[sys.argv[2]])
+settings = Settings(data_dir=sys.argv[1], model_roots=[sys.argv[2]], auth="none")
 with TestClient(create_app(settings)) as client:
     response = client.post("/merge", json={"base_model": "small/base", "adapters": ["small/lora"]})
     assert response.status_code == 202, response.text

@@ -59,7 +59,7 @@ def hostile_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(hostile_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("load-data")
-    process, api = start_server(service_env(data, hostile_root, MERGE_AUTH="none", MERGE_PREFLIGHT_SECONDS="3",
+    process, api = start_server(service_env(data, hostile_root, MERGE_PREFLIGHT_SECONDS="3",
                                             MERGE_LOG_LEVEL="warning"), data / "server.log")
     yield api.base_url
     api.close()

@@ -53,7 +53,7 @@ def cluster(models: ModelSet, tmp_path_factory: pytest.TempPathFactory,
             redis_namespace: dict[str, str]) -> Iterator[Cluster]:
     """An API server only; the first test starts the worker once it has lost a message."""
     data_dir = tmp_path_factory.mktemp("queue-recovery-data")
-    env = service_env(data_dir, models.root, MERGE_AUTH="none", MERGE_REQUEUE_GRACE_SECONDS=str(GRACE_SECONDS),
+    env = service_env(data_dir, models.root, MERGE_REQUEUE_GRACE_SECONDS=str(GRACE_SECONDS),
                       **redis_namespace)
     server, api = launch_server(env, data_dir / "server.log")
     store = RedisJobStore(redis_namespace["MERGE_REDIS_URL"], redis_namespace["MERGE_REDIS_PREFIX"])

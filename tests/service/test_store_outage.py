@@ -114,7 +114,7 @@ def cluster(models: ModelSet, tmp_path_factory: pytest.TempPathFactory,
     api_link, worker_link = Link(), Link()
 
     def env(link: Link) -> dict[str, str]:
-        return service_env(data_dir, models.root, MERGE_AUTH="none", **{
+        return service_env(data_dir, models.root, **{
             **redis_namespace, "MERGE_REDIS_URL": f"redis://127.0.0.1:{link.port}/{REDIS_DB}"})
 
     server, api = launch_server(env(api_link), data_dir / "server.log")
