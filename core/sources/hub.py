@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx2
 from huggingface_hub import HfApi, constants, get_session, hf_hub_url, parse_hf_uri
@@ -34,14 +33,10 @@ from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.refs import BadReference
 from adapter_merge.core.settings import Settings
-from adapter_merge.core.sources.base import (
-    ByteCounter,
-    PinnedFile,
-    PinnedInput,
-    RegistryUnavailable,
-    download_resuming,
+from adapter_merge.core.sources.base import PinnedFile, PinnedInput, RegistryUnavailable
+from adapter_merge.core.sources.transfer import (
+    StreamedSource,
     fetch_failed,
-    first_bytes,
     range_header,
     retrying,
     skip_bytes,
@@ -50,10 +45,13 @@ from adapter_merge.core.sources.base import (
 DEFAULT_REVISION = "main"
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 CHUNK_BYTES = 1 << 20
+HUB_ERRORS = (HfHubHTTPError, httpx2.TransportError, OfflineModeIsEnabled)
+"""What a request to the hub raises when it fails: an answer with an error, no answer, or offline mode."""
 
 
-class HubSource:
+class HubSource(StreamedSource):
     scheme = "hf"
+    STREAM_ERRORS = (httpx2.TransportError,)
 
     def __init__(self, settings: Settings) -> None:
         self.endpoint = constants.ENDPOINT
@@ -68,7 +66,7 @@ class HubSource:
         try:
             info = retrying(lambda: self.api.model_info(repo, revision=revision, files_metadata=True,
                                                         timeout=self.timeout), self.retries, _transient)
-        except Exception as error:
+        except HUB_ERRORS as error:
             raise _pin_problem(error, field, ref, revision) from None
         files = _files_under(info, subfolder, field, ref)
         if not files:
@@ -81,32 +79,11 @@ class HubSource:
 
     # -- bytes --------------------------------------------------------------------------------------------------
 
-    def read_range(self, pinned: PinnedInput, file: PinnedFile, start: int, length: int) -> bytes:
-        length = min(length, file.size - start)
-        if length <= 0:
-            return b""
-        try:
-            with self._open(pinned, file, start, start + length - 1, reading=True) as chunks:
-                return first_bytes(chunks, length)
-        except Exception as error:
-            raise _transfer_problem(error, pinned, file, reading=True) from None
-
-    def download(self, pinned: PinnedInput, file: PinnedFile, dest: Path, progress: ByteCounter) -> None:
-        def chunks_from(offset: int) -> Iterator[bytes]:
-            with self._open(pinned, file, offset, reading=False) as chunks:
-                yield from chunks
-
-        try:
-            download_resuming(chunks_from, file.size, dest, progress, self.retries, _transient)
-        except Exception as error:
-            raise _transfer_problem(error, pinned, file, reading=False) from None
-
     @contextmanager
-    def _open(self, pinned: PinnedInput, file: PinnedFile, first: int, last: int | None = None, *,
-              reading: bool) -> Iterator[Iterator[bytes]]:
-        """The file's bytes from `first` (to `last`) at the pinned commit, the request retried while it fails
-        transiently, then a `Problem`. A server that ignores the Range (some mirrors) sends the whole file: its
-        head is skipped."""
+    def open_stream(self, pinned: PinnedInput, file: PinnedFile, first: int, last: int | None, *,
+                    reading: bool) -> Iterator[Iterator[bytes]]:
+        """A GET of the resolve URL at the pinned commit, retried while it fails transiently. A server that
+        ignores the Range (some mirrors) sends the whole file: its head is skipped."""
         url = hf_hub_url(pinned.version["repo"], file.location or file.path, revision=pinned.version["commit"],
                          endpoint=self.endpoint)
         headers = build_hf_headers(headers=range_header(first, last))
@@ -123,13 +100,17 @@ class HubSource:
 
         try:
             response = retrying(attempt, self.retries, _transient)
-        except Exception as error:
-            raise _transfer_problem(error, pinned, file, reading) from None
+        except HUB_ERRORS as error:
+            unreachable = reading and (_transient(error) or isinstance(error, OfflineModeIsEnabled))
+            raise fetch_failed(pinned, file, f"{_reason(error)} at commit {pinned.version['commit']}",
+                               unreachable=unreachable) from None
         try:
-            skip = first if response.status_code == 200 else 0
-            yield skip_bytes(response.iter_bytes(CHUNK_BYTES), skip)
+            yield skip_bytes(response.iter_bytes(CHUNK_BYTES), first if response.status_code == 200 else 0)
         finally:
             response.close()
+
+    def describe(self, error: Exception) -> str:
+        return _reason(error)
 
 
 def _parse(ref: str, field: str) -> tuple[str, str, str]:
@@ -203,13 +184,5 @@ def _pin_problem(error: Exception, field: str, ref: str, revision: str) -> Probl
                             f"service's token ({_reason(error)})")
     if _transient(error) or isinstance(error, OfflineModeIsEnabled):
         return RegistryUnavailable(field, ref, _reason(error))
-    if isinstance(error, HfHubHTTPError):
-        return BadReference(field, ref, Problems.REFERENCE_INVALID, f"was refused by the hub ({_reason(error)})")
-    raise error
+    return BadReference(field, ref, Problems.REFERENCE_INVALID, f"was refused by the hub ({_reason(error)})")
 
-
-def _transfer_problem(error: Exception, pinned: PinnedInput, file: PinnedFile, reading: bool) -> Problem:
-    if isinstance(error, Problem):
-        return error
-    unreachable = reading and (_transient(error) or isinstance(error, OfflineModeIsEnabled))
-    return fetch_failed(pinned, file, f"{_reason(error)} at commit {pinned.version['commit']}", unreachable=unreachable)

@@ -20,7 +20,6 @@ import posixpath
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -33,16 +32,11 @@ from mlflow.utils.rest_utils import MlflowHostCreds, http_request
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.refs import ADAPTER_MARKER, BASE_MARKER, MAX_DEPTH, MAX_ENTRIES, BadReference
 from adapter_merge.core.settings import Settings
-from adapter_merge.core.sources.base import (
-    ByteCounter,
-    PinnedFile,
-    PinnedInput,
-    RegistryUnavailable,
+from adapter_merge.core.sources.base import PinnedFile, PinnedInput, RegistryUnavailable, listed_file
+from adapter_merge.core.sources.transfer import (
+    StreamedSource,
     backoff_seconds,
-    download_resuming,
     fetch_failed,
-    first_bytes,
-    listed_file,
     range_header,
     skip_bytes,
 )
@@ -69,8 +63,9 @@ class _Failed(Exception):
         self.code = code
 
 
-class MlflowSource:
+class MlflowSource(StreamedSource):
     scheme = "models"
+    STREAM_ERRORS = (requests.RequestException,)
 
     def __init__(self, settings: Settings) -> None:
         self.tracking_uri = get_tracking_uri()
@@ -165,40 +160,23 @@ class MlflowSource:
 
     # -- bytes --------------------------------------------------------------------------------------------------
 
-    def read_range(self, pinned: PinnedInput, file: PinnedFile, start: int, length: int) -> bytes:
-        length = min(length, file.size - start)
-        if length <= 0:
-            return b""
-        try:
-            with self._open(pinned, file, start, start + length - 1, reading=True) as chunks:
-                return first_bytes(chunks, length)
-        except requests.RequestException as error:
-            raise _transfer_problem(error, pinned, file, reading=True) from None
-
-    def download(self, pinned: PinnedInput, file: PinnedFile, dest: Path, progress: ByteCounter) -> None:
-        def chunks_from(offset: int) -> Iterator[bytes]:
-            with self._open(pinned, file, offset, reading=False) as chunks:
-                yield from chunks
-
-        try:
-            download_resuming(chunks_from, file.size, dest, progress, self.retries,
-                              lambda error: isinstance(error, requests.RequestException))
-        except (requests.RequestException, EOFError) as error:
-            raise _transfer_problem(error, pinned, file, reading=False) from None
-
     @contextmanager
-    def _open(self, pinned: PinnedInput, file: PinnedFile, first: int, last: int | None = None, *,
-              reading: bool) -> Iterator[Iterator[bytes]]:
-        """The artifact's bytes from `first` (to `last`) through the artifact proxy, which answers a Range with
-        206; a server that ignores it (a proxy in front of another store may) sends the whole file, whose head is
-        skipped and whose tail is never read."""
+    def open_stream(self, pinned: PinnedInput, file: PinnedFile, first: int, last: int | None, *,
+                    reading: bool) -> Iterator[Iterator[bytes]]:
+        """A GET through the artifact proxy, which answers a Range with 206; a server that ignores it (a proxy
+        in front of another store may) sends the whole file, whose head is skipped and whose tail is never
+        read."""
         try:
             response = self._request(f"{ARTIFACTS}/{quote(file.location or file.path)}",
                                      headers=range_header(first, last), stream=True)
         except _Failed as error:
-            raise _transfer_problem(error, pinned, file, reading) from None
+            why = "it is gone since it was pinned" if error.status == 404 else str(error)
+            raise fetch_failed(pinned, file, why, unreachable=reading and _transient(error)) from None
         with response:
             yield skip_bytes(response.iter_content(CHUNK_BYTES), first if response.status_code == 200 else 0)
+
+    def describe(self, error: Exception) -> str:
+        return "no answer in time" if _timed_out(error) else "connection failed"
 
     # -- requests -----------------------------------------------------------------------------------------------
 
@@ -212,7 +190,7 @@ class MlflowSource:
                                     max_retries=min(self.retries, MAX_RETRIES),
                                     backoff_factor=backoff_seconds(0), backoff_jitter=0.0)
         except (MlflowException, requests.RequestException) as error:  # MLflow wraps transport failures
-            raise _Failed(None, reason="no answer in time" if _timed_out(error) else "connection failed") from None
+            raise _Failed(None, reason=self.describe(error)) from None
         if response.status_code >= 400:
             with response:
                 raise _Failed(response.status_code, _error_code(response))
@@ -261,12 +239,3 @@ def _pin_problem(error: _Failed, field: str, ref: str, alias: str | None) -> Pro
                             f"not exist or {what}")
     return BadReference(field, ref, Problems.REFERENCE_INVALID, f"was refused by the registry ({error})")
 
-
-def _transfer_problem(error: Exception, pinned: PinnedInput, file: PinnedFile, reading: bool) -> Problem:
-    if isinstance(error, Problem):
-        return error
-    if isinstance(error, _Failed):
-        why = "it is gone since it was pinned" if error.status == 404 else str(error)
-        return fetch_failed(pinned, file, why, unreachable=reading and _transient(error))
-    return fetch_failed(pinned, file, str(error) if isinstance(error, EOFError) else "connection lost",
-                        unreachable=reading)

@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from contextlib import contextmanager
 from typing import Any
 
 import boto3
@@ -30,14 +30,10 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.refs import MAX_DEPTH, MAX_ENTRIES, BadReference
 from adapter_merge.core.settings import Settings
-from adapter_merge.core.sources.base import (
-    ByteCounter,
-    PinnedFile,
-    PinnedInput,
-    RegistryUnavailable,
-    download_resuming,
+from adapter_merge.core.sources.base import PinnedFile, PinnedInput, RegistryUnavailable, listed_file
+from adapter_merge.core.sources.transfer import (
+    StreamedSource,
     fetch_failed,
-    listed_file,
     range_header,
 )
 
@@ -51,8 +47,9 @@ FORBIDDEN_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccess
 TRANSIENT_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"})
 
 
-class S3Source:
+class S3Source(StreamedSource):
     scheme = "s3"
+    STREAM_ERRORS = (BotoCoreError,)
 
     def __init__(self, settings: Settings) -> None:
         timeout = settings.download_timeout_seconds
@@ -95,42 +92,26 @@ class S3Source:
 
     # -- bytes --------------------------------------------------------------------------------------------------
 
-    def read_range(self, pinned: PinnedInput, file: PinnedFile, start: int, length: int) -> bytes:
-        length = min(length, file.size - start)
-        if length <= 0:
-            return b""
-        body = self._get(pinned, file, range_header(start, start + length - 1), reading=True)
-        try:
-            return bytes(body.read())
-        except BotoCoreError as error:
-            raise _transfer_problem(error, pinned, file, reading=True) from None
-        finally:
-            body.close()
-
-    def download(self, pinned: PinnedInput, file: PinnedFile, dest: Path, progress: ByteCounter) -> None:
-        def chunks_from(offset: int) -> Iterator[bytes]:
-            body = self._get(pinned, file, range_header(offset), reading=False)
-            try:
-                yield from body.iter_chunks(CHUNK_BYTES)
-            finally:
-                body.close()
-
-        try:
-            download_resuming(chunks_from, file.size, dest, progress, self.retries,
-                              lambda error: isinstance(error, BotoCoreError))
-        except (BotoCoreError, EOFError) as error:
-            raise _transfer_problem(error, pinned, file, reading=False) from None
-
-    def _get(self, pinned: PinnedInput, file: PinnedFile, byte_range: dict[str, str], *, reading: bool) -> Any:
-        """The body of a GetObject of the pinned version (botocore retries the request itself)."""
+    @contextmanager
+    def open_stream(self, pinned: PinnedInput, file: PinnedFile, first: int, last: int | None, *,
+                    reading: bool) -> Iterator[Iterator[bytes]]:
+        """A GetObject of the pinned version, on condition that it still has the pinned ETag (botocore retries
+        the request itself)."""
         conditions = {"IfMatch": f'"{file.etag}"'} if file.etag else {}
         if file.version_id:
             conditions["VersionId"] = file.version_id
         try:
-            return self.client.get_object(Bucket=pinned.version["bucket"], Key=file.location, **conditions,
-                                          **byte_range)["Body"]
+            body = self.client.get_object(Bucket=pinned.version["bucket"], Key=file.location, **conditions,
+                                          **range_header(first, last))["Body"]
         except (BotoCoreError, ClientError) as error:
-            raise _transfer_problem(error, pinned, file, reading) from None
+            raise _fetch_failed(error, pinned, file, reading) from None
+        try:
+            yield body.iter_chunks(CHUNK_BYTES)
+        finally:
+            body.close()
+
+    def describe(self, error: Exception) -> str:
+        return _reason(error)
 
 
 def _parse(ref: str, field: str) -> tuple[str, str]:
@@ -207,9 +188,7 @@ def _pin_problem(error: Exception, field: str, ref: str) -> Problem:
     return BadReference(field, ref, Problems.REFERENCE_INVALID, f"was refused by S3 ({_reason(error)})")
 
 
-def _transfer_problem(error: Exception, pinned: PinnedInput, file: PinnedFile, reading: bool) -> Problem:
+def _fetch_failed(error: Exception, pinned: PinnedInput, file: PinnedFile, reading: bool) -> Problem:
     status = _code(error)[1] if isinstance(error, ClientError) else 0
     why = {412: "it changed since it was pinned", 404: "it is gone since it was pinned"}.get(status)
-    if why is None:
-        why = str(error) if isinstance(error, EOFError) else _reason(error)
-    return fetch_failed(pinned, file, why, unreachable=reading and _transient(error))
+    return fetch_failed(pinned, file, why or _reason(error), unreachable=reading and _transient(error))

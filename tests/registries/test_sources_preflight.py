@@ -1,5 +1,6 @@
-"""Remote references through what the API runs before queueing: the allow-list, then preflight on replicas that
-hold only configs and safetensors headers, which plans exactly as the same merge from local folders does."""
+"""Remote references through what the API runs before queueing: the allow-list and the references' form, checked
+before any registry is asked; then preflight on replicas that hold only configs and safetensors headers, which
+plans exactly as the same merge from local folders does."""
 
 from __future__ import annotations
 
@@ -47,14 +48,33 @@ def test_a_hub_base_and_an_s3_adapter_plan_as_local_folders_do_without_fetching_
     assert s3.gets(s3_bucket, key) == 0 < s3.gets(s3_bucket, key, ranged=True)
 
 
-@pytest.mark.parametrize("ref", ["hf://elsewhere/base", "s3://other-bucket/base", "models:/base/1"])
-def test_the_allow_list_refuses_other_sources_before_asking_them(tmp_path: Path, ref: str,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every registry is out of reach here: a source that asked would answer 503, not 422."""
+@pytest.fixture
+def out_of_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every registry at a closed port: a source that asked one would answer 503, not 422."""
     use_hub(monkeypatch, closed_endpoint(), None)
     monkeypatch.setenv("AWS_ENDPOINT_URL", closed_endpoint())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_endpoint())
+
+
+@pytest.mark.usefixtures("out_of_reach")
+@pytest.mark.parametrize("ref", ["hf://elsewhere/base", "s3://other-bucket/base", "models:/base/1"])
+def test_the_allow_list_refuses_other_sources_before_asking_them(tmp_path: Path, ref: str) -> None:
     sources = Sources(settings_for(tmp_path, allowed_sources="hf://allowed/*"))
     problem = problem_of(lambda: sources.pin(ref, "adapters[0].ref"))
     assert (problem.status, problem.kind, problem.members) == (422, Problems.REFERENCE_FORBIDDEN,
                                                                {"field": "adapters[0].ref", "ref": ref})
+
+
+@pytest.mark.usefixtures("out_of_reach")
+@pytest.mark.parametrize("ref", [
+    "hf://", "hf://org", "hf://datasets/org/data", "hf://org/x@", "hf://org/x@main/../y", "hf://org/white space",
+    "hf://org/x:main",
+    "s3://", "s3:///prefix", "s3://ab/x", "s3://Upper_Case/x", "s3://bucket/a//b", "s3://bucket/../x",
+    "s3://bucket/./x",
+    "models:/", "models:/name", "models:/name/latest", "models:/name/0", "models:/name@", "models:/name@bad alias",
+    "models://name/1", "models:/a/b/1", "models:/name/1/extra",
+])
+def test_malformed_references_are_422_reference_invalid_before_any_request(tmp_path: Path, ref: str) -> None:
+    problem = problem_of(lambda: Sources(settings_for(tmp_path)).pin(ref, "base_model"))
+    assert (problem.status, problem.kind, problem.members) == (422, Problems.REFERENCE_INVALID,
+                                                               {"field": "base_model", "ref": ref})
