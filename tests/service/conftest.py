@@ -20,10 +20,9 @@ from adapter_merge.cli.main import main as cli_main
 from adapter_merge.core.store import JobStore
 from adapter_merge.core.store.local import SQLiteJobStore
 from adapter_merge.core.store.redis import RedisJobStore
+from tests.redis_server import RedisServer
 from tools.synthetic import DEMO, write_llama_base, write_lora_adapter
 
-REDIS_URL_BASE = "redis://127.0.0.1:6379"
-REDIS_DB = 15
 BIG_SHAPE = {"hidden": 1024, "intermediate": 2816, "layers": 12, "heads": 8, "kv_heads": 2, "vocab": 8000,
              "max_shard_bytes": 150_000_000}
 
@@ -92,15 +91,12 @@ def big_reference(models: ModelSet, big_request: dict, tmp_path_factory: pytest.
 
 
 @pytest.fixture(scope="module")
-def redis_namespace() -> Iterator[dict[str, str]]:
-    """MERGE_* variables for a private Redis namespace (key prefix and queue), removed afterwards."""
-    client = redis.Redis.from_url(f"{REDIS_URL_BASE}/{REDIS_DB}")
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.fail("Redis is not running on 127.0.0.1:6379 (start it: redis-server --daemonize yes)")
+def redis_namespace(redis_server: RedisServer) -> Iterator[dict[str, str]]:
+    """MERGE_* variables for a private namespace (key prefix and queue) in the session's Redis, removed
+    afterwards, so the test modules sharing that Redis cannot see each other's jobs."""
+    client = redis.Redis.from_url(redis_server.url())
     prefix = f"amtest-{uuid.uuid4().hex[:10]}"
-    yield {"MERGE_REDIS_URL": f"{REDIS_URL_BASE}/{REDIS_DB}", "MERGE_REDIS_PREFIX": prefix, "MERGE_QUEUE": prefix}
+    yield {"MERGE_REDIS_URL": redis_server.url(), "MERGE_REDIS_PREFIX": prefix, "MERGE_QUEUE": prefix}
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:
         client.delete(*keys)
@@ -108,13 +104,13 @@ def redis_namespace() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+def store(request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer) -> Iterator[JobStore]:
     """Each job store backend in turn: a SQLite file, and real Redis under a private key prefix."""
     if request.param == "sqlite":
         yield SQLiteJobStore(tmp_path / "jobs.sqlite3")
         return
     prefix = f"amtest-store-{uuid.uuid4().hex[:8]}"
-    backend = RedisJobStore(f"{REDIS_URL_BASE}/{REDIS_DB}", prefix)
+    backend = RedisJobStore(redis_server.url(), prefix)
     yield backend
     keys = list(backend.redis.scan_iter(match=f"{prefix}:*"))
     if keys:

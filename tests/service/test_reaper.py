@@ -19,10 +19,8 @@ from adapter_merge.core.maintenance import Maintenance
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.store import JobStore
 from adapter_merge.core.store.base import PAGE
-from tests.service.conftest import REDIS_DB, REDIS_URL_BASE
 from tests.service.harness import wait_for
 
-REDIS_URL = f"{REDIS_URL_BASE}/{REDIS_DB}"
 MANY = 2 * PAGE + 57
 """More than two pages."""
 
@@ -104,7 +102,9 @@ def test_a_lost_message_is_published_again_once_per_grace_period(store: JobStore
     for job in (stranded, recent, running):
         store.create(job)
     # Three reapers (say two API processes and a worker) at once: one message in all.
-    reapers = [reaper(store, tmp_path, redis_url=REDIS_URL, requeue_grace_seconds=grace) for _ in range(3)]
+    # Distributed mode (a Redis URL) is what makes reapers republish; the store under test is passed in itself.
+    reapers = [reaper(store, tmp_path, redis_url="redis://127.0.0.1:1/0", requeue_grace_seconds=grace)
+               for _ in range(3)]
     threads = [threading.Thread(target=maintenance.reap) for maintenance, _ in reapers]
     for thread in threads:
         thread.start()

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from adapter_merge.core.store.redis import RedisJobStore
+from tests.redis_server import RedisServer
 from tests.service.checks import assert_no_leftovers, assert_result_matches
-from tests.service.conftest import REDIS_DB, ModelSet
+from tests.service.conftest import ModelSet
 from tests.service.harness import (
     FINISHED,
     TEST_TIMINGS,
@@ -34,7 +35,6 @@ from tests.service.harness import (
     wait_worker_ready,
 )
 
-REDIS = ("127.0.0.1", 6379)
 LEASE_SECONDS = float(TEST_TIMINGS["MERGE_LEASE_SECONDS"])
 
 
@@ -42,7 +42,8 @@ class Link:
     """A TCP relay to Redis. `cut()` closes every connection through it and drops new ones at once until
     `restore()`, so clients fail fast, as when the store's host is down."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.up = threading.Event()
@@ -60,7 +61,7 @@ class Link:
             if not self.up.is_set():
                 client.close()
                 continue
-            upstream = socket.create_connection(REDIS)
+            upstream = socket.create_connection(self.target)
             with self._lock:
                 self._open |= {client, upstream}
             for source, target in ((client, upstream), (upstream, client)):
@@ -109,17 +110,17 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(models: ModelSet, tmp_path_factory: pytest.TempPathFactory,
-            redis_namespace: dict[str, str]) -> Iterator[Cluster]:
+            redis_namespace: dict[str, str], redis_server: RedisServer) -> Iterator[Cluster]:
     data_dir = tmp_path_factory.mktemp("outage-data")
-    api_link, worker_link = Link(), Link()
+    api_link, worker_link = Link(("127.0.0.1", redis_server.port)), Link(("127.0.0.1", redis_server.port))
 
     def env(link: Link) -> dict[str, str]:
         return service_env(data_dir, models.root, **{
-            **redis_namespace, "MERGE_REDIS_URL": f"redis://127.0.0.1:{link.port}/{REDIS_DB}"})
+            **redis_namespace, "MERGE_REDIS_URL": f"redis://127.0.0.1:{link.port}/0"})
 
     server, api = launch_server(env(api_link), data_dir / "server.log")
     worker = launch_worker(env(worker_link), data_dir / "worker.log")
-    store = RedisJobStore(f"redis://{REDIS[0]}:{REDIS[1]}/{REDIS_DB}", redis_namespace["MERGE_REDIS_PREFIX"])
+    store = RedisJobStore(redis_server.url(), redis_namespace["MERGE_REDIS_PREFIX"])
     try:
         wait_healthy(server, api)
         wait_worker_ready(worker)
