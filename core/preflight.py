@@ -101,7 +101,10 @@ def preflight(request: MergeRequest, sources: Sources, scratch: Path) -> tuple[R
     def folder_of(pinned: PinnedInput, field: str) -> Path:
         if pinned.local_path is not None:
             return Path(pinned.local_path)
-        return build_replica(sources.remote(pinned.scheme), pinned, scratch / f"input-{next(replicas)}")
+        try:
+            return build_replica(sources.remote(pinned.scheme), pinned, scratch / f"input-{next(replicas)}")
+        except Problem as problem:
+            raise problem.about(field) from None
 
     allowed = (*sources.settings.roots, scratch.resolve())
     resolved = resolve_request(request, pin_request(request, sources), folder_of, allowed)

@@ -103,6 +103,15 @@ class Problem(Exception):
     def status(self) -> int:
         return self.kind.status
 
+    def about(self, field: str) -> Problem:
+        """This problem, said of request field `field` (raised where the field is known, e.g. by a download)."""
+        if "field" not in self.members:
+            self.members["field"] = field
+            if not self.detail.startswith(f"{field}:"):
+                self.detail = f"{field}: {self.detail}"
+                self.args = (self.detail,)
+        return self
+
     def to_dict(self, instance: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"type": self.kind.uri, "title": self.kind.title, "status": self.status,
                                 "detail": self.detail}

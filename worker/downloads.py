@@ -76,6 +76,8 @@ class DownloadCache:
             if self._complete(entry):
                 return Fetched(entry / "files", True, 0)
             self._download(entry, pinned, source, field, progress, lambda: self._renew(lock))
+        except Problem as problem:
+            raise problem.about(field) from None
         finally:
             self.store.release_lock(lock, self.owner)
         return Fetched(entry / "files", False, pinned.total_bytes)
@@ -156,11 +158,11 @@ class DownloadCache:
 
 
 def _verify(path: Path, file: PinnedFile, field: str, ref: str) -> None:
-    """The bytes are what the registry vouched for at pinning time: size, then sha256 or a single-part MD5."""
+    """The bytes are what the registry vouched for at pinning time: size, then sha256 or MD5 where it gave one."""
     size = path.stat().st_size
     if size != file.size:
         raise _corrupt(field, ref, file, f"{size} bytes arrived, {file.size} were pinned")
-    expected, algorithm = (file.sha256, "sha256") if file.sha256 else (_single_part_md5(file), "md5")
+    expected, algorithm = (file.sha256, "sha256") if file.sha256 else (file.md5, "md5")
     if expected is None:
         return
     digest = hashlib.new(algorithm)
@@ -169,12 +171,6 @@ def _verify(path: Path, file: PinnedFile, field: str, ref: str) -> None:
             digest.update(chunk)
     if digest.hexdigest() != expected:
         raise _corrupt(field, ref, file, f"its {algorithm} is {digest.hexdigest()}, the registry says {expected}")
-
-
-def _single_part_md5(file: PinnedFile) -> str | None:
-    """An ETag is an MD5 only for an object uploaded in one part (a multipart ETag ends in -N)."""
-    etag = (file.etag or "").strip('"')
-    return etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
 
 
 def _corrupt(field: str, ref: str, file: PinnedFile, why: str) -> Problem:

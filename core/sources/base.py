@@ -21,6 +21,8 @@ class PinnedFile(BaseModel):
     size: int
     sha256: str | None = Field(None, description="Content sha256 the registry vouches for (hub LFS, S3 checksum).")
     etag: str | None = Field(None, description="The registry's ETag of this version of the file.")
+    md5: str | None = Field(None, description="Content MD5, where the registry's ETag is one (a single-part S3 "
+                            "upload without KMS or customer keys).")
     version_id: str | None = Field(None, description="Object version (versioned S3 buckets).")
     location: str | None = Field(None, description="Where the source finds the bytes (an S3 key, an artifact path).")
 

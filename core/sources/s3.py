@@ -133,7 +133,14 @@ def _pinned_file(path: str, key: str, head: dict[str, Any], field: str, ref: str
         raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"holds {path!r}, nested deeper than {MAX_DEPTH}")
     etag = head["ETag"].strip('"')
     return listed_file(field, ref, path=path, size=head["ContentLength"], sha256=_full_object_sha256(head, etag),
-                       etag=etag, version_id=head.get("VersionId"), location=key)
+                       etag=etag, md5=_content_md5(head, etag), version_id=head.get("VersionId"), location=key)
+
+
+def _content_md5(head: dict[str, Any], etag: str) -> str | None:
+    """An S3 ETag is the content's MD5 only for a single-part upload stored without KMS or customer keys."""
+    encrypted = head.get("ServerSideEncryption") == "aws:kms" or head.get("SSECustomerAlgorithm")
+    single_part = len(etag) == 32 and all(c in "0123456789abcdef" for c in etag)
+    return etag if single_part and not encrypted else None
 
 
 def _full_object_sha256(head: dict[str, Any], etag: str) -> str | None:
