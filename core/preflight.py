@@ -41,10 +41,10 @@ FolderOf = Callable[[PinnedInput, str], Path]
 second argument is the request field that names it, for errors."""
 
 
-def pin_request(request: MergeRequest, sources: Sources) -> list[PinnedInput]:
-    """Every reference of the request pinned: the base first, then the adapters in order."""
-    return [sources.pin(request.base_model, "base_model"),
-            *(sources.pin(adapter.ref, adapter_field(index)) for index, adapter in enumerate(request.adapters))]
+def pin_request(request: MergeRequest, sources: Sources, tenant: str | None) -> list[PinnedInput]:
+    """Every reference of the request pinned, as `tenant` may: the base first, then the adapters in order."""
+    return [sources.pin(request.base_model, "base_model", tenant),
+            *(sources.pin(adapter.ref, adapter_field(index), tenant) for index, adapter in enumerate(request.adapters))]
 
 
 def resolve_request(request: MergeRequest, inputs: list[PinnedInput], folder_of: FolderOf,
@@ -93,7 +93,8 @@ def merge_problem(error: MergeError, names: Mapping[Path, str]) -> Problem:
                    tensor=error.tensor)
 
 
-def preflight(request: MergeRequest, sources: Sources, scratch: Path) -> tuple[ResolvedMerge, MergePlan]:
+def preflight(request: MergeRequest, sources: Sources, scratch: Path,
+              tenant: str | None = None) -> tuple[ResolvedMerge, MergePlan]:
     """Everything that can be checked without merging; raises `Problem` (422) on the first fault. Remote
     inputs are planned on replicas written under `scratch`."""
     replicas = iter(range(len(request.adapters) + 1))
@@ -107,7 +108,7 @@ def preflight(request: MergeRequest, sources: Sources, scratch: Path) -> tuple[R
             raise problem.about(field) from None
 
     allowed = (*sources.settings.roots, scratch.resolve())
-    resolved = resolve_request(request, pin_request(request, sources), folder_of, allowed)
+    resolved = resolve_request(request, pin_request(request, sources, tenant), folder_of, allowed)
     try:
         plan = plan_merge(resolved.base, resolved.adapters, resolved.options)
     except MergeError as error:

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     oidc_roles_claim: str = Field("roles", description="JWT claim listing the caller's roles (read, submit, admin).")
     allowed_sources: str = Field("", description="Remote sources references may name, comma-separated patterns "
                                  "such as `hf://myorg/*,s3://models-bucket/*,models:/*`; empty: local paths only.")
+    tenant_allowed_sources: dict[str, str] = Field(
+        default_factory=dict, description="Per tenant, patterns its references must also match (JSON, e.g. "
+        '`{"team-a": "hf://team-a/*,s3://team-a-models/*"}`); a tenant not listed may use all of '
+        "MERGE_ALLOWED_SOURCES.")
     cache_dir: Path | None = Field(None, description="Where workers keep downloaded inputs; default "
                                    "<data_dir>/cache/sources. Local disk or one shared volume.")
     cache_max_bytes: int | None = Field(None, ge=0, description="Byte budget of the download cache: least recently "

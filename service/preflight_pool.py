@@ -36,11 +36,11 @@ class Checked:
     inputs: list[PinnedInput]
 
 
-def _check(settings: Settings, request: dict[str, Any]) -> tuple[str, Any]:
+def _check(settings: Settings, request: dict[str, Any], tenant: str) -> tuple[str, Any]:
     """Runs in a pool process; answers with plain data, since exceptions with extra fields do not pickle."""
     try:
         with tempfile.TemporaryDirectory(prefix="preflight-") as scratch:
-            resolved, plan = preflight(MergeRequest.model_validate(request), Sources(settings), Path(scratch))
+            resolved, plan = preflight(MergeRequest.model_validate(request), Sources(settings), Path(scratch), tenant)
     except Problem as problem:
         return "problem", (problem.kind.slug, problem.detail, problem.members, problem.retry_after)
     return "ok", (plan.summary(), [pinned.model_dump(mode="json") for pinned in resolved.inputs])
@@ -59,11 +59,11 @@ class PreflightPool:
                                                      mp_context=multiprocessing.get_context("spawn"))
             return self._executor
 
-    def check(self, request: MergeRequest) -> Checked:
+    def check(self, request: MergeRequest, tenant: str) -> Checked:
         """The plan's summary and the pinned inputs; raises the preflight's `Problem`, or a 503 when it
         overran its time."""
         pool = self._pool()
-        future = pool.submit(_check, self.settings, request.model_dump(mode="json"))
+        future = pool.submit(_check, self.settings, request.model_dump(mode="json"), tenant)
         try:
             outcome, value = future.result(timeout=self.settings.preflight_seconds)
         except FutureTimeout:

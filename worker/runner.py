@@ -73,7 +73,7 @@ class JobRunner:
     def _merge(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
         from adapter_merge.worker.engine import merge  # imports torch: only where merges run
 
-        inputs = job.inputs or pin_request(job.request, self.context.sources)
+        inputs = job.inputs or pin_request(job.request, self.context.sources, job.tenant)
         fetched: list[Fetched] = []
         download_started = time.perf_counter()
         try:

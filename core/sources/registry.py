@@ -68,7 +68,7 @@ class Sources:
         self.factories = _builtin_factories()
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             self.factories.setdefault(entry.name, entry.load())
-        self.allowed = [pattern.strip() for pattern in settings.allowed_sources.split(",") if pattern.strip()]
+        self.allowed = _patterns(settings.allowed_sources)
         self._built: dict[str, Source] = {}
 
     def source(self, scheme: str) -> Source:
@@ -82,14 +82,27 @@ class Sources:
         assert isinstance(source, RemoteSource), f"{scheme} is not a remote source"
         return source
 
-    def pin(self, ref: str, field: str) -> PinnedInput:
-        """The pinned version of `ref`; 422 for an unknown scheme or a source this deployment does not allow."""
+    def pin(self, ref: str, field: str, tenant: str | None = None) -> PinnedInput:
+        """The pinned version of `ref`; 422 for an unknown scheme or a source this deployment, or this tenant,
+        may not fetch from."""
         scheme = scheme_of(ref)
         if scheme not in self.factories:
             known = ", ".join(sorted(f"{name}://" if name != "models" else "models:/" for name in self.factories))
             raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"has an unknown scheme {scheme!r} "
                                f"(known: {known}, or a path)")
-        if scheme != LOCAL_SCHEME and not any(fnmatch.fnmatchcase(ref, pattern) for pattern in self.allowed):
+        if scheme != LOCAL_SCHEME and not _matches(ref, self.allowed):
             raise BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, "is not among the sources this service "
                                "may fetch from (MERGE_ALLOWED_SOURCES)")
+        tenant_patterns = self.settings.tenant_allowed_sources.get(tenant or "")
+        if scheme != LOCAL_SCHEME and tenant_patterns is not None and not _matches(ref, _patterns(tenant_patterns)):
+            raise BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, f"is not among the sources tenant "
+                               f"{tenant!r} may fetch from (MERGE_TENANT_ALLOWED_SOURCES)")
         return self.source(scheme).pin(ref, field)
+
+
+def _patterns(text: str) -> list[str]:
+    return [pattern.strip() for pattern in text.split(",") if pattern.strip()]
+
+
+def _matches(ref: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(ref, pattern) for pattern in patterns)

@@ -29,7 +29,7 @@ def submit_merge(body: MergeRequest, caller: Submitter, response: Response, serv
     context = services.context
     context.layout.require_free_space(context.settings.min_free_bytes)  # 507 storage-full below the minimum
     _check_artifact_quota(context, caller.tenant)
-    checked = services.preflight.check(body)
+    checked = services.preflight.check(body, caller.tenant)
     summary = checked.summary
     job = JobRecord(
         id=str(uuid.uuid4()), tenant=caller.tenant, request=body, inputs=checked.inputs,

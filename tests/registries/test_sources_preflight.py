@@ -10,7 +10,9 @@ import pytest
 
 from adapter_merge.core.preflight import preflight
 from adapter_merge.core.problems import Problems
+from adapter_merge.core.refs import BadReference
 from adapter_merge.core.request import MergeRequest
+from adapter_merge.core.settings import Settings
 from adapter_merge.core.sources.registry import Sources
 from tests.registries.fixtures import TinyModels
 from tests.registries.hub import FakeHub
@@ -78,3 +80,16 @@ def test_malformed_references_are_422_reference_invalid_before_any_request(tmp_p
     problem = problem_of(lambda: Sources(settings_for(tmp_path)).pin(ref, "base_model"))
     assert (problem.status, problem.kind, problem.members) == (422, Problems.REFERENCE_INVALID,
                                                                {"field": "base_model", "ref": ref})
+
+
+def test_a_tenant_may_be_held_to_fewer_sources(tmp_path: Path) -> None:
+    """MERGE_TENANT_ALLOWED_SOURCES narrows what one tenant may name; other tenants keep the service's list."""
+    settings = Settings(data_dir=tmp_path, allowed_sources="hf://*,s3://*",
+                        tenant_allowed_sources={"team-a": "hf://team-a/*"})
+    sources = Sources(settings)
+    with pytest.raises(BadReference) as caught:
+        sources.pin("s3://bucket/model", "base_model", "team-a")
+    assert caught.value.kind is Problems.REFERENCE_FORBIDDEN and "team-a" in caught.value.detail
+    with pytest.raises(BadReference) as caught:
+        sources.pin("hf://team-b/model", "adapters[0].ref", "team-a")
+    assert caught.value.members["field"] == "adapters[0].ref"

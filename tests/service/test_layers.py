@@ -54,7 +54,7 @@ settings = Settings()
 services = Services.open(settings)
 request = MergeRequest(base_model="small/base", adapters=["small/lora"])
 preflight(request, services.context.sources, Path(sys.argv[1]))
-services.preflight.check(request)  # the same in the API's preflight process
+services.preflight.check(request, "default")  # the same in the API's preflight process
 services.dispatcher.ping()
 services.close()
 owners = packages_distributions()
