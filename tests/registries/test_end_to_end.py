@@ -351,13 +351,17 @@ def test_fifty_merges_of_one_base_download_it_once(distributed: Cluster, hub: Fa
 
 def test_a_worker_killed_mid_download_leaves_no_entry_a_rerun_trusts(distributed: Cluster, hub: FakeHub,
                                                                      local: LocalModels, reference: Path) -> None:
+    """The shard trickles at 640 KiB/s: its first MiB (what the hub client hands on at once) arrives after 1.6 s,
+    the whole of it after 4.2 s; the worker is killed in between."""
     body = hub_base("killed", local, hub)
-    hub.trickle("e2e/killed", SHARD, bytes_per_second=256 * 1024)
+    hub.trickle("e2e/killed", SHARD, bytes_per_second=640 * 1024)
     submitted = distributed.api.submit(body)
     job_id, (pinned, entry) = submitted["id"], distributed.entry(submitted)
-    before_shard = sum(file.size for file in pinned.files[:[file.path for file in pinned.files].index(SHARD)])
-    distributed.api.wait(job_id, lambda job: job["progress"]["phase"] == "downloading"
-                         and job["progress"]["bytes_done"] > before_shard, timeout=30)
+    paths = [file.path for file in pinned.files]
+    before_shard = sum(file.size for file in pinned.files[:paths.index(SHARD)])
+    distributed.api.wait(job_id, lambda job: job["progress"]["phase"] == "downloading" and before_shard
+                         < job["progress"]["bytes_done"] < before_shard + pinned.files[paths.index(SHARD)].size,
+                         timeout=30)
     (victim,) = distributed.workers
     victim.kill_group()
     distributed.workers.remove(victim)
