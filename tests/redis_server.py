@@ -5,13 +5,14 @@ is left alone)."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+
+from tests.loopback import free_port
 
 START_TIMEOUT_SECONDS = 10.0
 INSTALL_HINT = ("the service tests need the redis-server binary: `apt-get install redis-server` (Debian/Ubuntu), "
@@ -41,9 +42,7 @@ def start_redis(folder: Path, attempts: int = 5) -> RedisServer:
     if binary is None:
         raise RuntimeError(INSTALL_HINT)
     for _ in range(attempts):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         log = (folder / f"redis-{port}.log").open("wb")
         process = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

@@ -20,16 +20,18 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.jobs import JobStatus
 from adapter_merge.core.problems import Problem, Problems
+from adapter_merge.core.settings import Settings
 from adapter_merge.core.sources.base import ByteCounter, PinnedFile, PinnedInput, RemoteSource
+from adapter_merge.core.store import JobStore
 
 log = logging.getLogger(__name__)
 MARKER = ".complete"
@@ -73,38 +75,26 @@ class DownloadCache:
             if self._complete(entry):
                 return Fetched(entry / "files", True, 0)
         try:
-            if self._complete(entry):
-                return Fetched(entry / "files", True, 0)
-            self._download(entry, pinned, source, field, progress, lambda: self._renew(lock))
+            with _LockKeeper(self.store, lock, self.owner, self.settings) as keeper:
+                if self._complete(entry):
+                    return Fetched(entry / "files", True, 0)
+                self._download(entry, pinned, source, field, keeper.checked(progress))
         except Problem as problem:
             raise problem.about(field) from None
         finally:
             self.store.release_lock(lock, self.owner)
         return Fetched(entry / "files", False, pinned.total_bytes)
 
-    def _renew(self, lock: str) -> None:
-        if not self.store.acquire_lock(lock, self.owner, self.settings.lease_seconds):
-            raise Problem(Problems.STORAGE_ERROR, "lost the download lock to another worker; try again")
-
     def _download(self, entry: Path, pinned: PinnedInput, source: RemoteSource, field: str,
-                  progress: ByteCounter, renew: Callable[[], None]) -> None:
+                  progress: ByteCounter) -> None:
         for stale in entry.glob(".partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
         partial = entry / f".partial-{uuid.uuid4().hex[:12]}"
-        renewed = time.monotonic()
         try:
             for file in pinned.files:
                 target = partial / file.path
                 target.parent.mkdir(parents=True, exist_ok=True)
-
-                def counted(count: int) -> None:
-                    nonlocal renewed
-                    progress(count)
-                    if time.monotonic() - renewed > self.settings.heartbeat_seconds:
-                        renew()
-                        renewed = time.monotonic()
-
-                source.download(pinned, file, target, counted)
+                source.download(pinned, file, target, progress)
                 _verify(target, file, field, pinned.ref)
             shutil.rmtree(entry / "files", ignore_errors=True)  # an unmarked folder a crash left behind
             os.replace(partial, entry / "files")
@@ -155,6 +145,43 @@ class DownloadCache:
             if job is not None and job.status in (JobStatus.queued, JobStatus.running):
                 return True
         return False
+
+
+class _LockKeeper:
+    """Renews a download lock every heartbeat interval from a thread of its own, however slowly bytes arrive;
+    a download that lost its lock (the store gave it to another worker) stops at its next bytes."""
+
+    def __init__(self, store: JobStore, lock: str, owner: str, settings: Settings) -> None:
+        self.store, self.lock, self.owner, self.settings = store, lock, owner, settings
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"keep-{lock}", daemon=True)
+
+    def __enter__(self) -> _LockKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            try:
+                if not self.store.acquire_lock(self.lock, self.owner, self.settings.lease_seconds):
+                    self.lost = True
+                    return
+            except Exception:  # the store is out of reach: try again next beat, the lock outlasts a few
+                log.warning("could not renew download lock %s; retrying", self.lock, exc_info=True)
+
+    def checked(self, progress: ByteCounter) -> ByteCounter:
+        def arrived(count: int) -> None:
+            if self.lost:
+                raise Problem(Problems.DOWNLOAD_FAILED, "another worker took over this download (this worker "
+                              "could not renew its lock in time); the job will run again")
+            progress(count)
+
+        return arrived
 
 
 def _verify(path: Path, file: PinnedFile, field: str, ref: str) -> None:

@@ -93,6 +93,7 @@ class _Refused(Exception):
 class HubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fake-hub/1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall between
     timeout = 120  # idle keep-alive connections end on their own
     server: HubHTTPServer
 

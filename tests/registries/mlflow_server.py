@@ -26,7 +26,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tests.registries.loopback import free_port, wait_for
+from tests.loopback import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = REPO / ".venv-mlflow"
@@ -98,7 +98,7 @@ class MlflowServer:
             self._spawn(port)
             try:
                 wait_for(self._healthy_or_exited, START_TIMEOUT, lambda: f"mlflow server healthy:\n{self.log_tail()}")
-            except TimeoutError:
+            except AssertionError:
                 self.stop()
                 raise
             if self._process is not None and self._process.poll() is None:

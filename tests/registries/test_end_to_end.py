@@ -50,7 +50,7 @@ from tests.registries.mlflow_server import MlflowServer, PublishedVersion
 from tests.registries.s3 import S3Object, S3Server
 from tests.registries.test_sources_common import closed_endpoint
 from tests.service.checks import assert_result_matches, problem, reference_digests
-from tests.service.conftest import cli_merge, redis_namespace  # noqa: F401 (redis_namespace: a fixture)
+from tests.service.conftest import cli_merge
 from tests.service.harness import (
     FINISHED,
     Api,
@@ -211,7 +211,7 @@ class Cluster(Deployment):
 
 @pytest.fixture(scope="module")
 def distributed(local: LocalModels, hub_server: FakeHub, s3_server: S3Server, mlflow_server: MlflowServer,
-                redis_namespace: dict[str, str],  # noqa: F811 (the fixture imported above)
+                redis_namespace: dict[str, str],
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     data_dir = tmp_path_factory.mktemp("e2e-distributed")
     env = service_env(data_dir, local.root, **registry_env(hub_server, s3_server, mlflow_server), **redis_namespace,

@@ -16,8 +16,8 @@ from adapter_merge.core.problems import Problem
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.sources.base import PinnedInput
 from adapter_merge.worker.downloads import DownloadCache
+from tests.loopback import free_port
 from tests.registries.hub import FakeHub
-from tests.registries.loopback import free_port
 from tests.registries.mlflow_server import MlflowServer
 from tests.registries.s3 import S3Server
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
 from adapter_merge.cli.main import main as cli_main
 from adapter_merge.core.store import JobStore
@@ -88,19 +87,6 @@ def big_reference(models: ModelSet, big_request: dict, tmp_path_factory: pytest.
     root = models.root / "big"
     return cli_merge(root / "base", [(root / "dora", 1.0), (root / "lora", 1.0)],
                      tmp_path_factory.mktemp("reference") / "big", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def redis_namespace(redis_server: RedisServer) -> Iterator[dict[str, str]]:
-    """MERGE_* variables for a private namespace (key prefix and queue) in the session's Redis, removed
-    afterwards, so the test modules sharing that Redis cannot see each other's jobs."""
-    client = redis.Redis.from_url(redis_server.url())
-    prefix = f"amtest-{uuid.uuid4().hex[:10]}"
-    yield {"MERGE_REDIS_URL": redis_server.url(), "MERGE_REDIS_PREFIX": prefix, "MERGE_QUEUE": prefix}
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -15,16 +15,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
+from tests.loopback import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 FINISHED = ("succeeded", "failed", "cancelled")
-POLL = 0.05
 
 # Short leases so recovery happens within a few seconds; heartbeat at most half the lease (a settings rule).
 # A healthy worker renews every 0.5 s, so only a pause of more than 2.5 s would cost it its lease.
@@ -34,21 +34,6 @@ TEST_TIMINGS = {
     "MERGE_REAP_INTERVAL_SECONDS": "0.5",
     "MERGE_POLL_SECONDS": "0.2",
 }
-
-T = TypeVar("T")
-
-
-def wait_for(condition: Callable[[], T], timeout: float, what: str | Callable[[], str]) -> T:
-    """Poll `condition()` until it returns something truthy and return that; fail after `timeout` seconds,
-    saying `what` was awaited (a callable is asked only then, e.g. for the last state seen)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
-        time.sleep(POLL)
 
 
 def service_env(data_dir: Path, models_root: Path, **overrides: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Small helpers for servers on 127.0.0.1: a free port, and waiting for a condition with a deadline."""
+"""Small helpers for the servers tests run on 127.0.0.1: a free port, and waiting for a condition."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
-POLL = 0.1
+POLL = 0.05
 
 
 def free_port() -> int:
@@ -19,13 +19,13 @@ def free_port() -> int:
 
 
 def wait_for(condition: Callable[[], T], timeout: float, what: str | Callable[[], str]) -> T:
-    """Poll `condition()` until it returns something truthy and return that; after `timeout` seconds raise
-    TimeoutError saying what was awaited (a callable is asked only then, e.g. for a log's last lines)."""
+    """Poll `condition()` until it returns something truthy and return that; fail after `timeout` seconds,
+    saying `what` was awaited (a callable is asked only then, e.g. for the last state seen)."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout} s: {what() if callable(what) else what}")
+            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
         time.sleep(POLL)
