@@ -7,11 +7,11 @@ to know HTTP to raise one, and nobody finds a problem's kind by reading its mess
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 from typing import Any
 
 from adapter_merge.worker.engine.errors import (
+    DISK_FULL_ERRNOS,
     InputError,
     MergeError,
     NumericError,
@@ -129,7 +129,6 @@ _ENGINE_PROBLEMS: list[tuple[type[MergeError], ProblemType]] = [
 ]
 
 
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 DISK_FULL_DETAIL = ("the server's disk filled up while the merged model was written; the partial output was "
                     "removed. Free space (delete finished jobs) and submit it again")
 

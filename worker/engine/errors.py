@@ -9,6 +9,7 @@ permission). `MergeCancelled` is not a fault at all, just a stop that was asked 
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -24,6 +25,10 @@ def brief(value: object) -> str:
 InputRef = Literal["base"] | int | None
 """Which input an error is about: "base", an adapter's 0-based index in the requested order, or None."""
 Fault = Literal["input", "machine"]
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""OS errors that mean the disk (or the user's quota) is full: a `StorageError` with `disk_full`."""
 
 
 class MergeError(Exception):

@@ -11,7 +11,6 @@ machine's fault; only an output folder that already exists (without overwrite) i
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import queue
@@ -22,14 +21,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_merge.worker.engine.errors import InputError, StorageError
+from adapter_merge.worker.engine.errors import DISK_FULL_ERRNOS, InputError, StorageError
 from adapter_merge.worker.engine.operations import OutputTensor
 from adapter_merge.worker.engine.safetensors_format import build_header
 from adapter_merge.worker.engine.tensor_io import write_all
 
 SAFETENSORS_METADATA = {"format": "pt"}
 QUEUED_CHUNKS = 4
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def storage_error(error: OSError, path: Path) -> StorageError:
