@@ -1,8 +1,6 @@
-"""Turning a request's references into folders, safely.
-
-Today a reference is a path inside one of the configured model roots; registry and object-store references
-will come later behind the same `Resolver` interface. A path is judged after `..` and symlinks are resolved,
-so neither can lead outside the roots.
+"""Local references, safely: a path inside one of the configured model roots, judged after `..` and symlinks are
+resolved (so neither can lead outside the roots), and every file in the folder it names as well. Registry
+references are `core.sources`' business; the local source stands on this.
 """
 
 from __future__ import annotations
@@ -10,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 from adapter_merge.core.problems import Problem, Problems, ProblemType
 
@@ -25,12 +22,6 @@ class BadReference(Problem):
 
     def __init__(self, field: str, ref: str, kind: ProblemType, reason: str) -> None:
         super().__init__(kind, f"{field}: {ref!r} {reason}", field=field, ref=ref)
-
-
-class Resolver(Protocol):
-    def resolve(self, ref: str, field: str) -> Path:
-        """The real folder `ref` names, or raise `BadReference`."""
-        ...
 
 
 class LocalRootsResolver:

@@ -124,7 +124,9 @@ class JobRunner:
 
         def folder_of(pinned: PinnedInput, field: str) -> Path:
             if pinned.scheme == LOCAL_SCHEME:
-                return Path(sources.pin(pinned.ref, field).local_path or "")
+                local = sources.pin(pinned.ref, field).local_path
+                assert local is not None, "a local reference pins to its folder"
+                return Path(local)
             result = self.downloads.fetch(pinned, sources.remote(pinned.scheme), field, job.id,
                                           arrived or (lambda count: None))
             fetched.append(result)
