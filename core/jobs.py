@@ -41,7 +41,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
 
-Phase = Literal["queued", "downloading", "merging"]
+Phase = Literal["queued", "downloading", "merging", "publishing"]
 
 
 class Progress(_Strict):
@@ -67,7 +67,8 @@ class Timings(_Strict):
     resolve: float | None = Field(None, description="Claim until the merge starts: starting the job process, "
                                   "loading the engine, resolving references and planning.")
     merge: float | None = Field(None, description="Reading, merging and writing tensors.")
-    write: float | None = Field(None, description="Side files, manifest, fsync and publishing the result.")
+    write: float | None = Field(None, description="Side files, manifest, fsync and moving the result into place.")
+    publish: float | None = Field(None, description="Writing the result to the request's publish target.")
     total: float | None = Field(None, description="Submission until the job finished.")
 
 
@@ -82,12 +83,38 @@ class Metrics(_Strict):
     bytes_downloaded: int | None = Field(None, description="Bytes fetched from registries for this run.")
     cache_hits: int | None = Field(None, description="Remote inputs found complete in the download cache.")
     worker_host: str | None = Field(None, description="Host name of the machine that ran the merge.")
+    cache_hit: bool | None = Field(None, description="True when the result is an earlier identical job's (same "
+                                   "request digest), shared rather than merged again.")
 
 
 class Artifact(_Strict):
     path: str = Field(description="Path inside the merged model folder.")
     size: int
     sha256: str
+
+
+class Published(_Strict):
+    """Where the result was published (the request's `publish.to`)."""
+
+    uri: str = Field(description="The publish target as requested.")
+    version: str | None = Field(description="What identifies this publish: the MLflow version, the hub commit "
+                                "sha, the S3 manifest's version id or ETag.")
+    url: str | None = Field(description="Where a person or client finds it.")
+
+
+WebhookState = Literal["pending", "delivered", "failed"]
+
+
+class WebhookDelivery(_Strict):
+    """The callback of a finished job: sent at least once, with the same id on every try."""
+
+    id: str = Field(description="The `webhook-id` header: the same on every retry, for the receiver to dedupe.")
+    state: WebhookState = "pending"
+    attempts: int = 0
+    last_status: int | None = Field(None, description="HTTP status of the last attempt (none on a network error).")
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
 
 
 class JobRecord(BaseModel):
@@ -120,6 +147,12 @@ class JobRecord(BaseModel):
     """The problem document (RFC 9457) of a failed run."""
     artifacts: list[Artifact] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    request_digest: str | None = None
+    """sha256 of the pinned inputs, weights, order, output options and engine version (`core.digest`)."""
+    reused_from: str | None = None
+    """The earlier job whose result this one shares (same request digest), instead of merging again."""
+    published: Published | None = None
+    webhook: WebhookDelivery | None = None
 
     @property
     def artifact_bytes(self) -> int:

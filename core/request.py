@@ -51,6 +51,23 @@ class AdapterIn(BaseModel):
     weight: float = Field(1.0, strict=True, allow_inf_nan=False, description="Scale multiplier, default 1.0.")
 
 
+PUBLISH_FORMS = (
+    "models:/NAME (a new version of an MLflow registered model, created if missing); s3://BUCKET/PREFIX (the "
+    "merged folder under PREFIX/, its manifest written last); hf://ORG/NAME[@BRANCH] (one commit on a Hugging Face "
+    "hub repo, default branch main). Only where MERGE_ALLOWED_SOURCES (and the tenant's patterns) allow it."
+)
+
+
+class PublishSpec(BaseModel):
+    """Where the merged model goes once it is merged, besides the service's own artifacts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: Ref = Field(description="The publish target: " + PUBLISH_FORMS)
+    alias: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,255}$")] | None = Field(
+        None, description="models:/ only: the MLflow alias moved to the new version once it is READY.")
+
+
 class MergeRequest(BaseModel):
     """A merge to run: one base model and one or more adapters applied in order."""
 
@@ -72,6 +89,14 @@ class MergeRequest(BaseModel):
         json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1},
                                      {"type": "string", "pattern": SIZE_PATTERN}, {"type": "null"}]},
     )
+
+    publish: PublishSpec | None = Field(None, description="Also publish the result to a registry.")
+    callback_url: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = Field(
+        None, description="An http(s) URL that gets a signed POST (Standard Webhooks) when the job ends; its host "
+        "must be allowed by MERGE_WEBHOOK_ALLOWED_HOSTS.")
+    reuse: bool = Field(True, strict=True, description="Answer from an earlier identical merge (same request "
+                        "digest) when its result is still kept, or attach to one still running; false forces a "
+                        "fresh merge.")
 
     @field_validator("adapters", mode="before")
     @classmethod

@@ -9,7 +9,16 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus, Metrics, Progress, Timings
+from adapter_merge.core.jobs import (
+    Artifact,
+    JobRecord,
+    JobStatus,
+    Metrics,
+    Progress,
+    Published,
+    Timings,
+    WebhookDelivery,
+)
 from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.sources.base import PinnedInput
 
@@ -37,6 +46,11 @@ class JobOut(BaseModel):
     artifacts: list[ArtifactOut]
     archive_url: str | None = Field(description="The whole merged model as one tar, once succeeded.")
     notes: list[str]
+    request_digest: str | None = Field(description="sha256 of what the merge depends on: identical requests "
+                                       "share one result.")
+    reused_from: str | None = Field(description="The earlier identical job whose result this one shares.")
+    published: Published | None = Field(description="Where the result was published, once it is.")
+    webhook: WebhookDelivery | None = Field(description="Delivery of the callback to `callback_url`.")
 
 
 class JobPage(BaseModel):
@@ -85,5 +99,6 @@ def job_view(job: JobRecord) -> JobOut:
         artifacts=[ArtifactOut(**artifact.model_dump(), url=f"{base}/artifacts/{quote(artifact.path)}")
                    for artifact in job.artifacts] if succeeded else [],
         archive_url=f"{base}/archive" if succeeded else None,
-        notes=job.notes,
+        notes=job.notes, request_digest=job.request_digest, reused_from=job.reused_from,
+        published=job.published, webhook=job.webhook,
     )
