@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_merge.core.problems import Problem, engine_problem_type, storage_detail
+from adapter_merge.core.publish.registry import PublishTargets
 from adapter_merge.core.refs import check_kind
 from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.sources.base import PinnedInput
@@ -97,6 +98,8 @@ def preflight(request: MergeRequest, sources: Sources, scratch: Path,
               tenant: str | None = None) -> tuple[ResolvedMerge, MergePlan]:
     """Everything that can be checked without merging; raises `Problem` (422) on the first fault. Remote
     inputs are planned on replicas written under `scratch`."""
+    if request.publish is not None:  # a target it may not publish to is refused before any input is read
+        PublishTargets(sources).check(request.publish, tenant)
     replicas = iter(range(len(request.adapters) + 1))
 
     def folder_of(pinned: PinnedInput, field: str) -> Path:

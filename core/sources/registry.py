@@ -87,17 +87,28 @@ class Sources:
         may not fetch from."""
         scheme = scheme_of(ref)
         if scheme not in self.factories:
-            known = ", ".join(sorted(f"{name}://" if name != "models" else "models:/" for name in self.factories))
+            known = ", ".join(sorted(scheme_form(name) for name in self.factories))
             raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"has an unknown scheme {scheme!r} "
                                f"(known: {known}, or a path)")
-        if scheme != LOCAL_SCHEME and not _matches(ref, self.allowed):
-            raise BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, "is not among the sources this service "
-                               "may fetch from (MERGE_ALLOWED_SOURCES)")
-        tenant_patterns = self.settings.tenant_allowed_sources.get(tenant or "")
-        if scheme != LOCAL_SCHEME and tenant_patterns is not None and not _matches(ref, _patterns(tenant_patterns)):
-            raise BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, f"is not among the sources tenant "
-                               f"{tenant!r} may fetch from (MERGE_TENANT_ALLOWED_SOURCES)")
+        if scheme != LOCAL_SCHEME:
+            self.check_allowed(ref, field, tenant, "fetch from")
         return self.source(scheme).pin(ref, field)
+
+    def check_allowed(self, ref: str, field: str, tenant: str | None, verb: str) -> None:
+        """422 reference-forbidden for a remote `ref` that MERGE_ALLOWED_SOURCES, or the tenant's own patterns,
+        do not match; `verb` says what the service would do with it (fetch from, publish to)."""
+        if not _matches(ref, self.allowed):
+            raise BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, f"is not among the sources this service "
+                               f"may {verb} (MERGE_ALLOWED_SOURCES)")
+        tenant_patterns = self.settings.tenant_allowed_sources.get(tenant or "")
+        if tenant_patterns is not None and not _matches(ref, _patterns(tenant_patterns)):
+            raise BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, f"is not among the sources tenant "
+                               f"{tenant!r} may {verb} (MERGE_TENANT_ALLOWED_SOURCES)")
+
+
+def scheme_form(scheme: str) -> str:
+    """How references of a scheme start: `hf://`, `models:/`."""
+    return f"{scheme}://" if scheme != "models" else "models:/"
 
 
 def _patterns(text: str) -> list[str]:
