@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.store import STORE_UNAVAILABLE
 from adapter_merge.service.deps import Services
+from adapter_merge.service.describe import install_openapi, operation_id
 from adapter_merge.service.limits import RequestLimits
 from adapter_merge.service.problems import install_problem_handlers
 from adapter_merge.service.routes import artifacts, health, jobs, merge
@@ -35,11 +36,13 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             app.state.services.close()
 
-    app = FastAPI(title="adapter-merge", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="adapter-merge", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan,
+                  generate_unique_id_function=operation_id)
     app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, read_seconds=settings.request_read_seconds)
     install_problem_handlers(app, unavailable=STORE_UNAVAILABLE)
     routers = [module.router for module in (merge, jobs, artifacts, health)]
     for router in routers:
         app.include_router(router)
+    install_openapi(app)
     app.state.api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     return app

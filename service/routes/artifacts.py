@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
@@ -11,17 +11,32 @@ from fastapi.responses import StreamingResponse
 from adapter_merge.core.jobs import JobRecord, JobStatus
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.service.deps import JobDep, ServicesDep
-from adapter_merge.service.files import file_response, tar_stream
-from adapter_merge.service.schemas import problem_responses
+from adapter_merge.service.files import ARTIFACT_MEDIA_TYPE, file_response, tar_stream
+from adapter_merge.service.schemas import header, problem_responses
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])
+TAR_MEDIA_TYPE = "application/x-tar"
 
-_FILE_RESPONSES = {
-    200: {"description": "The whole file.", "content": {"application/octet-stream": {}}},
-    206: {"description": "The requested byte range.", "content": {"application/octet-stream": {}}},
-    304: {"description": "Not modified (If-None-Match matched the ETag)."},
-    **problem_responses(401, 403, 404, 409, 416),
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+_FILE_HEADERS = {
+    "ETag": header('`"<sha256>"` of the whole file (also on a 206): for If-None-Match and If-Range.'),
+    "Accept-Ranges": header("`bytes`: a single Range is honoured."),
+    "Content-Length": header("Bytes in this response's body.", "integer"),
 }
+_RANGE_HEADERS = {**_FILE_HEADERS, "Content-Range": header("`bytes <first>-<last>/<size>`.")}
+_FILE_PROBLEMS = problem_responses(401, 403, 404, 409, 416, 422, 503)
+
+
+def _file_responses(body: dict[str, Any] | None) -> dict[int | str, dict[str, Any]]:
+    """GET sends the bytes (`body`), HEAD the same headers without them."""
+    content = {"content": {ARTIFACT_MEDIA_TYPE: body}} if body else {}
+    return {
+        200: {"description": "The whole file.", "headers": _FILE_HEADERS, **content},
+        206: {"description": "The requested byte range.", "headers": _RANGE_HEADERS, **content},
+        304: {"description": "Not modified (If-None-Match matched the ETag).",
+              "headers": {"ETag": _FILE_HEADERS["ETag"]}},
+        **_FILE_PROBLEMS,
+    }
 
 
 def _require_success(job: JobRecord) -> None:
@@ -30,10 +45,10 @@ def _require_success(job: JobRecord) -> None:
                       "once it has succeeded", status_now=job.status.value)
 
 
-@router.head("/artifacts/{path:path}", response_class=Response, responses=_FILE_RESPONSES,
-             operation_id="head_artifact", summary="Artifact headers")
-@router.get("/artifacts/{path:path}", response_class=Response, responses=_FILE_RESPONSES,
-            operation_id="download_artifact")
+@router.head("/artifacts/{path:path}", response_class=Response, responses=_file_responses(None),
+             name="head_artifact", summary="Artifact headers")
+@router.get("/artifacts/{path:path}", response_class=Response, responses=_file_responses(BINARY),
+            name="get_artifact", summary="Download an artifact")
 def download_artifact(
     job: JobDep, path: str, request: Request, services: ServicesDep,
     range_: Annotated[str | None, Header(alias="Range")] = None,
@@ -55,9 +70,11 @@ def download_artifact(
                          if_none_match=if_none_match, if_range=if_range)
 
 
-@router.get("/archive", response_class=StreamingResponse, responses={
-    200: {"description": "A POSIX tar of the merged model folder.", "content": {"application/x-tar": {}}},
-    **problem_responses(401, 403, 404, 409)})
+@router.get("/archive", response_class=StreamingResponse, name="get_archive", responses={
+    200: {"description": "A POSIX tar of the merged model folder.", "content": {TAR_MEDIA_TYPE: BINARY},
+          "headers": {"Content-Length": _FILE_HEADERS["Content-Length"],
+                      "Content-Disposition": header('`attachment; filename="<id>.tar"`.')}},
+    **problem_responses(401, 403, 404, 409, 422, 503)})
 def download_archive(job: JobDep, services: ServicesDep) -> StreamingResponse:
     """The whole merged model as one tar stream (with Content-Length), under a folder named after the job."""
     _require_success(job)
@@ -69,4 +86,4 @@ def download_archive(job: JobDep, services: ServicesDep) -> StreamingResponse:
         raise Problem(Problems.ARTIFACT_GONE, f"job {job.id}: {Path(error.filename).name} is no longer on disk"
                       ) from error
     headers = {"Content-Length": str(length), "Content-Disposition": f'attachment; filename="{job.id}.tar"'}
-    return StreamingResponse(chunks, media_type="application/x-tar", headers=headers)
+    return StreamingResponse(chunks, media_type=TAR_MEDIA_TYPE, headers=headers)

@@ -16,7 +16,7 @@ MAX_OFFSET = 2**31 - 1
 """Far beyond any real listing, and within what every store's integers hold."""
 
 
-@router.get("", response_model=JobPage, responses=problem_responses(401, 403, 422))
+@router.get("", response_model=JobPage, responses=problem_responses(401, 403, 422, 503))
 def list_jobs(
     services: ServicesDep,
     principal: Reader,
@@ -30,15 +30,17 @@ def list_jobs(
     return JobPage(items=[job_view(job) for job in jobs], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=problem_responses(401, 403, 404))
+@router.get("/{job_id}", response_model=JobOut, responses=problem_responses(401, 403, 404, 422, 503))
 def get_job(job: JobDep) -> JobOut:
     """Status, progress (updated while running), timings, metrics, error and artifacts of one job."""
     return job_view(job)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses={
-    202: {"description": "Running: its worker stops at the next tensor and removes the partial output."},
-    **problem_responses(401, 403, 404, 409)})
+    200: {"description": "Cancelled at once (it was queued), or cancelled already."},
+    202: {"model": JobOut, "description": "Running: its worker stops at the next tensor and removes the partial "
+          "output; the job shows `cancel_requested` until it has."},
+    **problem_responses(401, 403, 404, 409, 422, 503)})
 def cancel_job(job: JobDep, caller: Submitter, response: Response, services: ServicesDep) -> JobOut:
     """Cancel a queued job at once (200) or ask a running one to stop (202). Cancelling twice is harmless."""
     if job.status is JobStatus.cancelled:
@@ -54,7 +56,8 @@ def cancel_job(job: JobDep, caller: Submitter, response: Response, services: Ser
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response,
-               responses=problem_responses(401, 403, 404, 409, 507))
+               responses={204: {"description": "Deleted, with its artifacts."},
+                          **problem_responses(401, 403, 404, 409, 422, 503, 507)})
 def delete_job(job: JobDep, caller: Submitter, services: ServicesDep) -> Response:
     """Remove a finished job and its artifacts."""
     # This works on a full disk too: it is how space is freed.

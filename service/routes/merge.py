@@ -13,7 +13,7 @@ from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.store.base import QuotaExceeded
 from adapter_merge.service.deps import ServicesDep, Submitter, require_json
-from adapter_merge.service.schemas import JobOut, job_view, problem_responses
+from adapter_merge.service.schemas import JOB_LOCATION, JobOut, job_view, problem_responses
 
 router = APIRouter(tags=["merge"])
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ QUOTA_RETRY_SECONDS = 30
 
 
 @router.post("/merge", status_code=202, response_model=JobOut, dependencies=[Depends(require_json)],
-             responses=problem_responses(400, 401, 403, 415, 422, 429, 503, 507))
+             responses={202: JOB_LOCATION, **problem_responses(400, 401, 403, 415, 422, 429, 503, 507)})
 def submit_merge(body: MergeRequest, caller: Submitter, response: Response, services: ServicesDep) -> JobOut:
     """Queue a merge. References are resolved and the adapters checked against the base before anything is
     queued, so a request that cannot work fails now with a 4xx naming the field at fault."""
