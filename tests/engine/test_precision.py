@@ -27,7 +27,8 @@ MAX_ULP = 1
 DTYPE_KEYS = ("dtype", "torch_dtype")
 TIED_SOURCE = "model.embed_tokens.weight"  # what lm_head is before the merge in the untied Llama case
 
-MANIFEST_KEYS = ["engine", "created_at", "base", "adapters", "options", "tensors", "outputs", "timings", "notes"]
+MANIFEST_KEYS = ["engine", "created_at", "base", "adapters", "options", "tensors", "outputs", "copied", "skipped",
+                 "timings", "notes"]
 """The manifest's layout, in order."""
 
 CASE_DTYPES = [pytest.param(name, dtype, id=f"{name}-{dtype}")
@@ -176,6 +177,10 @@ def test_side_files_and_manifest(workspace: Workspace, case_name: str) -> None:
     assert set(listed) == {p.name for p in out.iterdir()} - {"merge_manifest.json"}
     for name, digest in listed.items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
+    copied = {entry["path"]: entry for entry in manifest["copied"]}
+    assert set(copied) == {p.name for p in base_dir.iterdir()} - {"config.json", "model.safetensors"}
+    assert all(entry["from"] == "base" and entry["sha256"] == listed[name] for name, entry in copied.items())
+    assert manifest["skipped"] == []
 
 
 def _files(entries: list[dict]) -> dict[str, str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, TypeVar
 
 from adapter_merge.worker.engine.errors import InputError, UnsupportedOptionError, brief
+from adapter_merge.worker.engine.folder_kind import ADAPTER_MARKER, require_model_folder
 from adapter_merge.worker.engine.input_files import InputFiles
 from adapter_merge.worker.engine.module_patterns import ModulePatterns
 from adapter_merge.worker.engine.safetensors_format import (
@@ -28,7 +29,6 @@ from adapter_merge.worker.engine.tensor_info import DTYPE_SIZES, PickledTensor, 
 
 T = TypeVar("T")
 
-CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 LEGACY_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
@@ -125,12 +125,11 @@ class Adapter:
 
 def load_adapter(root: Path, index: int, weight: float, files: InputFiles) -> Adapter:
     """Adapter `index` of the requested order: its config and its tensors' headers (no tensor data)."""
-    if not root.is_dir():
-        raise InputError(f"{root}: adapter folder not found", file=root, input=index)
+    require_model_folder(root, index)
     if not math.isfinite(weight) or abs(weight) > FP32_MAX:
         raise InputError(f"{root}: adapter weight {weight} is not a finite float32 number", option="weights",
                          input=index)
-    config = parse_config(root / CONFIG_FILE, index, files)
+    config = parse_config(root / ADAPTER_MARKER, index, files)
     if (root / SAFETENSORS_FILE).is_file():
         weights_file = root / SAFETENSORS_FILE
         tensors = read_header(weights_file, index, files).tensors

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from adapter_merge.worker.engine.errors import InputError, brief
+from adapter_merge.worker.engine.folder_kind import BASE_MARKER, require_model_folder
+from adapter_merge.worker.engine.folder_survey import FolderSurvey, survey_folder
 from adapter_merge.worker.engine.input_files import InputFiles
 from adapter_merge.worker.engine.safetensors_format import SafetensorsFile, read_header
 from adapter_merge.worker.engine.tensor_info import TensorInfo
@@ -25,9 +27,11 @@ class BaseModel:
     shards: tuple[SafetensorsFile, ...]
     """In shard-name order; the output keeps this layout unless re-sharding is asked for."""
     tensors: dict[str, TensorInfo]
+    survey: FolderSurvey
+    """What else the folder holds: the files copied into the output, and what is skipped and why."""
     files: tuple[Path, ...]
-    """Every file of the folder (not of its sub-folders), in name order: the merge reads, copies or hashes
-    them all, so each has been checked to be a regular file inside the allowed roots."""
+    """Every file the merge reads (config.json, the index, the shards, the files it copies), in path order:
+    each has been checked to be a regular file inside the allowed roots, and each is hashed for the manifest."""
 
     @property
     def model_type(self) -> str:
@@ -35,9 +39,8 @@ class BaseModel:
 
 
 def load_base_model(root: Path, files: InputFiles) -> BaseModel:
-    if not root.is_dir():
-        raise InputError(f"{root}: base model folder not found", file=root, input="base")
-    config = files.read_json(root / "config.json", "base model config.json", "base")
+    require_model_folder(root, "base")
+    config = files.read_json(root / BASE_MARKER, "base model config.json", "base")
     paths, weight_map = _shard_paths(root, files)
     shards = tuple(read_header(path, "base", files) for path in paths)
     tensors: dict[str, TensorInfo] = {}
@@ -53,10 +56,10 @@ def load_base_model(root: Path, files: InputFiles) -> BaseModel:
         if name not in tensors or tensors[name].file.name != shard_name:
             raise InputError(f"{root / INDEX_FILE}: tensor {brief(name)} is not in {shard_name}",
                              file=root / INDEX_FILE, tensor=name, input="base")
-    folder_files = tuple(sorted(path for path in root.iterdir() if path.is_file()))
-    for path in folder_files:
-        files.check(path, "base")
-    return BaseModel(root=root, config=config, shards=shards, tensors=tensors, files=folder_files)
+    read = [root / BASE_MARKER, *(shard.path for shard in shards)] + ([root / INDEX_FILE] if weight_map else [])
+    survey = survey_folder(root, frozenset(path.name for path in read), files)
+    return BaseModel(root=root, config=config, shards=shards, tensors=tensors, survey=survey,
+                     files=tuple(sorted([*read, *survey.copies])))
 
 
 def _shard_paths(root: Path, files: InputFiles) -> tuple[list[Path], dict[str, str] | None]:

@@ -51,9 +51,7 @@ class InputFiles:
         flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
         target = path
         if self.roots is not None:
-            target = Path(os.path.realpath(path))
-            if not self._inside(target):
-                raise refuse("leads outside the allowed folders")
+            target = self.check_inside(path, input)
             flags |= os.O_NOFOLLOW
         try:
             fd = os.open(target, flags)
@@ -69,6 +67,14 @@ class InputFiles:
         except BaseException:
             os.close(fd)
             raise
+
+    def check_inside(self, path: Path, input: InputRef) -> Path:
+        """`path`'s real path; with roots, an InputError naming `path` and `input` if it lies outside them
+        (for entries that are never opened, such as links to folders, as much as for files)."""
+        real = Path(os.path.realpath(path))
+        if not self._inside(real):
+            raise InputError(f"{path}: leads outside the allowed folders", file=path, input=input)
+        return real
 
     def check(self, path: Path, input: InputRef) -> None:
         """Refuse now, at planning, a file that will be opened later (copied or hashed while merging)."""

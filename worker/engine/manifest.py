@@ -54,10 +54,14 @@ def build_manifest(
     plan: MergePlan,
     inputs: dict[str, list[dict[str, Any]]],
     outputs: list[dict[str, Any]],
+    side_outputs: list[dict[str, Any]],
     tensor_changes: dict[str, float],
     timings: dict[str, float],
     notes: list[str],
 ) -> dict[str, Any]:
+    """The manifest; `side_outputs` are the output files besides the shards, of which the copies are listed
+    again under "copied" with the input they came from, beside what of the base was "skipped" and why."""
+    origins = {name: "base" if input == "base" else f"adapter {input}" for name, (_, input) in plan.side_files.items()}
     return {
         "engine": {"name": "adapter-merge", "version": engine_version()},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -78,6 +82,8 @@ def build_manifest(
             "relative_change": tensor_changes,
         },
         "outputs": outputs,
+        "copied": [{**entry, "from": origins[entry["path"]]} for entry in side_outputs if entry["path"] in origins],
+        "skipped": [{"path": skipped.path, "reason": skipped.reason} for skipped in plan.base.survey.skipped],
         "timings": timings,
         "notes": notes,
     }

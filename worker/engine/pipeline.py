@@ -20,9 +20,10 @@ import torch
 
 from adapter_merge.worker.engine.checksums import ChecksumCache, describe_files
 from adapter_merge.worker.engine.errors import MergeCancelled
+from adapter_merge.worker.engine.folder_survey import MANIFEST_FILE
 from adapter_merge.worker.engine.manifest import build_manifest, hash_inputs_in_background
 from adapter_merge.worker.engine.plan import MergePlan, plan_merge
-from adapter_merge.worker.engine.side_files import MANIFEST_FILE, write_json, write_side_files
+from adapter_merge.worker.engine.side_files import write_json, write_side_files
 from adapter_merge.worker.engine.spec import (
     AdapterSpec,
     MergeOptions,
@@ -64,13 +65,13 @@ def merge(
             phase = time.perf_counter()
             notes = list(plan.notes)
             with storage_errors(folder.path):
-                write_side_files(folder.path, plan.config, plan.shard_index(), plan.side_files, plan.files)
-                side = sorted(p for p in folder.path.iterdir() if p.is_file() and p.name not in plan.shards)
-                outputs = sorted([*shards, *describe_files(folder.path, side)], key=lambda entry: entry["path"])
+                side = write_side_files(folder.path, plan.config, plan.shard_index(), plan.side_files, plan.files)
+                side_outputs = describe_files(folder.path, [folder.path / name for name in side])
+                outputs = sorted([*shards, *side_outputs], key=lambda entry: entry["path"])
             input_checksums = inputs.result()
             timings["finalize"] = time.perf_counter() - phase
             timings["total"] = time.perf_counter() - started
-        manifest = build_manifest(plan, input_checksums, outputs, changes, timings, notes)
+        manifest = build_manifest(plan, input_checksums, outputs, side_outputs, changes, timings, notes)
         with storage_errors(folder.path / MANIFEST_FILE):
             write_json(folder.path / MANIFEST_FILE, manifest)
         folder.commit(durable=options.fsync)

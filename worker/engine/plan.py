@@ -58,7 +58,8 @@ class MergePlan:
     files: InputFiles
     """How every input file is opened (within `options.allowed_roots`)."""
     side_files: dict[str, tuple[Path, InputRef]]
-    """Output file name -> the input file copied there (tokenizer, generation config, ...) and its input."""
+    """Output path (relative) -> the input file copied there (tokenizer, generation config, pooling config,
+    ...) and its input."""
     notes: list[str] = field(default_factory=list)
 
     @property

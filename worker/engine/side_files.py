@@ -1,5 +1,7 @@
-"""Everything in the output folder besides the tensors: config.json, the shard index, and the base's small
-files (tokenizer, generation config, ...), with an adapter's tokenizer preferred when it resized the vocab.
+"""Everything in the output folder besides the tensors: config.json, the shard index, and the base's other
+files (tokenizer, generation config, sentence-transformers module folders, ...) at their relative paths, with
+an adapter's tokenizer preferred when it resized the vocab. What is copied and what is skipped is decided by
+`folder_survey`.
 
 Which files are copied is decided while planning, where each is checked (`InputFiles`); the copy then reads
 from a descriptor opened and checked again, never by path, so a file swapped in between cannot leak.
@@ -15,14 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from adapter_merge.worker.engine.base_model import INDEX_FILE, BaseModel
 from adapter_merge.worker.engine.errors import InputRef
+from adapter_merge.worker.engine.folder_kind import BASE_MARKER
 from adapter_merge.worker.engine.input_files import InputFiles, unreadable
 
 if TYPE_CHECKING:
     from adapter_merge.worker.engine.adapter import Adapter
 
-MANIFEST_FILE = "merge_manifest.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")
-NOT_COPIED = frozenset({"config.json", INDEX_FILE, MANIFEST_FILE})
 TOKENIZER_FILES = frozenset({
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
@@ -36,11 +36,11 @@ def write_json(path: Path, value: Any) -> None:
 
 def choose_side_files(base: BaseModel, adapters: Sequence[Adapter], config: dict[str, Any],
                       files: InputFiles) -> tuple[dict[str, tuple[Path, InputRef]], list[str]]:
-    """Output name -> (input file, its input) of every copied file, each checked; and notes on the choice."""
+    """Output path (relative) -> (input file, its input) of every copied file, each checked; and notes on the
+    choice."""
     chosen: dict[str, tuple[Path, InputRef]] = {
-        source.name: (source, "base") for source in base.files
-        if source.name not in NOT_COPIED and not source.name.endswith(WEIGHT_SUFFIXES)
-    }  # base.files are checked already
+        str(source.relative_to(base.root)): (source, "base") for source in base.survey.copies
+    }  # checked by the survey already
     notes = []
     if "vocab_size" in config and config["vocab_size"] != base.config.get("vocab_size"):
         for adapter in adapters:
@@ -54,14 +54,17 @@ def choose_side_files(base: BaseModel, adapters: Sequence[Adapter], config: dict
 
 
 def write_side_files(folder: Path, config: dict[str, Any], index: dict[str, Any] | None,
-                     copies: dict[str, tuple[Path, InputRef]], files: InputFiles) -> None:
-    """Write config, the shard index (if any) and the copies chosen by `choose_side_files` (OS errors while
-    writing are the caller's to turn into StorageError)."""
-    write_json(folder / "config.json", config)
+                     copies: dict[str, tuple[Path, InputRef]], files: InputFiles) -> list[str]:
+    """Write config, the shard index (if any) and the copies chosen by `choose_side_files`; returns the
+    relative paths written (OS errors while writing are the caller's to turn into StorageError)."""
+    written = [BASE_MARKER, *([INDEX_FILE] if index is not None else []), *sorted(copies)]
+    write_json(folder / BASE_MARKER, config)
     if index is not None:
         write_json(folder / INDEX_FILE, index)
     for name, (source, input) in sorted(copies.items()):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         _copy(files, source, input, folder / name)
+    return written
 
 
 def _copy(files: InputFiles, source: Path, input: InputRef, target: Path) -> None:

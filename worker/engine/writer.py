@@ -70,13 +70,14 @@ class OutputFolder:
     def commit(self, durable: bool) -> None:
         """Move the finished folder into place; an overwritten folder is swapped out first, then deleted.
 
-        `durable` flushes every file not yet flushed (the shard writer flushes its own), the folder, and
-        after the rename its parent, so a power loss cannot leave a complete-looking folder with empty files.
+        `durable` flushes every file and sub-folder (the shard writer flushes its own shards again, cheaply),
+        the folder, and after the rename its parent, so a power loss cannot leave a complete-looking folder with
+        empty files.
         """
         if durable:
             with storage_errors(self.path):
-                files = list(self.path.iterdir())
-            for path in files:
+                entries = sorted(self.path.rglob("*"), reverse=True)  # a folder's entries before the folder
+            for path in entries:
                 _fsync_path(path)
             _fsync_path(self.path)
         previous = None
