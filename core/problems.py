@@ -49,6 +49,8 @@ class Problems:
     REGISTRY_UNAVAILABLE = ProblemType("registry-unavailable", 503, "Registry unavailable")
     DOWNLOAD_CORRUPT = ProblemType("download-corrupt", 502, "Downloaded file does not match its registry")
     DOWNLOAD_FAILED = ProblemType("download-failed", 502, "Download failed")
+    PUBLISH_FAILED = ProblemType("publish-failed", 502, "Publishing failed")
+    PUBLISH_CONFLICT = ProblemType("publish-conflict", 409, "Publish target holds another model")
     REFERENCE_WRONG_KIND = ProblemType("reference-wrong-kind", 422, "Unusable reference")
     INPUTS_DO_NOT_FIT = ProblemType("inputs-do-not-fit", 422, "Inputs cannot be merged")
     UNSUPPORTED_ADAPTER = ProblemType("unsupported-adapter", 422, "Inputs cannot be merged")

@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     download_timeout_seconds: float = Field(30.0, gt=0, description="Connect and read timeout of every registry "
                                             "request; a transfer that stalls this long fails (after retries).")
     download_retries: int = Field(3, ge=0, description="Retries, with backoff, of a failed registry request.")
+    publish_part_bytes: int = Field(32 << 20, ge=5 << 20, description="Part size of S3 multipart uploads when "
+                                    "publishing (S3's minimum is 5 MiB); larger files go multipart.")
+    publish_threads: int = Field(4, ge=1, description="Parts uploaded at once per S3 file being published.")
+    publish_bytes_per_second: int | None = Field(None, gt=0, description="Upper bound of a job's publishing "
+                                                 "rate (a shared uplink); unset: as fast as the registry takes it.")
+    publish_ready_seconds: float = Field(300.0, gt=0, description="How long a new MLflow model version may take "
+                                         "to become READY before publishing fails.")
+    publish_mlflow_experiment: str = Field("adapter-merge", min_length=1, description="MLflow experiment that "
+                                           "holds the runs of published models (created if missing).")
     tls_certfile: Path | None = Field(None, description="PEM certificate: `adapter-merge serve` speaks HTTPS.")
     tls_keyfile: Path | None = Field(None, description="PEM private key of the TLS certificate.")
     max_request_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body; larger ones get 413 "

@@ -12,14 +12,13 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from adapter_merge.core.problems import Problems
-from adapter_merge.core.publish.base import PublishTarget
+from adapter_merge.core.publish.base import TO_FIELD, PublishTarget
 from adapter_merge.core.refs import BadReference
 from adapter_merge.core.request import PublishSpec
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.sources.registry import LOCAL_SCHEME, Sources, scheme_form, scheme_of
 
 ENTRY_POINT_GROUP = "adapter_merge.publish"
-FIELD = "publish.to"
 
 TargetFactory = Callable[[Settings], PublishTarget]
 
@@ -67,7 +66,7 @@ class PublishTargets:
         scheme = scheme_of(spec.to)
         if scheme == LOCAL_SCHEME or scheme not in self.factories:
             known = ", ".join(sorted(scheme_form(name) for name in self.factories))
-            raise BadReference(FIELD, spec.to, Problems.REFERENCE_INVALID, f"is not a publish target (known: "
+            raise BadReference(TO_FIELD, spec.to, Problems.REFERENCE_INVALID, f"is not a publish target (known: "
                                f"{known})")
-        self.sources.check_allowed(spec.to, FIELD, tenant, "publish to")
-        self.target(spec).check(spec, FIELD)
+        self.sources.check_allowed(spec.to, TO_FIELD, tenant, "publish to")
+        self.target(spec).check(spec, TO_FIELD)

@@ -54,7 +54,7 @@ MAX_RETRIES = 10
 CHUNK_BYTES = 1 << 20
 
 
-class _Failed(Exception):
+class MlflowFailed(Exception):
     """A request that got no usable answer: `status` None when none came at all."""
 
     def __init__(self, status: int | None, code: str = "", reason: str = "") -> None:
@@ -68,8 +68,8 @@ class MlflowSource(StreamedSource):
     STREAM_ERRORS = (requests.RequestException,)
 
     def __init__(self, settings: Settings) -> None:
-        self.tracking_uri = get_tracking_uri()
-        self.timeout = settings.download_timeout_seconds
+        self.rest = MlflowRest(settings)
+        self.tracking_uri = self.rest.tracking_uri
         self.retries = settings.download_retries
 
     # -- pin ----------------------------------------------------------------------------------------------------
@@ -84,16 +84,16 @@ class MlflowSource(StreamedSource):
             raise RegistryUnavailable(field, ref, "MLFLOW_TRACKING_URI names no tracking server (http or https)")
         try:
             if alias:
-                found = self._json(f"{API}/registered-models/alias", {"name": name, "alias": alias})
+                found = self.rest.json(f"{API}/registered-models/alias", {"name": name, "alias": alias})
             else:
-                found = self._json(f"{API}/model-versions/get", {"name": name, "version": number})
+                found = self.rest.json(f"{API}/model-versions/get", {"name": name, "version": number})
             version = found["model_version"]
             if version.get("status", "READY") != "READY":
                 raise BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, f"is version {version['version']}, "
                                    f"which is not ready (status {version['status']})")
             folder = self._artifact_folder(name, version, field, ref)
             files = self._files(folder, field, ref)
-        except _Failed as error:
+        except MlflowFailed as error:
             raise _pin_problem(error, field, ref, alias) from None
         if not files:
             raise BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, f"is version {version['version']}, "
@@ -106,26 +106,23 @@ class MlflowSource(StreamedSource):
     def _artifact_folder(self, name: str, version: dict[str, Any], field: str, ref: str) -> str:
         """The version's artifacts as a path under the artifact proxy; MLflow resolves a logged model's source, a
         run's is resolved here (`runs:/RUN/PATH` -> the run's artifact root + PATH)."""
-        uri = self._json(f"{API}/model-versions/get-download-uri",
-                         {"name": name, "version": version["version"]})["artifact_uri"]
+        uri = self.rest.json(f"{API}/model-versions/get-download-uri",
+                             {"name": name, "version": version["version"]})["artifact_uri"]
         if uri.startswith("runs:/"):
             run_id, _, path = uri.removeprefix("runs:/").partition("/")
-            root = self._json(f"{API}/runs/get", {"run_id": run_id})["run"]["info"]["artifact_uri"]
+            root = self.rest.json(f"{API}/runs/get", {"run_id": run_id})["run"]["info"]["artifact_uri"]
             uri = posixpath.join(root, path) if path else root
         return self._proxied_path(uri, field, ref)
 
     def _proxied_path(self, uri: str, field: str, ref: str) -> str:
         """`mlflow-artifacts:/1/RUN/artifacts/model` -> `1/RUN/artifacts/model`; artifacts stored elsewhere
         (s3://, a path) are out of reach of a client that talks only to the tracking server."""
-        parts = urlsplit(uri)
-        if parts.scheme == PROXIED and not parts.netloc:
-            return parts.path.strip("/")
-        tracking = urlsplit(self.tracking_uri)
-        if (parts.scheme, parts.netloc) == (tracking.scheme, tracking.netloc) and ARTIFACTS in parts.path:
-            return parts.path.split(ARTIFACTS, 1)[1].strip("/")
-        raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"cannot be fetched: its artifacts are at a "
-                           f"{parts.scheme or 'local'} location, not behind the tracking server's artifact proxy "
-                           "(mlflow server --serve-artifacts)")
+        path = proxied_path(uri, self.tracking_uri)
+        if path is None:
+            raise BadReference(field, ref, Problems.REFERENCE_INVALID, f"cannot be fetched: its artifacts are at a "
+                               f"{urlsplit(uri).scheme or 'local'} location, not behind the tracking server's "
+                               "artifact proxy (mlflow server --serve-artifacts)")
+        return path
 
     def _files(self, folder: str, field: str, ref: str) -> list[PinnedFile]:
         """The artifacts under `folder`, or under its one sub-folder that holds a model or an adapter."""
@@ -143,7 +140,7 @@ class MlflowSource(StreamedSource):
     def _listing(self, folder: str, below: str, field: str, ref: str, depth: int = 1) -> list[tuple[str, int]]:
         """(path relative to `folder`, size) of every artifact under `folder/below`, as deep as a local folder may
         nest."""
-        answer = self._json(ARTIFACTS, {"path": posixpath.join(folder, below) if below else folder})
+        answer = self.rest.json(ARTIFACTS, {"path": posixpath.join(folder, below) if below else folder})
         found: list[tuple[str, int]] = []
         for entry in answer.get("files", []):
             path = posixpath.join(below, entry["path"]) if below else entry["path"]
@@ -167,42 +164,77 @@ class MlflowSource(StreamedSource):
         in front of another store may) sends the whole file, whose head is skipped and whose tail is never
         read."""
         try:
-            response = self._request(f"{ARTIFACTS}/{quote(file.location or file.path)}",
-                                     headers=range_header(first, last), stream=True)
-        except _Failed as error:
+            response = self.rest.request(f"{ARTIFACTS}/{quote(file.location or file.path)}",
+                                         headers=range_header(first, last), stream=True)
+        except MlflowFailed as error:
             why = "it is gone since it was pinned" if error.status == 404 else str(error)
-            raise fetch_failed(pinned, file, why, unreachable=reading and _transient(error)) from None
+            raise fetch_failed(pinned, file, why, unreachable=reading and transient(error)) from None
         with response:
             yield skip_bytes(response.iter_content(CHUNK_BYTES), first if response.status_code == 200 else 0)
 
     def describe(self, error: Exception) -> str:
-        return "no answer in time" if _timed_out(error) else "connection failed"
+        return describe(error)
 
-    # -- requests -----------------------------------------------------------------------------------------------
 
-    def _request(self, endpoint: str, *, params: dict[str, str] | None = None,
-                 headers: dict[str, str] | None = None, stream: bool = False) -> requests.Response:
-        """One GET, with MLflow's retries (5xx, 429, timeouts, refused connections) and the service's timeout;
-        `_Failed` for a refusal or no answer."""
+class MlflowRest:
+    """Requests to a tracking server through mlflow-skinny's transport, with the service's timeout and retries;
+    shared by the source and the publish target."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.tracking_uri = get_tracking_uri()
+        self.timeout = settings.download_timeout_seconds
+        self.retries = settings.download_retries
+
+    def request(self, endpoint: str, *, method: str = "GET", params: dict[str, str] | None = None,
+                json: dict[str, Any] | None = None, data: Any = None, headers: dict[str, str] | None = None,
+                stream: bool = False) -> requests.Response:
+        """One request, with MLflow's retries (5xx, 429, timeouts, refused connections; a file body is rewound)
+        and the service's timeout; `MlflowFailed` for a refusal or no answer. An exception raised by the caller's
+        own code while the body is read (a cancelled upload) comes out as itself, not as a transport failure."""
         try:
-            response = http_request(self._creds(), endpoint, "GET", params=params, extra_headers=headers,
-                                    stream=stream, timeout=self.timeout, raise_on_status=False,
-                                    max_retries=min(self.retries, MAX_RETRIES),
+            response = http_request(self._creds(), endpoint, method, params=params, json=json, data=data,
+                                    extra_headers=headers, stream=stream, timeout=self.timeout,
+                                    raise_on_status=False, max_retries=min(self.retries, MAX_RETRIES),
                                     backoff_factor=backoff_seconds(0), backoff_jitter=0.0)
         except (MlflowException, requests.RequestException) as error:  # MLflow wraps transport failures
-            raise _Failed(None, reason=self.describe(error)) from None
+            cause = error.__cause__ or error.__context__
+            if isinstance(error, MlflowException) and cause is not None and not _transport(cause):
+                raise cause from None
+            raise MlflowFailed(None, reason=describe(error)) from None
         if response.status_code >= 400:
             with response:
-                raise _Failed(response.status_code, _error_code(response))
+                raise MlflowFailed(response.status_code, _error_code(response))
         return response
 
-    def _json(self, endpoint: str, params: dict[str, str]) -> dict[str, Any]:
-        with self._request(endpoint, params=params) as response:
+    def json(self, endpoint: str, params: dict[str, str] | None = None, *, method: str = "GET",
+             body: dict[str, Any] | None = None) -> dict[str, Any]:
+        with self.request(endpoint, method=method, params=params, json=body) as response:
             return dict(response.json())
 
     def _creds(self) -> MlflowHostCreds:
         """Read on every request, as the client does (a token file or variable may change)."""
         return get_default_host_creds(self.tracking_uri)
+
+
+def proxied_path(uri: str, tracking_uri: str) -> str | None:
+    """An artifact URI as a path under the tracking server's artifact proxy (`ARTIFACTS`), None for one stored
+    elsewhere."""
+    parts = urlsplit(uri)
+    if parts.scheme == PROXIED and not parts.netloc:
+        return parts.path.strip("/")
+    tracking = urlsplit(tracking_uri)
+    if (parts.scheme, parts.netloc) == (tracking.scheme, tracking.netloc) and ARTIFACTS in parts.path:
+        return parts.path.split(ARTIFACTS, 1)[1].strip("/")
+    return None
+
+
+def describe(error: Exception) -> str:
+    return "no answer in time" if _timed_out(error) else "connection failed"
+
+
+def _transport(error: BaseException) -> bool:
+    """A failure of the connection itself, as opposed to an exception raised by the code that feeds the body."""
+    return isinstance(error, requests.RequestException | OSError | MlflowException)
 
 
 def _error_code(response: requests.Response) -> str:
@@ -222,12 +254,12 @@ def _timed_out(error: BaseException) -> bool:
     return False
 
 
-def _transient(error: _Failed) -> bool:
+def transient(error: MlflowFailed) -> bool:
     return error.status is None or error.status in TRANSIENT_STATUSES
 
 
-def _pin_problem(error: _Failed, field: str, ref: str, alias: str | None) -> Problem:
-    if _transient(error):
+def _pin_problem(error: MlflowFailed, field: str, ref: str, alias: str | None) -> Problem:
+    if transient(error):
         return RegistryUnavailable(field, ref, str(error))
     if error.status in (401, 403):
         return BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, f"cannot be read: the registry refused the "

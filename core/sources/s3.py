@@ -52,17 +52,13 @@ class S3Source(StreamedSource):
     STREAM_ERRORS = (BotoCoreError,)
 
     def __init__(self, settings: Settings) -> None:
-        timeout = settings.download_timeout_seconds
-        config = Config(connect_timeout=timeout, read_timeout=timeout,
-                        retries={"max_attempts": settings.download_retries + 1, "mode": "standard"},
-                        max_pool_connections=max(10, HEAD_THREADS))
-        self.client = boto3.session.Session().client("s3", config=config)
+        self.client = s3_client(settings, HEAD_THREADS)
         self.retries = settings.download_retries
 
     # -- pin ----------------------------------------------------------------------------------------------------
 
     def pin(self, ref: str, field: str) -> PinnedInput:
-        bucket, prefix = _parse(ref, field)
+        bucket, prefix = parse(ref, field)
         try:
             keys = self._keys(bucket, prefix, field, ref)
             with ThreadPoolExecutor(HEAD_THREADS) as pool:
@@ -111,10 +107,21 @@ class S3Source(StreamedSource):
             body.close()
 
     def describe(self, error: Exception) -> str:
-        return _reason(error)
+        return reason(error)
 
 
-def _parse(ref: str, field: str) -> tuple[str, str]:
+def s3_client(settings: Settings, threads: int) -> Any:
+    """A boto3 S3 client with the service's timeouts and retries (botocore's standard mode), from the ecosystem's own
+    configuration, with a connection per thread that uses it (`threads`). Built per source or target: a client is
+    thread-safe, and costs a few hundred ms to build."""
+    timeout = settings.download_timeout_seconds
+    config = Config(connect_timeout=timeout, read_timeout=timeout,
+                    retries={"max_attempts": settings.download_retries + 1, "mode": "standard"},
+                    max_pool_connections=max(10, threads))
+    return boto3.session.Session().client("s3", config=config)
+
+
+def parse(ref: str, field: str) -> tuple[str, str]:
     """(bucket, prefix without its trailing slash) of an `s3://` reference."""
     bucket, _, prefix = ref.removeprefix(PREFIX).partition("/")
     prefix = prefix.rstrip("/")
@@ -155,24 +162,24 @@ def _full_object_sha256(head: dict[str, Any], etag: str) -> str | None:
     return digest.hex() if len(digest) == 32 else None
 
 
-def _code(error: ClientError) -> tuple[str, int]:
+def error_code(error: ClientError) -> tuple[str, int]:
     """The S3 error code and HTTP status of a refusal."""
     return (str(error.response.get("Error", {}).get("Code", "")),
             int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)))
 
 
-def _transient(error: Exception) -> bool:
+def transient(error: Exception) -> bool:
     """A failure that retries might have mended (and botocore did retry): no answer, or a busy or failing S3."""
     if isinstance(error, ClientError):
-        code, status = _code(error)
+        code, status = error_code(error)
         return code in TRANSIENT_CODES or status >= 500 or status == 429
     return isinstance(error, BotoCoreError) and not isinstance(error, NoCredentialsError | PartialCredentialsError)
 
 
-def _reason(error: Exception) -> str:
+def reason(error: Exception) -> str:
     """Why a request failed, naming no endpoint or credential."""
     if isinstance(error, ClientError):
-        code, status = _code(error)
+        code, status = error_code(error)
         return f"{code or 'HTTP'} {status}"
     return type(error).__name__
 
@@ -181,21 +188,21 @@ def _pin_problem(error: Exception, field: str, ref: str) -> Problem:
     if isinstance(error, NoCredentialsError | PartialCredentialsError):
         return BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, "cannot be read: the service has no AWS "
                             "credentials")
-    if _transient(error):
-        return RegistryUnavailable(field, ref, _reason(error))
+    if transient(error):
+        return RegistryUnavailable(field, ref, reason(error))
     if isinstance(error, ClientError):
-        code, status = _code(error)
+        code, status = error_code(error)
         if code == "NoSuchBucket":
             return BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, "names a bucket that does not exist")
         if code in FORBIDDEN_CODES or status in (401, 403):
             return BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, f"cannot be read: S3 refused the "
-                                f"service's credentials ({_reason(error)})")
+                                f"service's credentials ({reason(error)})")
         if status == 404:
             return RegistryUnavailable(field, ref, "its objects changed while they were listed")
-    return BadReference(field, ref, Problems.REFERENCE_INVALID, f"was refused by S3 ({_reason(error)})")
+    return BadReference(field, ref, Problems.REFERENCE_INVALID, f"was refused by S3 ({reason(error)})")
 
 
 def _fetch_failed(error: Exception, pinned: PinnedInput, file: PinnedFile, reading: bool) -> Problem:
-    status = _code(error)[1] if isinstance(error, ClientError) else 0
+    status = error_code(error)[1] if isinstance(error, ClientError) else 0
     why = {412: "it changed since it was pinned", 404: "it is gone since it was pinned"}.get(status)
-    return fetch_failed(pinned, file, why or _reason(error), unreachable=reading and _transient(error))
+    return fetch_failed(pinned, file, why or reason(error), unreachable=reading and transient(error))
