@@ -2,6 +2,7 @@
 including those inside functions): a test fails on an import against the direction, and on any cycle.
 
     cli      -> anything                     (the one command line, on top)
+    client   -> nothing of ours              (the Python client: httpx and the standard library only)
     service  -> core                         (the API; never the worker, never torch or Celery workers)
     worker   -> core, engine                 (runner, Celery app, embedded worker)
     core     -> engine                       (job domain; knows neither HTTP nor Celery)
@@ -18,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "adapter_merge"
-FOLDERS = {"core": "core", "service": "service", "worker": "worker", "cli": "cli"}
+FOLDERS = {"core": "core", "service": "service", "worker": "worker", "cli": "cli", "client": "client"}
 """Top-level folder -> its name under `adapter_merge`."""
 
 ALLOWED_LAYERS = {
@@ -26,7 +27,8 @@ ALLOWED_LAYERS = {
     "core": {"engine"},
     "service": {"core"},
     "worker": {"core", "engine"},
-    "cli": {"core", "engine", "service", "worker"},
+    "cli": {"core", "engine", "service", "worker", "client"},
+    "client": set(),
 }
 FORBIDDEN_LIBRARIES = {
     "engine": {"fastapi", "starlette", "uvicorn", "celery", "kombu", "redis", "pydantic", "httpx"},
@@ -34,6 +36,8 @@ FORBIDDEN_LIBRARIES = {
     "service": {"torch", "safetensors"},
     "worker": {"fastapi", "starlette", "uvicorn"},
     "cli": set(),
+    # Integrators install it beside their own code: no server frameworks, no torch, not even pydantic.
+    "client": {"fastapi", "starlette", "uvicorn", "celery", "kombu", "redis", "torch", "safetensors", "pydantic"},
 }
 
 
