@@ -9,6 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from adapter_merge.cli.remote import REMOTE_COMMANDS, add_remote_parsers, run_remote
+
 
 def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     merge = subparsers.add_parser("merge", help="merge adapters into a base model folder")
@@ -43,11 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_parser(subparsers)
     _add_serve_parser(subparsers)
     _add_worker_parser(subparsers)
+    add_remote_parsers(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in REMOTE_COMMANDS:
+        return run_remote(args)
     if args.command == "merge":
         from adapter_merge.cli.merge import run_merge
 

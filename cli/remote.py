@@ -1,0 +1,179 @@
+"""`adapter-merge submit / status / jobs / cancel / download`: a merge service from the shell, through
+`adapter_merge.client`.
+
+Errors print the problem's detail on one line and exit 1 (2 for a usage error); `--json` prints only JSON on
+stdout. `--wait` shows tqdm's bar with an ETA on stderr: tqdm has no dependencies of its own and already comes
+with huggingface_hub, where rich would add two packages for one bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from adapter_merge.client import (
+    ApiError,
+    ChecksumMismatch,
+    Client,
+    Job,
+    JobNotSucceeded,
+    WaitTimeout,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+REMOTE_COMMANDS = ("submit", "status", "jobs", "cancel", "download")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def add_remote_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """The client commands, each with --url/MERGE_URL, --token/MERGE_TOKEN and --json."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("MERGE_URL", DEFAULT_URL),
+                        help=f"the service (default $MERGE_URL, else {DEFAULT_URL})")
+    common.add_argument("--token", default=os.environ.get("MERGE_TOKEN"),
+                        help="API key or JWT (default $MERGE_TOKEN; none when the service runs without auth)")
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+
+    submit = subparsers.add_parser("submit", parents=[common], help="submit a merge to a service")
+    submit.add_argument("base", help="base model reference (a path inside the service's model roots, hf://, s3://, "
+                        "models:/)")
+    submit.add_argument("adapters", nargs="+", metavar="adapter", help="adapter references, applied in order")
+    submit.add_argument("--weights", type=_weights, help="comma-separated multiplier per adapter, default 1.0 each")
+    submit.add_argument("--dtype", help="auto (keep the base's, default), bfloat16, float16 or float32")
+    submit.add_argument("--max-shard-size", help="re-shard the output, e.g. 5GB; default keeps the base layout")
+    submit.add_argument("--publish", metavar="URI", help="also publish the result (models:/, s3://, hf://)")
+    submit.add_argument("--callback", metavar="URL", help="URL to notify when the job ends (a signed POST)")
+    submit.add_argument("--no-reuse", action="store_true", help="merge again even if an identical result exists")
+    submit.add_argument("--wait", action="store_true", help="wait until it has succeeded, with a progress bar")
+    submit.add_argument("--download", metavar="DIR", type=Path, help="then download the result into DIR (waits)")
+
+    status = subparsers.add_parser("status", parents=[common], help="show a job of a service")
+    status.add_argument("job_id", metavar="ID")
+    jobs = subparsers.add_parser("jobs", parents=[common], help="list the jobs of a service, newest first")
+    jobs.add_argument("--status", action="append", choices=STATUSES, help="only these (repeatable)")
+    jobs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    cancel = subparsers.add_parser("cancel", parents=[common], help="cancel a job of a service")
+    cancel.add_argument("job_id", metavar="ID")
+    download = subparsers.add_parser("download", parents=[common], help="download a succeeded job's files")
+    download.add_argument("job_id", metavar="ID")
+    download.add_argument("dest", metavar="DIR", type=Path)
+
+
+class ProgressBar:
+    """One tqdm bar per phase of the job (downloading inputs, merging, publishing), over its bytes."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.phase: str | None = None
+
+    def __call__(self, job: Job) -> None:
+        progress = job.progress
+        if progress.phase == "queued" or not progress.bytes_total:
+            return
+        if progress.phase != self.phase or self.bar is None:
+            self.close()
+            self.phase = progress.phase
+            self.bar = tqdm(total=progress.bytes_total, desc=progress.phase, unit="B", unit_scale=True,
+                            unit_divisor=1024, file=sys.stderr, dynamic_ncols=True)
+        self.bar.total = progress.bytes_total
+        self.bar.update(progress.bytes_done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _summary(job: Job) -> str:
+    total = job.data.get("timings", {}).get("total")
+    took = f" in {total:.1f} s" if total is not None else ""
+    size = sum(artifact.size for artifact in job.artifacts)
+    files = f": {len(job.artifacts)} files, {size / 1e6:.1f} MB" if job.artifacts else ""
+    return f"job {job.id} {job.status}{took}{files}"
+
+
+def _show(job: Job) -> str:
+    request, progress = job.data.get("request", {}), job.progress
+    lines = [f"job       {job.id}", f"status    {job.status} ({progress.phase}, {progress.fraction:.0%}, "
+             f"{progress.tensors_done}/{progress.tensors_total} tensors)",
+             f"base      {request.get('base_model')}",
+             f"adapters  {', '.join(item['ref'] for item in request.get('adapters', []))}",
+             f"created   {job.data.get('created_at')}"]
+    if job.error:
+        lines.append(f"error     {job.error.get('detail')}")
+    lines += [f"artifact  {artifact.path} ({artifact.size} bytes, sha256 {artifact.sha256})"
+              for artifact in job.artifacts]
+    return "\n".join(lines)
+
+
+def _submit(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    job = client.submit(args.base, args.adapters, weights=args.weights, output_dtype=args.dtype,
+                        max_shard_size=args.max_shard_size, publish=args.publish, callback_url=args.callback,
+                        reuse=not args.no_reuse)
+    if not (args.wait or args.download):
+        return job.data, f"submitted job {job.id} ({job.status})"
+    bar = ProgressBar() if not args.json else None
+    try:
+        job = client.wait(job, on_progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.download is None:
+        return job.data, _summary(job)
+    files = client.download(job, args.download)
+    return {**job.data, "files": [str(path) for path in files]}, f"{_summary(job)}\ndownloaded to {args.download}"
+
+
+def _run(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
+    """The command's JSON document and its text for people."""
+    if args.command == "submit":
+        return _submit(client, args)
+    if args.command == "status":
+        job = client.get(args.job_id)
+        return job.data, _show(job)
+    if args.command == "jobs":
+        listed = list(client.list(status=args.status, limit=args.limit))
+        rows = [f"{job.id}  {job.status:9}  {job.data.get('created_at', '')[:19]}  "
+                f"{job.data.get('request', {}).get('base_model')}" for job in listed]
+        return [job.data for job in listed], "\n".join(rows) or "no jobs"
+    if args.command == "cancel":
+        job = client.cancel(args.job_id)
+        said = "cancelled" if job.status == "cancelled" else f"{job.status}, asked to stop"
+        return job.data, f"job {job.id}: {said}"
+    files = client.download(args.job_id, args.dest)
+    return {"job": args.job_id, "files": [str(path) for path in files]}, \
+        f"downloaded {len(files)} files to {args.dest}"
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    if args.command == "submit" and args.weights is not None and len(args.weights) != len(args.adapters):
+        print(f"adapter-merge submit: error: --weights: {len(args.weights)} weights for {len(args.adapters)} "
+              "adapters", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with Client(args.url, token=args.token) as client:
+            document, text = _run(client, args)
+    except (ApiError, JobNotSucceeded, WaitTimeout, ChecksumMismatch) as error:
+        print(f"adapter-merge: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_FAILED
+    except httpx.TransportError as error:
+        print(f"adapter-merge: cannot reach {args.url}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(document) if args.json else text)
+    return EXIT_OK
+
