@@ -9,6 +9,7 @@ The data dir must be one filesystem (shared by all nodes in distributed mode) so
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -66,6 +67,34 @@ class DataLayout:
         _fsync_dir(target.parent)  # the rename itself must survive a crash once success is reported
         return target
 
+    def share(self, src_job: str, src_attempt: int, new_job: str, new_attempt: int = 0) -> Path:
+        """Give `new_job` the result of `src_job`'s run `src_attempt`, as `result_dir(new_job, new_attempt)`: every
+        file hard-linked (copied where links cannot be made, e.g. across filesystems) into a temporary folder,
+        then one rename, so readers see all of it or nothing. The files are immutable results, so the two jobs
+        share their bytes safely, and deleting either job leaves the other's links.
+
+        A reused job is created with attempt 0, its files at `result_dir(job, 0)`. One that must still publish
+        (queued with `reused_from` set) is claimed like any job, which raises its attempt: its run must not
+        merge, and links its result into its own attempt with `share(job, 0, job, job.attempt)` before it
+        finishes (artifacts are always served from the finishing attempt's folder). Raises FileNotFoundError
+        when the source's files are gone."""
+        source = self.result_dir(src_job, src_attempt)
+        target = self.result_dir(new_job, new_attempt)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        draft = target.with_name(f".sharing-{target.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            for folder, _, names in os.walk(source, onerror=_raise):
+                into = draft / os.path.relpath(folder, source)
+                into.mkdir(parents=True, exist_ok=True)
+                for name in names:
+                    _link_or_copy(Path(folder) / name, into / name)
+            os.replace(draft, target)
+        except BaseException:
+            shutil.rmtree(draft, ignore_errors=True)
+            raise
+        _fsync_dir(target.parent)
+        return target
+
     def remove_job(self, job_id: str) -> None:
         _remove_tree(self.job_artifacts(job_id))
         _remove_tree(self.work_dir(job_id))
@@ -92,6 +121,20 @@ class DataLayout:
             return True
         except OSError:
             return False
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link; a copy where the filesystem cannot link (another device, no link support, link limit)."""
+    try:
+        os.link(source, target)
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copy2(source, target)
 
 
 def _fsync_dir(path: Path) -> None:

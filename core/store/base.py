@@ -4,8 +4,12 @@ rule (claiming, leases, cancelling) is written once, here, as functions of a rec
 
 from __future__ import annotations
 
+import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from adapter_merge.core.jobs import FINISHED_STATUSES, JobRecord, JobStatus, Progress, utcnow
@@ -24,6 +28,21 @@ class QuotaExceeded(Exception):
     def __init__(self, tenant: str, active: int, limit: int) -> None:
         super().__init__(f"tenant {tenant!r} has {active} queued or running jobs, the limit is {limit}")
         self.tenant, self.active, self.limit = tenant, active, limit
+
+
+class LockBusy(Exception):
+    """A lock stayed held by someone else for as long as the caller could wait."""
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """What the store keeps of one tenant's Idempotency-Key: the request it was first sent with (`fingerprint`)
+    and, once that request was answered, the answer; until then `owner` is the request still processing it."""
+
+    fingerprint: str
+    owner: str
+    job_id: str | None = None
+    status_code: int | None = None
 
 
 class JobStore(ABC):
@@ -62,6 +81,26 @@ class JobStore(ABC):
         """Remove the record if its status is one of `only`."""
 
     @abstractmethod
+    def with_digest(self, tenant: str, digest: str, statuses: Collection[JobStatus]) -> list[JobRecord]:
+        """The tenant's jobs of one request digest in these statuses, newest first (an index, not a scan)."""
+
+    @abstractmethod
+    def claim_key(self, tenant: str, key: str, fingerprint: str, owner: str,
+                  hold_seconds: float) -> IdempotencyRecord | None:
+        """Atomically: None when the tenant's idempotency `key` was free (or its record expired), which it now is
+        `owner`'s for `hold_seconds`; else the live record, for the caller to replay or refuse."""
+
+    @abstractmethod
+    def settle_key(self, tenant: str, key: str, owner: str, job_id: str, status_code: int,
+                   ttl_seconds: float) -> None:
+        """Record the answer to `owner`'s request under `key`, kept `ttl_seconds`; a no-op once the key is no
+        longer `owner`'s (its hold ran out and another request took it)."""
+
+    @abstractmethod
+    def release_key(self, tenant: str, key: str, owner: str) -> None:
+        """Forget `key` while `owner` still processes it (its request failed: the key may be sent again)."""
+
+    @abstractmethod
     def acquire_lock(self, name: str, owner: str, seconds: float) -> bool:
         """Take the named lock for `seconds` of the store's clock, or renew it when `owner` holds it already;
         False while someone else holds it. A holder that dies loses it when the time runs out."""
@@ -80,6 +119,21 @@ class JobStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+    @contextmanager
+    def locked(self, name: str, seconds: float, wait: float, poll: float = 0.01) -> Iterator[None]:
+        """Hold the named lock around a block (for at most `seconds`, should the holder die), waiting up to `wait`
+        seconds for it; `LockBusy` after that."""
+        owner, deadline, pause = uuid.uuid4().hex, time.monotonic() + wait, poll
+        while not self.acquire_lock(name, owner, seconds):
+            if time.monotonic() >= deadline:
+                raise LockBusy(name)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        try:
+            yield
+        finally:
+            self.release_lock(name, owner)
 
     def all_jobs(self, statuses: Collection[JobStatus] | None = None, tenant: str | None = None,
                  oldest_first: bool = False) -> Iterator[JobRecord]:

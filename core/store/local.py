@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from adapter_merge.core.jobs import ACTIVE_STATUSES, DEFAULT_TENANT, FINISHED_STATUSES, JobRecord, JobStatus
 from adapter_merge.core.problems import Problem, Problems
-from adapter_merge.core.store.base import Change, Cursor, JobStore, QuotaExceeded
+from adapter_merge.core.store.base import Change, Cursor, IdempotencyRecord, JobStore, QuotaExceeded
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -51,9 +51,22 @@ CREATE TABLE IF NOT EXISTS locks (
     owner TEXT NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    job_id TEXT,
+    status_code INTEGER,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_expires ON idempotency_keys (expires_at);
 """
 _TENANT_COLUMN = f"ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'"
 _TENANT_INDEX = "CREATE INDEX IF NOT EXISTS jobs_tenant_status_created ON jobs (tenant, status, created_at)"
+_DIGEST_COLUMN = "ALTER TABLE jobs ADD COLUMN request_digest TEXT"
+_DIGEST_INDEX = "CREATE INDEX IF NOT EXISTS jobs_tenant_digest_created ON jobs (tenant, request_digest, created_at)"
 
 
 class SQLiteJobStore(JobStore):
@@ -66,7 +79,10 @@ class SQLiteJobStore(JobStore):
             columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             if "tenant" not in columns:  # a data dir from before tenants: its jobs belong to the default tenant
                 db.execute(_TENANT_COLUMN)
+            if "request_digest" not in columns:  # a data dir from before digests: its jobs are never reused
+                db.execute(_DIGEST_COLUMN)
             db.execute(_TENANT_INDEX)
+            db.execute(_DIGEST_INDEX)
         self._restore_reserve()
 
     @contextmanager
@@ -148,8 +164,9 @@ class SQLiteJobStore(JobStore):
                 active = db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
                 if active >= max_active:
                     raise QuotaExceeded(job.tenant, active, max_active)
-            db.execute("INSERT INTO jobs (id, status, created_at, tenant, doc) VALUES (?, ?, ?, ?, ?)",
-                       (job.id, job.status.value, job.created_at.timestamp(), job.tenant, job.to_json()))
+            db.execute("INSERT INTO jobs (id, status, created_at, tenant, request_digest, doc) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (job.id, job.status.value, job.created_at.timestamp(), job.tenant,
+                                                     job.request_digest, job.to_json()))
 
         self._write(insert)
 
@@ -210,6 +227,40 @@ class SQLiteJobStore(JobStore):
             return cursor.rowcount > 0
 
         return self._write(remove)
+
+    def with_digest(self, tenant: str, digest: str, statuses: Collection[JobStatus]) -> list[JobRecord]:
+        where, args = _where(statuses, tenant)
+        with self._connect() as db:
+            rows = db.execute(f"SELECT doc FROM jobs {where} AND request_digest = ? ORDER BY created_at DESC, id DESC",
+                              [*args, digest]).fetchall()
+        return [JobRecord.from_json(row[0]) for row in rows]
+
+    def claim_key(self, tenant: str, key: str, fingerprint: str, owner: str,
+                  hold_seconds: float) -> IdempotencyRecord | None:
+        def claim(db: sqlite3.Connection) -> IdempotencyRecord | None:
+            now = self.now()
+            db.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,))  # the sweep: expired keys go
+            row = db.execute("SELECT fingerprint, owner, job_id, status_code FROM idempotency_keys "
+                             "WHERE tenant = ? AND key = ?", (tenant, key)).fetchone()
+            if row is not None:
+                return IdempotencyRecord(*row)
+            db.execute("INSERT INTO idempotency_keys (tenant, key, fingerprint, owner, expires_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (tenant, key, fingerprint, owner, now + hold_seconds))
+            return None
+
+        return self._write(claim)
+
+    def settle_key(self, tenant: str, key: str, owner: str, job_id: str, status_code: int,
+                   ttl_seconds: float) -> None:
+        self._write(lambda db: db.execute(
+            "UPDATE idempotency_keys SET job_id = ?, status_code = ?, expires_at = ? "
+            "WHERE tenant = ? AND key = ? AND owner = ? AND job_id IS NULL",
+            (job_id, status_code, self.now() + ttl_seconds, tenant, key, owner)))
+
+    def release_key(self, tenant: str, key: str, owner: str) -> None:
+        self._write(lambda db: db.execute(
+            "DELETE FROM idempotency_keys WHERE tenant = ? AND key = ? AND owner = ? AND job_id IS NULL",
+            (tenant, key, owner)))
 
     def acquire_lock(self, name: str, owner: str, seconds: float) -> bool:
         def take(db: sqlite3.Connection) -> bool:

@@ -8,6 +8,9 @@ clock (TIME), so skew between worker hosts cannot make a live job look dead.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Collection
 from typing import TypeVar
 
@@ -16,7 +19,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from adapter_merge.core.jobs import ACTIVE_STATUSES, FINISHED_STATUSES, JobRecord, JobStatus
-from adapter_merge.core.store.base import Change, Cursor, JobStore, QuotaExceeded
+from adapter_merge.core.store.base import Change, Cursor, IdempotencyRecord, JobStore, QuotaExceeded
 
 _T = TypeVar("_T")
 _ACQUIRE = """
@@ -31,6 +34,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_CLAIM_KEY = """
+local record = redis.call('GET', KEYS[1])
+if record then return record end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+"""An idempotency key's live record, or nil once it is the caller's (expired records are gone: EXPIRE)."""
+_SETTLE_KEY = """
+local record = redis.call('GET', KEYS[1])
+if not record then return 0 end
+local fields = cjson.decode(record)
+if fields['owner'] ~= ARGV[1] or fields['job_id'] ~= cjson.null then return 0 end
+if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+"""Replace (or with an empty record, delete) a key's record still being processed by ARGV[1]."""
 
 class RedisJobStore(JobStore):
     def __init__(self, url: str, prefix: str) -> None:
@@ -52,6 +72,15 @@ class RedisJobStore(JobStore):
 
     def _all_key(self, tenant: str | None = None) -> str:
         return f"{self.prefix}:tenant:{tenant}:jobs" if tenant is not None else f"{self.prefix}:jobs"
+
+    def _digest_key(self, tenant: str, digest: str) -> str:
+        """The tenant's jobs of one request digest (a sorted set by creation time, kept by create and delete)."""
+        return f"{self.prefix}:tenant:{tenant}:digest:{digest}"
+
+    def _idempotency_key(self, tenant: str, key: str) -> str:
+        """Hashed: a client's key may hold any printable text, ':' included."""
+        name = hashlib.sha256(json.dumps([tenant, key]).encode()).hexdigest()
+        return f"{self.prefix}:idempotency:{name}"
 
     def _index(self, pipe: redis.client.Pipeline, job: JobRecord) -> None:
         """Queue the writes that list `job` under its status and tenant."""
@@ -81,6 +110,9 @@ class RedisJobStore(JobStore):
                     pipe.multi()
                     pipe.set(self._job_key(job.id), job.to_json())
                     self._index(pipe, job)
+                    if job.request_digest is not None:
+                        pipe.zadd(self._digest_key(job.tenant, job.request_digest),
+                                  {job.id: job.created_at.timestamp()})
                     pipe.execute()
                     return
                 except redis.WatchError:
@@ -187,15 +219,41 @@ class RedisJobStore(JobStore):
             pipe.multi()
             pipe.delete(self._job_key(job_id))
             self._unindex(pipe, job, job.status, everywhere=True)
+            if job.request_digest is not None:
+                pipe.zrem(self._digest_key(job.tenant, job.request_digest), job_id)
             return True
 
         return bool(self._transact(job_id, remove))
+
+    def with_digest(self, tenant: str, digest: str, statuses: Collection[JobStatus]) -> list[JobRecord]:
+        ids = self.redis.zrange(self._digest_key(tenant, digest), 0, -1, desc=True)
+        docs = self.redis.mget([self._job_key(job_id) for job_id in ids]) if ids else []
+        jobs = [JobRecord.from_json(doc) for doc in docs if doc]
+        return [job for job in jobs if job.status in statuses]
+
+    def claim_key(self, tenant: str, key: str, fingerprint: str, owner: str,
+                  hold_seconds: float) -> IdempotencyRecord | None:
+        record = json.dumps(dataclasses.asdict(IdempotencyRecord(fingerprint, owner)))
+        found = self.redis.eval(_CLAIM_KEY, 1, self._idempotency_key(tenant, key), record, _millis(hold_seconds))
+        return IdempotencyRecord(**json.loads(found)) if found else None
+
+    def settle_key(self, tenant: str, key: str, owner: str, job_id: str, status_code: int,
+                   ttl_seconds: float) -> None:
+        record = self.redis.get(self._idempotency_key(tenant, key))
+        if record is None:
+            return
+        settled = dataclasses.replace(IdempotencyRecord(**json.loads(record)), job_id=job_id, status_code=status_code)
+        self.redis.eval(_SETTLE_KEY, 1, self._idempotency_key(tenant, key), owner,
+                        json.dumps(dataclasses.asdict(settled)), _millis(ttl_seconds))
+
+    def release_key(self, tenant: str, key: str, owner: str) -> None:
+        self.redis.eval(_SETTLE_KEY, 1, self._idempotency_key(tenant, key), owner, "", 0)
 
     def _lock_key(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
 
     def acquire_lock(self, name: str, owner: str, seconds: float) -> bool:
-        taken = self.redis.eval(_ACQUIRE, 1, self._lock_key(name), owner, max(1, int(seconds * 1000)))
+        taken = self.redis.eval(_ACQUIRE, 1, self._lock_key(name), owner, _millis(seconds))
         return bool(taken)
 
     def release_lock(self, name: str, owner: str) -> None:
@@ -213,6 +271,11 @@ class RedisJobStore(JobStore):
 
 def _beyond(item: Cursor, after: Cursor, oldest_first: bool) -> bool:
     return item > after if oldest_first else item < after
+
+
+def _millis(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
 
 
 def _seconds(redis_time: tuple[int, int]) -> float:
