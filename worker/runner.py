@@ -3,8 +3,15 @@ worker alike.
 
 A run claims the job (queued -> running, next attempt, fresh lease), starts from an empty scratch folder,
 resolves the references again, lets the engine write into scratch, renames the finished folder into the
-artifacts area and records timings, metrics and artifacts. Every write to the job is fenced by the attempt
-number, so a worker that lost its lease (and whose job now runs elsewhere) cannot overwrite the rerun.
+artifacts area, publishes it to the request's target if it names one, and records timings, metrics, artifacts
+and where it was published. A job that shares an earlier identical job's result (`reused_from`) and still has to
+publish skips the merge and only publishes. Every write to the job is fenced by the attempt number, so a worker
+that lost its lease (and whose job now runs elsewhere) cannot overwrite the rerun.
+
+Publishing failed: the job fails with the target's problem and keeps its merged files on disk, recorded in its
+artifacts (they count against the tenant's quota, and retention deletes them), so that the merge is not lost to a
+registry's outage: a retry can share them instead of merging again (`core.reuse`). Cancelled, or stopped, while
+publishing: the result is removed with the rest of the run, and the target holds nothing a reader would trust.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from datetime import datetime
 from pathlib import Path
 
 from adapter_merge.core.context import JobContext
-from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus, Metrics, Timings, utcnow
+from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus, Metrics, Published, Timings, utcnow
 from adapter_merge.core.preflight import FolderOf, merge_problem, pin_request, resolve_request
 from adapter_merge.core.problems import DISK_FULL_ERRNOS, Problem, Problems, storage_detail
+from adapter_merge.core.publish.base import ByteCounter, lineage_of
 from adapter_merge.core.sources.base import PinnedInput
 from adapter_merge.core.sources.registry import LOCAL_SCHEME
 from adapter_merge.core.store import STORE_UNAVAILABLE
@@ -31,6 +39,8 @@ from adapter_merge.worker.engine import MergeCancelled, MergeError, MergeReport
 from adapter_merge.worker.watch import JobWatch
 
 log = logging.getLogger(__name__)
+POLL_SECONDS = 0.1
+"""How often a paced upload checks whether its run must stop."""
 
 
 def worker_identity() -> str:
@@ -58,15 +68,19 @@ class JobRunner:
         """Run a job this process has claimed; returns the final record (None if the run was superseded)."""
         log.info("job %s: attempt %d starts on %s", job.id, job.attempt, worker_identity())
         self.layout.clean_work(job.id)
+        for earlier in range(1, job.attempt):  # a run killed while publishing left its result, never served
+            _remove_quietly(self.layout.result_dir(job.id, earlier))
         with JobWatch(self.store, job, self.settings, self.shutdown) as watch:
             try:
                 try:
-                    return self._merge(job, watch)
+                    return self._publish_only(job, watch) if job.reused_from else self._merge(job, watch)
                 finally:  # before a failure is recorded: on a full disk, the store may need the space
                     self.layout.clean_attempt(job.id, job.attempt)
                     self.downloads.release(job.id)
             except MergeCancelled:
                 return self._stopped(job, watch)
+            except _PublishFailed as failed:
+                return self._fail(job, failed.error, watch, artifacts=failed.artifacts, notes=failed.notes)
             except Exception as error:
                 return self._fail(job, error, watch)
 
@@ -95,16 +109,19 @@ class JobRunner:
             raise merge_problem(error, resolved.names) from error
         if watch.lost or watch.cancel_requested:  # superseded or cancelled after the last tensor
             raise MergeCancelled("stopped before publishing")
-        publish_started = time.perf_counter()
-        self.layout.publish(job.id, job.attempt, report.output_dir)
-        publish_seconds = time.perf_counter() - publish_started
+        place_started = time.perf_counter()
+        result = self.layout.publish(job.id, job.attempt, report.output_dir)
+        place_seconds = time.perf_counter() - place_started
+        artifacts = [Artifact(**entry) for entry in report.files]
+        notes = [*job.notes, *report.notes]
+        published, publish_seconds = self._publish(job, inputs, result, artifacts, watch, notes)
         finished_at = utcnow()
         final = self._finish(
-            job, watch, JobStatus.succeeded, finished_at=finished_at,
-            artifacts=[Artifact(**entry) for entry in report.files],
+            job, watch, JobStatus.succeeded, finished_at=finished_at, artifacts=artifacts, published=published,
             progress=watch.latest or job.progress,
-            timings=_timings(job, finished_at, resolve_seconds, report, publish_seconds, download_seconds),
-            metrics=_metrics(report, fetched), notes=[*job.notes, *report.notes],
+            timings=_timings(job, finished_at, resolve_seconds, report, place_seconds, download_seconds,
+                             publish_seconds),
+            metrics=_metrics(report, fetched), notes=notes,
         )
         if final is None:
             log.warning("job %s: attempt %d finished after losing the job; its result is dropped",
@@ -113,6 +130,44 @@ class JobRunner:
         else:
             log.info("job %s: succeeded in %.2f s", job.id, final.timings.total)
         return final
+
+    def _publish_only(self, job: JobRecord, watch: JobWatch) -> JobRecord | None:
+        """A job sharing an earlier job's result (linked at attempt 0 when it was submitted) that still has to
+        publish it: the result is linked into this run's own attempt (artifacts are served from the finishing
+        attempt's folder) and published; nothing is merged."""
+        result = self.layout.share(job.id, 0, job.id, job.attempt)
+        published, publish_seconds = self._publish(job, job.inputs, result, job.artifacts, watch, list(job.notes))
+        finished_at = utcnow()
+        return self._finish(job, watch, JobStatus.succeeded, finished_at=finished_at, published=published,
+                            progress=watch.latest or job.progress,
+                            timings=Timings(queued=_seconds(job.created_at, job.started_at or finished_at),
+                                            publish=publish_seconds, total=_seconds(job.created_at, finished_at)))
+
+    def _publish(self, job: JobRecord, inputs: list[PinnedInput], result: Path, artifacts: list[Artifact],
+                 watch: JobWatch, notes: list[str]) -> tuple[Published | None, float | None]:
+        """Publish the result in place to the request's target, unless an earlier run (or an identical job) did
+        already; where it went and the seconds it took, or (None, None) when the request names no target.
+        `notes` gains what the job should say about it."""
+        spec = job.request.publish
+        if spec is None:
+            return None, None
+        started = time.perf_counter()
+        if job.request_digest is None:
+            notes.append("the job has no request digest: its publish is identified by the job id, so an identical "
+                         "request's publish is not recognised as the same")
+        lineage = lineage_of(job, inputs, artifacts)
+        sent = _paced(watch.publishing(sum(artifact.size for artifact in artifacts)),
+                      self.settings.publish_bytes_per_second, watch)
+        try:
+            target = self.context.publish_targets.target(spec)
+            published = target.find(spec, lineage) or target.publish(spec, result, lineage, sent)
+        except MergeCancelled:
+            _remove_quietly(result)
+            raise
+        except Exception as error:
+            raise _PublishFailed(error, artifacts, notes) from error
+        log.info("job %s: published to %s (version %s)", job.id, spec.to, published.version)
+        return published, time.perf_counter() - started
 
     def _folder_finder(self, job: JobRecord, inputs: list[PinnedInput], watch: JobWatch,
                        fetched: list[Fetched]) -> FolderOf:
@@ -143,14 +198,14 @@ class JobRunner:
         log.info("job %s: worker shutting down; back to the queue", job.id)
         return self._finish(job, watch, JobStatus.queued, worker=None)
 
-    def _fail(self, job: JobRecord, error: Exception, watch: JobWatch) -> JobRecord | None:
+    def _fail(self, job: JobRecord, error: Exception, watch: JobWatch, **fields: object) -> JobRecord | None:
         problem = _problem_of(error)
         if problem.status >= 500:
             log.exception("job %s: failed", job.id, exc_info=error)
         else:
             log.info("job %s: failed: %s", job.id, problem.detail)
         return self._finish(job, watch, JobStatus.failed, error=problem.to_dict(),
-                            progress=watch.latest or job.progress)
+                            progress=watch.latest or job.progress, **fields)
 
     def _finish(self, job: JobRecord, watch: JobWatch, status: JobStatus, **fields: object) -> JobRecord | None:
         """Record how the run ended. A store out of reach (restarting, failing over) does not lose the outcome:
@@ -177,6 +232,34 @@ class JobRunner:
             return final
 
 
+class _PublishFailed(Exception):
+    """Publishing failed after the merge: the job fails with the target's problem and keeps its merged files."""
+
+    def __init__(self, error: Exception, artifacts: list[Artifact], notes: list[str]) -> None:
+        super().__init__(str(error))
+        self.error, self.artifacts = error, artifacts
+        self.notes = [*notes, "merged, but publishing failed: the merged files are kept with the job"]
+
+
+def _paced(sent: ByteCounter, bytes_per_second: int | None, watch: JobWatch) -> ByteCounter:
+    """`sent`, held back to `bytes_per_second` (MERGE_PUBLISH_BYTES_PER_SECOND) by waiting in the counter, which
+    the target calls as bytes go out; the wait ends early when the run must stop."""
+    if bytes_per_second is None:
+        return sent
+    started, total = time.monotonic(), 0
+
+    def paced(count: int) -> None:
+        nonlocal total
+        total += count
+        ahead = started + total / bytes_per_second - time.monotonic()
+        while ahead > 0 and not watch.should_stop():
+            time.sleep(min(ahead, POLL_SECONDS))
+            ahead = started + total / bytes_per_second - time.monotonic()
+        sent(count)
+
+    return paced
+
+
 def _remove_quietly(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -198,7 +281,7 @@ def _seconds(start: datetime | None, end: datetime) -> float:
 
 
 def _timings(job: JobRecord, finished_at: datetime, resolve: float, report: MergeReport,
-             publish: float, download: float) -> Timings:
+             place: float, download: float, publish: float | None) -> Timings:
     engine = report.timings
     after_merge = engine["total"] - engine["plan"] - engine["merge"]
     return Timings(
@@ -206,7 +289,8 @@ def _timings(job: JobRecord, finished_at: datetime, resolve: float, report: Merg
         download=download if download else None,
         resolve=resolve + engine["plan"],
         merge=engine["merge"],
-        write=after_merge + publish,
+        write=after_merge + place,
+        publish=publish,
         total=_seconds(job.created_at, finished_at),
     )
 

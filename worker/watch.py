@@ -1,5 +1,6 @@
-"""The companion thread of a running merge: renews the job's lease, publishes progress, and notices when
-the merge must stop (cancel requested, worker shutting down, or the lease lost to a rerun elsewhere).
+"""The companion thread of a running merge: renews the job's lease, publishes progress (downloading, merging,
+publishing), and notices when the run must stop (cancel requested, worker shutting down, or the lease lost to a
+rerun elsewhere).
 
 The engine only polls `should_stop()` between tensors and calls `progress()` after each; both are cheap
 memory reads here, and all store traffic happens on this thread at a steady pace.
@@ -13,9 +14,10 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from adapter_merge.core.jobs import JobRecord, Progress
+from adapter_merge.core.jobs import JobRecord, Phase, Progress
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.store import JobStore
+from adapter_merge.worker.engine import MergeCancelled
 from adapter_merge.worker.engine import Progress as MergeProgress
 
 log = logging.getLogger(__name__)
@@ -51,17 +53,32 @@ class JobWatch:
 
     def downloading(self, bytes_total: int) -> Callable[[int], None]:
         """Start showing a download of `bytes_total` bytes; returns what to tell as bytes arrive."""
-        done = 0
-        self._latest = Progress(phase="downloading", bytes_total=bytes_total,
-                                tensors_total=self.job.progress.tensors_total)
+        return self._counting("downloading", bytes_total)
 
-        def arrived(count: int) -> None:
+    def publishing(self, bytes_total: int) -> Callable[[int], None]:
+        """Start showing the upload of the result (`bytes_total` bytes) to its publish target; returns what to
+        tell as bytes go out, which raises `MergeCancelled` once the run must stop (cancelled, worker shutting
+        down, job lost), so that the target stops uploading."""
+        count = self._counting("publishing", bytes_total)
+
+        def sent(bytes_sent: int) -> None:
+            count(bytes_sent)
+            if self.should_stop():
+                raise MergeCancelled("stopped while publishing")
+
+        return sent
+
+    def _counting(self, phase: Phase, bytes_total: int) -> Callable[[int], None]:
+        done = 0
+        self._latest = Progress(phase=phase, bytes_total=bytes_total, tensors_total=self.job.progress.tensors_total)
+
+        def counted(count: int) -> None:
             nonlocal done
             done += count
             assert self._latest is not None
             self._latest = self._latest.model_copy(update={"bytes_done": done})
 
-        return arrived
+        return counted
 
     def should_stop(self) -> bool:
         return self.cancel_requested or self.lost or self.shutdown.is_set()

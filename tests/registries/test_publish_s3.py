@@ -1,0 +1,193 @@
+"""Publishing to S3 through the real service (embedded, and distributed with a Celery worker), read back with boto3
+from moto's S3 server (tests/registries/fixtures.py):
+
+    - every merged file lands under the prefix with the job's sha256 (bytes fetched and hashed), a SHA256 checksum
+      S3 computed (the 7 MB shard as a multipart upload), lineage metadata, `merge_lineage.json`, and the manifest
+      last; the job shows where it went, the publishing phase and its timing;
+    - an identical request publishes nothing again: the manifest stays the one version it was;
+    - another model for the same prefix fails the job with publish-conflict and keeps its merged files;
+    - a worker SIGKILLed mid-publish (a multipart upload open, no manifest yet): the lease rerun aborts the orphaned
+      upload and publishes exactly one manifest;
+    - targets the service may not publish to are refused at submission (422 naming the field).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.registries.publishing import (
+    Cluster,
+    Deployment,
+    Models,
+    artifact_digests,
+    assert_kept,
+    assert_lineage,
+    assert_published_progress,
+    cluster,
+    digest_of,
+    embedded,
+    finished,
+    merge_request,
+    publish_env,
+    sha256,
+    unique,
+    write_models,
+)
+from tests.registries.s3 import S3Server, sha256_base64
+from tests.service.checks import problem
+from tests.service.harness import Api
+
+ALLOWED = "s3://pub-*"
+MANIFEST = "merge_manifest.json"
+LINEAGE = "merge_lineage.json"
+PACE = 2_000_000
+"""Bytes per second of the killed worker's publish: the 7.6 MB model takes ~3.8 s."""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    return write_models(tmp_path_factory.mktemp("publish-s3-models"))
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: S3Server) -> str:
+    name = unique("pub")
+    s3_server.create_bucket(name, versioned=True)
+    return name
+
+
+@pytest.fixture(scope="module")
+def service(models: Models, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with embedded(models, tmp_path_factory.mktemp("publish-s3"), publish_env(s3_server.env, ALLOWED)) as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def api(service: Deployment) -> Api:
+    return service.api
+
+
+@pytest.fixture(scope="module")
+def distributed(models: Models, s3_server: S3Server, redis_namespace: dict[str, str],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    env = publish_env(s3_server.env, ALLOWED, pace=PACE)
+    with cluster(models, tmp_path_factory.mktemp("publish-s3-cluster"), env, redis_namespace) as running:
+        yield running
+
+
+def objects(s3: S3Server, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
+    """Key (relative to the prefix) -> HEAD with checksums, of every object under the prefix."""
+    client = s3.client()
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/").get("Contents", [])
+    return {item["Key"].removeprefix(f"{prefix}/"): client.head_object(Bucket=bucket, Key=item["Key"],
+                                                                        ChecksumMode="ENABLED") for item in listed}
+
+
+def open_uploads(s3: S3Server, bucket: str, prefix: str) -> list[str]:
+    return [upload["Key"] for upload in s3.client().list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/")
+            .get("Uploads", [])]
+
+
+def manifest_versions(s3: S3Server, bucket: str, prefix: str) -> list[str]:
+    versions = s3.client().list_object_versions(Bucket=bucket, Prefix=f"{prefix}/{MANIFEST}").get("Versions", [])
+    return [version["VersionId"] for version in versions]
+
+
+def assert_published(s3: S3Server, bucket: str, prefix: str, job: dict[str, Any]) -> None:
+    """Under the prefix: every artifact with the job's bytes, S3's checksum and lineage metadata, plus the lineage
+    file; nothing else, and no upload left open."""
+    client, digests = s3.client(), artifact_digests(job)
+    found = objects(s3, bucket, prefix)
+    assert set(found) == {*digests, LINEAGE}
+    for path, expected in digests.items():
+        body = client.get_object(Bucket=bucket, Key=f"{prefix}/{path}")["Body"].read()
+        assert sha256(body) == expected, path
+        head = found[path]
+        assert head["Metadata"]["sha256"] == expected and head["Metadata"]["request-digest"] == digest_of(job)
+        assert head["Metadata"]["job-id"] == job["id"] and head["Metadata"]["lineage"] == LINEAGE
+        checksum = head["ChecksumSHA256"]
+        if head["ContentLength"] > 5 << 20:  # multipart: a checksum of the part checksums
+            assert s3.requests.count(kind="UploadPart", key=f"{bucket}/{prefix}/{path}") >= 2, path
+        else:
+            assert checksum == sha256_base64(expected), path
+    lineage = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/{LINEAGE}")["Body"].read())
+    assert_lineage(lineage, job)
+    assert open_uploads(s3, bucket, prefix) == []
+    assert job["published"]["uri"] == f"s3://{bucket}/{prefix}"
+    assert job["published"]["url"] == f"s3://{bucket}/{prefix}/{MANIFEST}"
+    assert job["published"]["version"] == found[MANIFEST]["VersionId"]
+
+
+def test_the_merged_folder_lands_under_the_prefix_with_checksums_lineage_and_the_manifest_last(
+        api: Api, s3: S3Server, bucket: str) -> None:
+    prefix = unique("models/support-bot")
+    job = finished(api, api.submit(merge_request(f"s3://{bucket}/{prefix}"))["id"])
+    assert_published(s3, bucket, prefix, job)
+    assert_published_progress(job)
+    puts = [record.key for record in s3.requests if record.method in ("PUT", "POST") and record.status == 200
+            and record.key and record.key.startswith(f"{bucket}/{prefix}/")]
+    assert puts[-1] == f"{bucket}/{prefix}/{MANIFEST}" and puts[-2] == f"{bucket}/{prefix}/{LINEAGE}"
+
+    again = finished(api, api.submit(merge_request(f"s3://{bucket}/{prefix}", reuse=False))["id"])
+    assert again["published"] == job["published"] and again["request_digest"] == job["request_digest"]
+    assert manifest_versions(s3, bucket, prefix) == [job["published"]["version"]]
+
+
+def test_another_model_at_the_prefix_fails_the_job_and_keeps_its_merge(service: Deployment, s3: S3Server,
+                                                                        bucket: str) -> None:
+    api, prefix = service.api, unique("models/taken")
+    first = finished(api, api.submit(merge_request(f"s3://{bucket}/{prefix}"))["id"])
+    other = finished(api, api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=0.5))["id"], "failed")
+    error = other["error"]
+    assert (error["type"].rsplit(":", 1)[1], error["status"], error["field"]) == ("publish-conflict", 409,
+                                                                                 "publish.to")
+    assert_kept(service, other)
+    assert manifest_versions(s3, bucket, prefix) == [first["published"]["version"]]
+    assert objects(s3, bucket, prefix)[MANIFEST]["Metadata"]["request-digest"] == digest_of(first)
+
+
+def test_a_worker_killed_mid_publish_leaves_no_manifest_and_the_rerun_one_with_no_open_upload(
+        distributed: Cluster, s3: S3Server, bucket: str) -> None:
+    prefix = unique("models/killed")
+    job_id = distributed.api.submit(merge_request(f"s3://{bucket}/{prefix}"))["id"]
+    distributed.api.wait(job_id, lambda job: job["progress"]["phase"] == "publishing"
+                         and bool(open_uploads(s3, bucket, prefix)), timeout=60)
+    distributed.kill_worker()
+    assert open_uploads(s3, bucket, prefix) and MANIFEST not in objects(s3, bucket, prefix)
+
+    distributed.start_worker()
+    job = finished(distributed.api, job_id)
+    assert job["attempts"] == 2
+    assert_published(s3, bucket, prefix, job)
+    assert manifest_versions(s3, bucket, prefix) == [job["published"]["version"]]
+    assert not (distributed.data_dir / "artifacts" / job_id / "attempt-1").exists()
+
+
+@pytest.mark.parametrize(("publish", "status", "slug", "field"), [
+    ({"to": "s3://elsewhere/models/x"}, 422, "reference-forbidden", "publish.to"),
+    ({"to": "s3://pub-bucket"}, 422, "reference-invalid", "publish.to"),
+    ({"to": "s3://pub-bucket/x", "alias": "champion"}, 422, "reference-invalid", "publish.alias"),
+    ({"to": "ftp://pub-bucket/x"}, 422, "reference-invalid", "publish.to"),
+    ({"to": "/srv/models/out"}, 422, "reference-invalid", "publish.to"),
+])
+def test_a_target_the_service_may_not_publish_to_is_refused_at_submission(
+        api: Api, publish: dict[str, str], status: int, slug: str, field: str) -> None:
+    body = {**merge_request("unused"), "publish": publish}
+    refused = problem(api.http.post("/merge", json=body), status, field)
+    assert (refused["type"].rsplit(":", 1)[1], refused["field"]) == (slug, field)
+
+
+def test_a_tenant_may_publish_only_where_its_patterns_allow(models: Models, s3_server: S3Server, bucket: str,
+                                                            tmp_path: Path) -> None:
+    env = {**publish_env(s3_server.env, ALLOWED), "MERGE_TENANT_ALLOWED_SOURCES": json.dumps(
+        {"default": f"s3://{bucket}/team-a/*"})}
+    with embedded(models, tmp_path, env) as deployment:
+        api = deployment.api
+        refused = problem(api.http.post("/merge", json=merge_request(f"s3://{bucket}/team-b/x")), 422, "tenant")
+        assert (refused["type"].rsplit(":", 1)[1], refused["field"]) == ("reference-forbidden", "publish.to")
+        assert api.http.post("/merge", json=merge_request(f"s3://{bucket}/team-a/x")).status_code == 202
