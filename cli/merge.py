@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from adapter_merge.cli.plan_args import adapter_specs
 from adapter_merge.worker.engine import (
     AdapterSpec,
-    InputError,
     MergeCancelled,
     MergeError,
     MergeOptions,
+    OutputExistsError,
     Progress,
     merge,
-    parse_size,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 130
@@ -49,18 +49,6 @@ def checksum_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adapter-merge"
 
 
-def parse_weights(text: str | None, count: int) -> list[float]:
-    if text is None:
-        return [1.0] * count
-    try:
-        weights = [float(part) for part in text.split(",")]
-    except ValueError as error:
-        raise InputError(f"--weights: {text!r} is not a comma-separated list of numbers", option="weights") from error
-    if len(weights) != count:
-        raise InputError(f"--weights: {len(weights)} weights given for {count} adapters", option="weights")
-    return weights
-
-
 class MergeCall(NamedTuple):
     """The engine call a `merge` command line stands for."""
 
@@ -71,16 +59,10 @@ class MergeCall(NamedTuple):
 
 
 def merge_call(args: argparse.Namespace) -> MergeCall:
-    """The engine's inputs from parsed arguments; a bad --weights or --max-shard-size is an InputError."""
-    weights = parse_weights(args.weights, len(args.adapters))
-    options = MergeOptions(
-        dtype=args.dtype,
-        max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
-        overwrite=args.overwrite,
-        fsync=args.fsync,
-        checksum_cache=checksum_cache_dir(),
-    )
-    adapters = [AdapterSpec(Path(path), weight) for path, weight in zip(args.adapters, weights, strict=True)]
+    """The engine's inputs from parsed arguments; a --weights count that does not fit is a usage error."""
+    adapters = adapter_specs(args)
+    options = MergeOptions(dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                           fsync=args.fsync, checksum_cache=checksum_cache_dir())
     return MergeCall(Path(args.base), adapters, Path(args.out), options)
 
 
@@ -91,6 +73,10 @@ def run_merge(args: argparse.Namespace) -> int:
     except MergeCancelled:
         print("adapter-merge: cancelled", file=sys.stderr)
         return EXIT_CANCELLED
+    except OutputExistsError as error:
+        print(f"adapter-merge: error: {error.file}: output folder already exists; pass --overwrite to replace it",
+              file=sys.stderr)
+        return EXIT_FAILED
     except (MergeError, OSError) as error:  # OSError: an input that fails to read while merging
         print(f"adapter-merge: error: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -89,6 +90,20 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self.on_started is not None:
             self.on_started()
+
+
+def settings_epilog() -> str:
+    """`serve --help`'s list of the MERGE_* variables it reads, with the first sentence of each one's
+    description, taken from `Settings` itself so that it cannot go stale."""
+    prefix = str(Settings.model_config.get("env_prefix", ""))
+    names = {name: (prefix + name).upper() for name in Settings.model_fields}
+    column = max(map(len, names.values())) + 3
+    lines = ["settings, read from the environment (defaults and details: the README's Settings table):"]
+    for name, field in Settings.model_fields.items():
+        summary = (field.description or "").split(". ")[0].rstrip(".")
+        lines += textwrap.wrap(summary, width=110, initial_indent=f"  {names[name]:<{column - 2}}",
+                               subsequent_indent=" " * column)
+    return "\n".join(lines)
 
 
 def _keep_running(signum: int, frame: FrameType | None) -> None:

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from adapter_merge.core.problems import Problem, Problems, ProblemType
+from adapter_merge.worker.engine.folder_kind import ADAPTER_MARKER, BASE_MARKER, wrong_kind
+from adapter_merge.worker.engine.folder_survey import MAX_DEPTH, MAX_ENTRIES
 
-MAX_DEPTH = 3
-MAX_ENTRIES = 10_000
-BASE_MARKER = "config.json"
-ADAPTER_MARKER = "adapter_config.json"
+__all__ = ["ADAPTER_MARKER", "BASE_MARKER", "MAX_DEPTH", "MAX_ENTRIES", "BadReference", "LocalRootsResolver",
+           "check_kind"]
 
 
 class BadReference(Problem):
@@ -79,9 +79,7 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 
 def check_kind(path: Path, ref: str, field: str, adapter: bool) -> None:
-    """A quick look before planning, so 'wrong kind of folder' reads as such rather than as a parse error."""
-    marker = ADAPTER_MARKER if adapter else BASE_MARKER
-    if not (path / marker).is_file():
-        kind = "a PEFT adapter" if adapter else "a base model"
-        hint = " (it looks like an adapter)" if not adapter and (path / ADAPTER_MARKER).is_file() else ""
-        raise BadReference(field, ref, Problems.REFERENCE_WRONG_KIND, f"is not {kind}: it has no {marker}{hint}")
+    """A quick look before planning, so 'wrong kind of folder' reads as such rather than as a parse error, in
+    the engine's words (the command line says the same)."""
+    if problem := wrong_kind(path, adapter):
+        raise BadReference(field, ref, Problems.REFERENCE_WRONG_KIND, problem)

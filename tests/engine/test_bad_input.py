@@ -34,6 +34,7 @@ from adapter_merge.worker.engine import (
     MergeError,
     MergeOptions,
     NumericError,
+    OutputExistsError,
     StorageError,
     UnsupportedOptionError,
     merge,
@@ -63,8 +64,8 @@ class Refusal:
     args: list[Path | str]
     needles: tuple[str, ...]
     error: type[MergeError]
-    stage: Literal["cli", "plan", "merge"]
-    """Raised by the command line's own argument handling, by the preflight `plan_merge`, or by `merge`."""
+    stage: Literal["plan", "merge"]
+    """Raised by the preflight `plan_merge`, or by `merge` (bad arguments are usage errors: test_cli.py)."""
     facts: dict[str, Any] = field(default_factory=dict)
     """Expected attributes; every other one of FACTS must be None."""
 
@@ -97,11 +98,7 @@ def assert_refused(code: int, stderr: str, needles: tuple[str, ...], out_parent:
 
 def raised(args: list[Path | str], out: Path) -> tuple[str, MergeError]:
     """Run the command line's engine call step by step: where the error is raised, and the error."""
-    parsed = build_parser().parse_args(["merge", *map(str, args), "--out", str(out)])
-    try:
-        call = merge_call(parsed)
-    except MergeError as error:
-        return "cli", error
+    call = merge_call(build_parser().parse_args(["merge", *map(str, args), "--out", str(out)]))
     try:
         plan_merge(call.base, call.adapters, call.options)
     except MergeError as error:
@@ -327,21 +324,6 @@ def missing_adapter_weights(i: Inputs) -> Refusal:
     return Refusal([i.base, i.lora], ("adapter_model",), InputError, "plan", {"file": i.lora, "input": 0})
 
 
-def weights_count(i: Inputs) -> Refusal:
-    return Refusal([i.base, i.lora, "--weights", "1.0,0.5"], ("--weights",), InputError, "cli",
-                   {"option": "weights"})
-
-
-def weights_not_numbers(i: Inputs) -> Refusal:
-    return Refusal([i.base, i.lora, i.dora, "--weights", "1.0,half"], ("--weights",), InputError, "cli",
-                   {"option": "weights"})
-
-
-def bad_max_shard_size(i: Inputs) -> Refusal:
-    return Refusal([i.base, i.lora, "--max-shard-size", "5XB"], ("max_shard_size",), InputError, "cli",
-                   {"option": "max_shard_size"})
-
-
 def adapter_config_nested_deep(i: Inputs) -> Refusal:
     """Nesting that makes Python's json recurse past its limit (RecursionError, a 500 at the API)."""
     (i.lora / CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000)
@@ -384,7 +366,6 @@ BAD_INPUTS: list[Callable[[Inputs], Refusal]] = [
     truncate_base, truncate_adapter, header_length_past_eof, header_not_json, data_offsets_past_eof,
     module_not_in_base, wrong_shape_lora_b, rank_differs_from_config, magnitude_without_use_dora,
     nan_in_adapter, nan_in_base, fp16_overflow, dora_zero_norm_row,
-    weights_count, weights_not_numbers, bad_max_shard_size,
     adapter_config_nested_deep, alpha_beyond_float32, pattern_with_lookahead, legacy_adapter_zip_bomb,
     unsupported("init_lora_weights", "pissa"),
     unsupported("layer_replication", [[0, 2], [1, 2]]),
@@ -439,7 +420,7 @@ def test_existing_out_is_left_alone(inputs: Inputs, capsys: pytest.CaptureFixtur
     code, stderr = run_main([inputs.base, inputs.lora], inputs.out, capsys)
     assert_refused(code, stderr, (inputs.out.name,), inputs.out_parent, left=[inputs.out.name])
     stage, error = raised([inputs.base, inputs.lora], inputs.out)
-    assert (stage, type(error), error.fault) == ("merge", InputError, "input")
+    assert (stage, type(error), error.fault) == ("merge", OutputExistsError, "input")
     assert_facts(error, {"file": inputs.out, "option": "out"})
     assert sorted(p.name for p in inputs.out.iterdir()) == ["keep.txt"]
     assert sentinel.read_text() == "precious"

@@ -18,6 +18,7 @@ from adapter_merge.worker.engine.errors import (
     MergeCancelled,
     MergeError,
     NumericError,
+    OutputExistsError,
     StorageError,
     UnsupportedOptionError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "MergePlan",
     "MergeReport",
     "NumericError",
+    "OutputExistsError",
     "Progress",
     "StorageError",
     "UnsupportedOptionError",

@@ -65,6 +65,11 @@ class InputError(MergeError):
     fault = "input"
 
 
+class OutputExistsError(InputError):
+    """The output folder exists and overwriting it was not asked for; `file` is the folder. A class of its
+    own so that each caller can name its own way to ask (the command line's `--overwrite`)."""
+
+
 class UnsupportedOptionError(InputError):
     """An adapter option the engine refuses rather than merge wrongly."""
 

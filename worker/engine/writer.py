@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_merge.worker.engine.errors import DISK_FULL_ERRNOS, InputError, StorageError
+from adapter_merge.worker.engine.errors import DISK_FULL_ERRNOS, InputError, OutputExistsError, StorageError
 from adapter_merge.worker.engine.operations import OutputTensor
 from adapter_merge.worker.engine.safetensors_format import build_header
 from adapter_merge.worker.engine.tensor_io import write_all
@@ -55,8 +55,8 @@ class OutputFolder:
     def __init__(self, target: Path, overwrite: bool) -> None:
         self.target = target.absolute()
         if self.target.exists() and not overwrite:
-            raise InputError(f"{target}: output folder already exists (use overwrite to replace it)",
-                             file=self.target, option="out")
+            raise OutputExistsError(f"{target}: output folder already exists (use overwrite to replace it)",
+                                    file=self.target, option="out")
         if self.target.exists() and not self.target.is_dir():
             raise InputError(f"{target}: exists and is not a folder", file=self.target, option="out")
         self.path = self.target.parent / f".{self.target.name}.partial-{uuid.uuid4().hex[:12]}"
