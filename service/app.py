@@ -14,7 +14,7 @@ from adapter_merge.service.deps import Services
 from adapter_merge.service.describe import install_openapi, operation_id
 from adapter_merge.service.limits import RequestLimits
 from adapter_merge.service.problems import install_problem_handlers
-from adapter_merge.service.routes import artifacts, health, jobs, merge
+from adapter_merge.service.routes import artifacts, health, jobs, merge, pages
 
 API_VERSION = "0.1.0"
 DESCRIPTION = """Merge PEFT LoRA/DoRA adapters into base models.
@@ -37,12 +37,14 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.services.close()
 
     app = FastAPI(title="adapter-merge", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan,
-                  generate_unique_id_function=operation_id)
+                  generate_unique_id_function=operation_id,
+                  docs_url=None, redoc_url=None)  # pages.py serves both from local files
     app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, read_seconds=settings.request_read_seconds)
     install_problem_handlers(app, unavailable=STORE_UNAVAILABLE)
-    routers = [module.router for module in (merge, jobs, artifacts, health)]
+    routers = [module.router for module in (merge, jobs, artifacts, health, pages)]
     for router in routers:
         app.include_router(router)
+    app.mount(pages.STATIC_PATH, pages.StaticAssets(), name="static")
     install_openapi(app)
     app.state.api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     return app
