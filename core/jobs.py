@@ -109,11 +109,15 @@ class WebhookDelivery(_Strict):
     """The callback of a finished job: sent at least once, with the same id on every try."""
 
     id: str = Field(description="The `webhook-id` header: the same on every retry, for the receiver to dedupe.")
-    state: WebhookState = "pending"
-    attempts: int = 0
+    state: WebhookState = Field("pending", description="`pending` until a 2xx answer (`delivered`), a refusal "
+                                "(another status, a host the rules refuse) or the end of the retry time (`failed`).")
+    created_at: datetime = Field(description="When the job ended and the callback became due; retries stop "
+                                 "MERGE_WEBHOOK_RETRY_SECONDS later.")
+    attempts: int = Field(0, description="Attempts started, the one in flight included.")
     last_status: int | None = Field(None, description="HTTP status of the last attempt (none on a network error).")
-    last_error: str | None = None
-    next_attempt_at: datetime | None = None
+    last_error: str | None = Field(None, description="Why the last attempt did not deliver.")
+    next_attempt_at: datetime | None = Field(None, description="While pending: when the next attempt is due (while "
+                                             "one is in flight, when another process may take over from it).")
     delivered_at: datetime | None = None
 
 

@@ -1,5 +1,6 @@
 """Background upkeep: re-queue jobs whose worker died (lease expired), publish again the messages of queued
-jobs that may have been lost, and delete results past retention.
+jobs that may have been lost, delete results past retention, and deliver job callbacks (`core.notify`, in a
+thread of its own, so a slow receiver never delays a recovery).
 
 Safe to run in every API process and every worker at once: each change is a compare-and-set in the store,
 so exactly one reaper wins each recovery, and deletions are idempotent.
@@ -18,6 +19,7 @@ from pathlib import Path
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.dispatch import Dispatcher
 from adapter_merge.core.jobs import FINISHED_STATUSES, JobStatus, utcnow
+from adapter_merge.core.notify import Notifier
 from adapter_merge.core.store import STORE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -163,7 +165,8 @@ def _older_than(folder: Path, cutoff: float) -> list[Path]:
 
 
 class MaintenanceThread:
-    """Runs `reap` every reap interval and (optionally) `clean` every cleanup interval, until stopped."""
+    """Runs `reap` every reap interval and (optionally) `clean` every cleanup interval, until stopped; and
+    beside it the callback deliveries, where a signing secret is configured."""
 
     def __init__(self, context: JobContext, dispatcher: Dispatcher, retention: bool) -> None:
         self.work = Maintenance(context, dispatcher)
@@ -171,12 +174,17 @@ class MaintenanceThread:
         self.retention = retention
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="merge-maintenance", daemon=True)
+        self.notifier = Notifier.of(context)
 
     def start(self) -> None:
         self._thread.start()
+        if self.notifier is not None:
+            self.notifier.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        if self.notifier is not None:
+            self.notifier.stop(timeout)
         self._thread.join(timeout)
 
     def _run(self) -> None:

@@ -20,6 +20,7 @@ from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.sources.base import PinnedInput
 from adapter_merge.core.sources.registry import Sources
 from adapter_merge.core.sources.replica import build_replica
+from adapter_merge.core.webhooks import check_callback_url
 from adapter_merge.worker.engine import AdapterSpec, MergeError, MergeOptions, MergePlan, plan_merge
 
 OPTION_FIELDS = {"dtype": "output_dtype", "max_shard_size": "max_shard_size"}
@@ -100,6 +101,7 @@ def preflight(request: MergeRequest, sources: Sources, scratch: Path,
     inputs are planned on replicas written under `scratch`."""
     if request.publish is not None:  # a target it may not publish to is refused before any input is read
         PublishTargets(sources).check(request.publish, tenant)
+    check_callback_url(request.callback_url, sources.settings)  # a URL it may not call back: refused up front
     replicas = iter(range(len(request.adapters) + 1))
 
     def folder_of(pinned: PinnedInput, field: str) -> Path:

@@ -46,6 +46,7 @@ class Problems:
     REFERENCE_NOT_FOUND = ProblemType("reference-not-found", 422, "Unusable reference")
     REFERENCE_NOT_A_FOLDER = ProblemType("reference-not-a-folder", 422, "Unusable reference")
     REFERENCE_FORBIDDEN = ProblemType("reference-forbidden", 422, "Reference not allowed")
+    CALLBACK_REFUSED = ProblemType("callback-refused", 422, "Callback URL not allowed")
     REGISTRY_UNAVAILABLE = ProblemType("registry-unavailable", 503, "Registry unavailable")
     DOWNLOAD_CORRUPT = ProblemType("download-corrupt", 502, "Downloaded file does not match its registry")
     DOWNLOAD_FAILED = ProblemType("download-failed", 502, "Download failed")

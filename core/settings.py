@@ -6,10 +6,12 @@ variable once and every process agrees on it (data dir, roots, lease timings, Re
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -103,6 +105,19 @@ class Settings(BaseSettings):
     tenant_max_active_jobs: int = Field(100, ge=1, description="Queued + running jobs a tenant may have at once.")
     tenant_max_artifact_bytes: int | None = Field(None, ge=0, description="Bytes of results a tenant may keep; "
                                                   "unset: no limit.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Signing secret of job callbacks (Standard Webhooks): `whsec_` and base64 of at least 24 "
+        "random bytes. Unset: requests with a `callback_url` are refused.")
+    webhook_allowed_hosts: str = Field(
+        "", description="Hosts callback URLs may name: comma-separated name patterns (`*` matches any text) and IP "
+        "addresses or networks; only a listed address or network admits loopback, private, link-local and other "
+        "special addresses. Empty: no callbacks.")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="Connect, send and answer timeout of one "
+                                           "callback attempt.")
+    webhook_backoff_seconds: float = Field(5.0, gt=0, description="Wait before the first retry of a callback; "
+                                           "doubled each retry (with jitter), at most an hour.")
+    webhook_retry_seconds: float = Field(86400.0, gt=0, description="A callback not delivered this long after the "
+                                         "job ended is given up (`failed`).")
 
     @field_validator("model_roots", mode="before")
     @classmethod
@@ -112,7 +127,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("redis_url", "api_keys_file", "tls_certfile", "tls_keyfile", "oidc_issuer", "oidc_audience",
-                     "tenant_max_artifact_bytes", mode="before")
+                     "tenant_max_artifact_bytes", "webhook_secret", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -125,6 +140,13 @@ class Settings(BaseSettings):
                 f"MERGE_LEASE_SECONDS ({self.lease_seconds}), or a busy worker loses its lease"
             )
         return self
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_decodes(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _webhook_key(value.get_secret_value())
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -163,4 +185,29 @@ class Settings(BaseSettings):
     def recovery_bound_seconds(self) -> float:
         """Worst case from a worker's death until its job is queued again (a free worker starts it at once)."""
         return self.lease_seconds + self.reap_interval_seconds
+
+    @property
+    def webhook_key(self) -> bytes | None:
+        """The HMAC key of MERGE_WEBHOOK_SECRET; None when callbacks cannot be signed."""
+        return None if self.webhook_secret is None else _webhook_key(self.webhook_secret.get_secret_value())
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+MIN_WEBHOOK_SECRET_BYTES = 24
+"""Standard Webhooks' lower bound for a secret (192 bits)."""
+
+
+def _webhook_key(secret: str) -> bytes:
+    """A secret as Standard Webhooks writes them, `whsec_` and base64 (the prefix optional), decoded as the
+    receiver decodes the same string, so that both hold the same key."""
+    try:
+        key = base64.b64decode(secret.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("MERGE_WEBHOOK_SECRET is `whsec_` followed by base64; make one with: python -c 'import "
+                         "base64, secrets; print(\"whsec_\" + base64.b64encode(secrets.token_bytes(32)).decode())'"
+                         ) from None
+    if len(key) < MIN_WEBHOOK_SECRET_BYTES:
+        raise ValueError(f"MERGE_WEBHOOK_SECRET must hold at least {MIN_WEBHOOK_SECRET_BYTES} random bytes, this "
+                         f"one has {len(key)}")
+    return key
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from adapter_merge.core.jobs import FINISHED_STATUSES, JobRecord, JobStatus, Progress, utcnow
 from adapter_merge.core.problems import Problem, Problems
+from adapter_merge.core.webhooks import pending_delivery
 
 PAGE = 200
 Change = Callable[[JobRecord, float], JobRecord | None]
@@ -117,6 +118,20 @@ class JobStore(ABC):
     def ping(self) -> None:
         """Raise if the store cannot be reached."""
 
+    @abstractmethod
+    def due_webhooks(self, now: float, limit: int) -> list[str]:
+        """Ids of up to `limit` jobs whose callback is pending and due by `now` (the store's clock), soonest
+        first. An index kept by every write of a job (`webhook_due`), so finding them reads no other job."""
+
+    @staticmethod
+    def webhook_due(job: JobRecord) -> float | None:
+        """The job's place in the index of due callbacks: when its pending delivery's next attempt is due (epoch
+        seconds), or None when it has no pending delivery."""
+        hook = job.webhook
+        if hook is None or hook.state != "pending" or hook.next_attempt_at is None:
+            return None
+        return hook.next_attempt_at.timestamp()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -204,6 +219,8 @@ class JobStore(ABC):
                 return None
             update: dict[str, object] = {"status": status, "lease_expires_at": None, **fields}
             update.setdefault("queued_at" if status is JobStatus.queued else "finished_at", utcnow())
+            if status in FINISHED_STATUSES:
+                update["webhook"] = pending_delivery(job, now)
             return job.model_copy(update=update)
 
         return self.update(job_id, change)
@@ -228,6 +245,7 @@ class JobStore(ABC):
             if job.status is JobStatus.queued:
                 return job.model_copy(update={
                     "status": JobStatus.cancelled, "cancel_requested": True, "finished_at": utcnow(),
+                    "webhook": pending_delivery(job, now),
                 })
             if job.status is JobStatus.running:
                 return job.model_copy(update={"cancel_requested": True})
@@ -254,6 +272,8 @@ class JobStore(ABC):
             else:
                 update.update(status=JobStatus.queued, queued_at=utcnow(), recoveries=job.recoveries + 1,
                               progress=job.progress.restarted())
+            if update["status"] in FINISHED_STATUSES:
+                update["webhook"] = pending_delivery(job, now)
             return job.model_copy(update=update)
 
         return self.update(job_id, change)

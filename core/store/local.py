@@ -68,6 +68,10 @@ _TENANT_INDEX = "CREATE INDEX IF NOT EXISTS jobs_tenant_status_created ON jobs (
 _DIGEST_COLUMN = "ALTER TABLE jobs ADD COLUMN request_digest TEXT"
 _DIGEST_INDEX = "CREATE INDEX IF NOT EXISTS jobs_tenant_digest_created ON jobs (tenant, request_digest, created_at)"
 
+_WEBHOOK_COLUMN = "ALTER TABLE jobs ADD COLUMN webhook_due REAL"
+_WEBHOOK_INDEX = "CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_due) WHERE webhook_due IS NOT NULL"
+"""Jobs whose callback is pending, by when its next attempt is due (`due_webhooks`)."""
+
 
 class SQLiteJobStore(JobStore):
     def __init__(self, path: Path) -> None:
@@ -83,6 +87,9 @@ class SQLiteJobStore(JobStore):
                 db.execute(_DIGEST_COLUMN)
             db.execute(_TENANT_INDEX)
             db.execute(_DIGEST_INDEX)
+            if "webhook_due" not in columns:  # a data dir from before callbacks: none of its jobs has one
+                db.execute(_WEBHOOK_COLUMN)
+            db.execute(_WEBHOOK_INDEX)
         self._restore_reserve()
 
     @contextmanager
@@ -167,6 +174,8 @@ class SQLiteJobStore(JobStore):
             db.execute("INSERT INTO jobs (id, status, created_at, tenant, request_digest, doc) "
                        "VALUES (?, ?, ?, ?, ?, ?)", (job.id, job.status.value, job.created_at.timestamp(), job.tenant,
                                                      job.request_digest, job.to_json()))
+            if self.webhook_due(job) is not None:  # created finished (a reused result), its callback due
+                db.execute("UPDATE jobs SET webhook_due = ? WHERE id = ?", (self.webhook_due(job), job.id))
 
         self._write(insert)
 
@@ -213,7 +222,8 @@ class SQLiteJobStore(JobStore):
             new = change(JobRecord.from_json(row[0]), self.now())
             if new is None:
                 return None
-            db.execute("UPDATE jobs SET status = ?, doc = ? WHERE id = ?", (new.status.value, new.to_json(), job_id))
+            db.execute("UPDATE jobs SET status = ?, doc = ?, webhook_due = ? WHERE id = ?",
+                       (new.status.value, new.to_json(), self.webhook_due(new), job_id))
             return new
 
         return self._write(write)
@@ -261,6 +271,12 @@ class SQLiteJobStore(JobStore):
         self._write(lambda db: db.execute(
             "DELETE FROM idempotency_keys WHERE tenant = ? AND key = ? AND owner = ? AND job_id IS NULL",
             (tenant, key, owner)))
+
+    def due_webhooks(self, now: float, limit: int) -> list[str]:
+        with self._connect() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE webhook_due <= ? ORDER BY webhook_due LIMIT ?",
+                              (now, limit)).fetchall()
+        return [row[0] for row in rows]
 
     def acquire_lock(self, name: str, owner: str, seconds: float) -> bool:
         def take(db: sqlite3.Connection) -> bool:

@@ -82,6 +82,17 @@ class RedisJobStore(JobStore):
         name = hashlib.sha256(json.dumps([tenant, key]).encode()).hexdigest()
         return f"{self.prefix}:idempotency:{name}"
 
+    def _webhooks_key(self) -> str:
+        """Jobs whose callback is pending, scored by when its next attempt is due (`due_webhooks`)."""
+        return f"{self.prefix}:webhooks:due"
+
+    def _index_webhook(self, pipe: redis.client.Pipeline, job: JobRecord) -> None:
+        due = self.webhook_due(job)
+        if due is None:
+            pipe.zrem(self._webhooks_key(), job.id)
+        else:
+            pipe.zadd(self._webhooks_key(), {job.id: due})
+
     def _index(self, pipe: redis.client.Pipeline, job: JobRecord) -> None:
         """Queue the writes that list `job` under its status and tenant."""
         score = {job.id: job.created_at.timestamp()}
@@ -109,6 +120,7 @@ class RedisJobStore(JobStore):
                         raise KeyError(f"job {job.id} already exists")
                     pipe.multi()
                     pipe.set(self._job_key(job.id), job.to_json())
+                    self._index_webhook(pipe, job)
                     self._index(pipe, job)
                     if job.request_digest is not None:
                         pipe.zadd(self._digest_key(job.tenant, job.request_digest),
@@ -205,6 +217,7 @@ class RedisJobStore(JobStore):
                 return None
             pipe.multi()
             pipe.set(self._job_key(job_id), new.to_json())
+            self._index_webhook(pipe, new)
             if new.status is not old.status:
                 self._unindex(pipe, old, old.status, everywhere=False)
                 self._index(pipe, new)
@@ -218,6 +231,7 @@ class RedisJobStore(JobStore):
                 return None
             pipe.multi()
             pipe.delete(self._job_key(job_id))
+            pipe.zrem(self._webhooks_key(), job_id)
             self._unindex(pipe, job, job.status, everywhere=True)
             if job.request_digest is not None:
                 pipe.zrem(self._digest_key(job.tenant, job.request_digest), job_id)
@@ -248,6 +262,9 @@ class RedisJobStore(JobStore):
 
     def release_key(self, tenant: str, key: str, owner: str) -> None:
         self.redis.eval(_SETTLE_KEY, 1, self._idempotency_key(tenant, key), owner, "", 0)
+
+    def due_webhooks(self, now: float, limit: int) -> list[str]:
+        return self.redis.zrange(self._webhooks_key(), "-inf", now, byscore=True, offset=0, num=limit)
 
     def _lock_key(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
