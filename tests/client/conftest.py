@@ -30,7 +30,8 @@ SMALL = ("small/base", ["small/lora", "small/dora"], [1.0, 0.5])
 
 
 @contextmanager
-def _serving(tmp: Path, models_root: Path, **settings: str) -> Iterator[str]:
+def serving(tmp: Path, models_root: Path, **settings: str) -> Iterator[str]:
+    """A server with these settings (on top of the harness's), stopped afterwards; yields its URL."""
     proc, api = start_server(service_env(tmp / "data", models_root, **settings), tmp / "server.log")
     try:
         yield api.base_url
@@ -41,7 +42,7 @@ def _serving(tmp: Path, models_root: Path, **settings: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def service(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with _serving(tmp_path_factory.mktemp("client-service"), models.root) as url:
+    with serving(tmp_path_factory.mktemp("client-service"), models.root) as url:
         yield url
 
 
@@ -58,7 +59,7 @@ def keyed_service(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) ->
     keys_file.write_text(json.dumps({"keys": [
         {"sha256": hashlib.sha256(key.encode()).hexdigest(), "tenant": tenant, "role": role}
         for key, (tenant, role) in KEYS.items()]}))
-    with _serving(tmp, models.root, MERGE_AUTH="required", MERGE_API_KEYS_FILE=str(keys_file)) as url:
+    with serving(tmp, models.root, MERGE_AUTH="required", MERGE_API_KEYS_FILE=str(keys_file)) as url:
         yield KeyedService(url, KEYS)
 
 
