@@ -288,6 +288,32 @@ def receiver() -> Iterator[Receiver]:
     assert not state.bad, state.bad
 
 
+def test_each_attempt_checks_the_url_again(store: JobStore, receiver: Receiver) -> None:
+    """The delivery resolves the name again and connects to the address it checked, with the URL's own Host
+    header; a name that resolves to an address no longer allowed (DNS rebinding, here: the allow-list no longer
+    lists the address) is refused without a request, and the callback fails at once."""
+    from adapter_merge.core.notify import Notifier
+
+    port = receiver.url.rsplit(":", 1)[1]
+    path = receiver.path(200)
+    job = finished_job(JobStatus.succeeded, callback=f"http://localhost:{port}{path}")
+    store.create(job)
+    for allowed, state in (("localhost", "failed"), ("localhost,127.0.0.1", "delivered")):
+        settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=allowed)
+        notifier = Notifier(store, settings, KEY)
+        try:
+            hook = notifier.deliver(job.id).webhook
+        finally:
+            notifier.http.close()
+        assert hook.state == state, hook
+        if state == "failed":
+            assert "resolves to 127.0.0.1, a loopback address" in hook.last_error and not receiver.requests(path)
+            store.update(job.id, lambda current, now: current.model_copy(update={"webhook": current.webhook.model_copy(
+                update={"state": "pending", "next_attempt_at": datetime.fromtimestamp(now, UTC)})}))
+    [call] = receiver.requests(path)
+    assert call.headers["host"] == f"localhost:{port}" and call.headers["webhook-id"] == job.webhook.id
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("webhooks-data")
