@@ -11,7 +11,7 @@ from pathlib import Path
 
 from adapter_merge.core.problems import Problem, Problems, ProblemType
 from adapter_merge.worker.engine.folder_kind import ADAPTER_MARKER, BASE_MARKER, wrong_kind
-from adapter_merge.worker.engine.folder_survey import MAX_DEPTH, MAX_ENTRIES
+from adapter_merge.worker.engine.folder_survey import MAX_DEPTH, MAX_ENTRIES, skipped_folder
 
 __all__ = ["ADAPTER_MARKER", "BASE_MARKER", "MAX_DEPTH", "MAX_ENTRIES", "BadReference", "LocalRootsResolver",
            "check_kind"]
@@ -70,12 +70,13 @@ class LocalRootsResolver:
                                    f"holds {name!r}, which is neither a file nor a folder")
 
 
-def _walk(folder: Path) -> Iterator[Path]:
-    """Entries of a model folder and of its sub-folders (tokenizer and pooling folders), links not followed."""
+def _walk(folder: Path, top: bool = True) -> Iterator[Path]:
+    """Entries of a model folder and of the sub-folders the merge reads (tokenizer and pooling folders, not
+    `.git` or exports: `folder_survey.skipped_folder`), links not followed."""
     for entry in sorted(folder.iterdir()):
         yield entry
-        if entry.is_dir() and not entry.is_symlink():
-            yield from _walk(entry)
+        if entry.is_dir() and not entry.is_symlink() and skipped_folder(entry.name, top) is None:
+            yield from _walk(entry, top=False)
 
 
 def check_kind(path: Path, ref: str, field: str, adapter: bool) -> None:

@@ -66,3 +66,18 @@ def test_references_stay_inside_the_roots(tmp_path: Path) -> None:
         with pytest.raises(BadReference) as caught:
             resolver.resolve(ref, "adapters[1].ref")
         assert caught.value.kind.slug == slug and caught.value.detail.startswith("adapters[1].ref: ")
+
+
+def test_a_deep_git_folder_does_not_refuse_a_base(tmp_path: Path) -> None:
+    """The merge never enters `.git` or an export folder, so neither counts against the folder limits; a
+    sub-folder the merge copies still does."""
+    root = tmp_path / "models"
+    base = root / "base"
+    (base / ".git" / "objects" / "ab" / "cd").mkdir(parents=True)
+    (base / ".git" / "objects" / "ab" / "cd" / "blob").write_bytes(b"x")
+    (base / "onnx" / "a" / "b" / "c").mkdir(parents=True)
+    resolver = LocalRootsResolver([root])
+    assert resolver.resolve("base", "base_model") == base.resolve()
+    (base / "1_Pooling" / "a" / "b" / "c").mkdir(parents=True)
+    with pytest.raises(BadReference, match="nested deeper"):
+        resolver.resolve("base", "base_model")

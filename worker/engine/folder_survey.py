@@ -112,10 +112,8 @@ class _Walk:
         if stat.S_ISDIR(mode):
             if link:
                 self._skip(relative, "a link to a folder: not followed")
-            elif entry.name.startswith("."):
-                self._skip(relative, "a hidden folder (version control or a tool's cache), not part of the model")
-            elif top and entry.name in EXPORT_FOLDERS:
-                self._skip(relative, "an export of the unmerged model to another runtime")
+            elif reason := skipped_folder(entry.name, top):
+                self._skip(relative, reason)
             else:
                 self.visit(entry)
         elif not stat.S_ISREG(mode):
@@ -130,6 +128,16 @@ class _Walk:
 
     def _skip(self, relative: Path, reason: str) -> None:
         self.skipped.append(Skipped(str(relative), reason))
+
+
+def skipped_folder(name: str, top: bool) -> str | None:
+    """Why a sub-folder of the base is not entered (None: it is); the API's check of a local base skips the same
+    folders, so a `.git` deeper than the limits does not refuse a base the merge would read."""
+    if name.startswith("."):
+        return "a hidden folder (version control or a tool's cache), not part of the model"
+    if top and name in EXPORT_FOLDERS:
+        return "an export of the unmerged model to another runtime"
+    return None
 
 
 def _module_folders(root: Path, files: InputFiles) -> frozenset[str]:
