@@ -16,9 +16,11 @@ class ApiError(Exception):
     """The service refused a request; `problem` is its answer (`type`, `title`, `status`, `detail`, and
     members such as `field`, `ref` or `errors` naming what is at fault)."""
 
-    def __init__(self, problem: dict[str, Any], status: int) -> None:
+    def __init__(self, problem: dict[str, Any], status: int, retry_after: int | None = None) -> None:
         self.problem = problem
         self.status = status
+        self.retry_after = retry_after
+        """Seconds the service asked to wait before trying again (its Retry-After header), if it said."""
         super().__init__(self.detail)
 
     @property
@@ -59,20 +61,12 @@ class ValidationFailed(ApiError):
         return list(self.problem.get("errors") or ())
 
 
-class _RetryLater(ApiError):
-    @property
-    def retry_after(self) -> float | None:
-        """Seconds the server asked to wait before trying again (Retry-After), if it said."""
-        value = self.problem.get("retry_after")
-        return float(value) if value is not None else None
+class RateLimited(ApiError):
+    """429: the tenant has too many active jobs; see `retry_after`."""
 
 
-class RateLimited(_RetryLater):
-    """429: the tenant has too many active jobs."""
-
-
-class Unavailable(_RetryLater):
-    """503: the store, queue, a registry or the inputs' check is not available now."""
+class Unavailable(ApiError):
+    """503: the store, queue, a registry or the inputs' check is not available now; see `retry_after`."""
 
 
 class ServerError(ApiError):
@@ -92,11 +86,10 @@ def error_for(response: httpx.Response) -> ApiError:
     if not isinstance(problem, dict):
         problem = {"title": response.reason_phrase, "status": response.status_code,
                    "detail": f"HTTP {response.status_code} {response.reason_phrase}: {response.text[:200]}"}
-    if (retry_after := response.headers.get("retry-after", "")).isdigit():
-        problem = {**problem, "retry_after": int(retry_after)}
+    retry_after = response.headers.get("retry-after", "")
     status = response.status_code
     kind = _BY_STATUS.get(status, ServerError if status >= 500 else ApiError)
-    return kind(problem, status)
+    return kind(problem, status, int(retry_after) if retry_after.isdigit() else None)
 
 
 class JobNotSucceeded(Exception):

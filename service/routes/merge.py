@@ -22,7 +22,7 @@ QUOTA_RETRY_SECONDS = 30
 
 
 @router.post("/merge", status_code=202, response_model=JobOut, dependencies=[Depends(require_json)],
-             responses={202: JOB_LOCATION, **problem_responses(400, 401, 403, 415, 422, 429, 503, 507)})
+             responses={202: JOB_LOCATION, **problem_responses(400, 401, 403, 408, 413, 415, 422, 429, 503, 507)})
 def submit_merge(body: MergeRequest, caller: Submitter, response: Response, services: ServicesDep) -> JobOut:
     """Queue a merge. References are resolved and the adapters checked against the base before anything is
     queued, so a request that cannot work fails now with a 4xx naming the field at fault."""

@@ -1,7 +1,7 @@
 """Real servers for the client tests: `adapter-merge serve` subprocesses (embedded mode) on the service tests'
 small model set, one with authentication off and one with API keys.
 
-    service        session   URL of a server with MERGE_AUTH=none
+    service        session   URL of a server with MERGE_AUTH=none (hf://unreachable/* allowed, its hub down)
     keyed_service  session   KeyedService: URL of a server that wants API keys, and the keys (KEYS)
     merged         session   a Job (client view) of a small merge that succeeded on `service`
 """
@@ -25,6 +25,9 @@ __all__ = ["KEYS", "KeyedService", "keyed_service", "merged", "models", "service
 
 KEYS = {"submit-key": ("team-a", "submit"), "read-key": ("team-a", "read")}
 """API key -> (tenant, role) of the keyed server."""
+UNREACHABLE_HUB = {"MERGE_ALLOWED_SOURCES": "hf://unreachable/*", "HF_ENDPOINT": "http://127.0.0.1:9",
+                   "MERGE_DOWNLOAD_RETRIES": "0"}
+"""`service` lets requests name a hub that refuses connections: a real 503 with Retry-After."""
 SMALL = ("small/base", ["small/lora", "small/dora"], [1.0, 0.5])
 """base, adapters and weights of the small merge (the service tests' small_request)."""
 
@@ -42,7 +45,7 @@ def serving(tmp: Path, models_root: Path, **settings: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def service(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serving(tmp_path_factory.mktemp("client-service"), models.root) as url:
+    with serving(tmp_path_factory.mktemp("client-service"), models.root, **UNREACHABLE_HUB) as url:
         yield url
 
 

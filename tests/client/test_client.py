@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 import adapter_merge.client.calls as calls
@@ -24,11 +23,10 @@ from adapter_merge.client import (
     Job,
     JobFailed,
     NotFound,
-    RateLimited,
     Unauthorized,
+    Unavailable,
     ValidationFailed,
 )
-from adapter_merge.client.errors import error_for
 from tests.client.conftest import SMALL, KeyedService
 
 PROBLEM = "urn:adapter-merge:problem:"
@@ -108,12 +106,12 @@ def test_a_failed_job_raises_job_failed_with_its_problem(service: str) -> None:
     assert failed.value.problem["detail"] in str(failed.value)
 
 
-def test_rate_limits_carry_retry_after() -> None:
-    """How a 429 reads (a real response object; making a server refuse on cue would be a race)."""
-    problem = {"type": PROBLEM + "too-many-active-jobs", "title": "Too many active jobs", "status": 429,
-               "detail": "tenant 'a' has 2 active jobs, the limit is 2; wait for some to finish", "limit": 2}
-    error = error_for(httpx.Response(429, headers={"Retry-After": "30"}, json=problem))
-    assert isinstance(error, RateLimited) and error.retry_after == 30 and error.problem["limit"] == 2
+def test_an_unavailable_registry_says_when_to_retry(service: str) -> None:
+    with Client(service) as client, pytest.raises(Unavailable) as unavailable:
+        client.submit("hf://unreachable/base", ["small/lora"])
+    assert unavailable.value.status == 503 and unavailable.value.kind == "registry-unavailable"
+    assert unavailable.value.retry_after is not None and unavailable.value.retry_after > 0
+    assert unavailable.value.problem["field"] == "base_model"
 
 
 def test_token_authentication(keyed_service: KeyedService, merged: Job) -> None:
