@@ -156,11 +156,16 @@ class JobRunner:
             notes.append("the job has no request digest: its publish is identified by the job id, so an identical "
                          "request's publish is not recognised as the same")
         lineage = lineage_of(job, inputs, artifacts)
-        sent = _paced(watch.publishing(sum(artifact.size for artifact in artifacts)),
-                      self.settings.publish_bytes_per_second, watch)
+        total = sum(artifact.size for artifact in artifacts)
+        sent = watch.publishing(total)
         try:
             target = self.context.publish_targets.target(spec)
-            published = target.find(spec, lineage) or target.publish(spec, result, lineage, sent)
+            published = target.find(spec, lineage)
+            if published is None:
+                published = target.publish(spec, result, lineage,
+                                           _paced(sent, self.settings.publish_bytes_per_second, watch))
+            else:  # all of it is there already
+                sent(total)
         except MergeCancelled:
             _remove_quietly(result)
             raise

@@ -2,8 +2,9 @@
 
 The way the server accepts (it refuses model-version sources outside a run's artifacts): one run per request digest
 in the experiment MERGE_PUBLISH_MLFLOW_EXPERIMENT holds the folder under `model/` and `merge_lineage.json` beside
-it; the version is created from `runs:/<run>/model` with the lineage as tags (the run carries them too), the
-registered model first if it is missing; once the version is READY, `alias` (if asked for) moves to it.
+it (versions of other registered models from the same merge share it); the version is created from
+`runs:/<run>/model` with the lineage as tags (the run carries them too), the registered model first if it is
+missing; once the version is READY, `alias` (if asked for) moves to it.
 
 Every step looks before it creates, so a rerun after a crash at any point ends with exactly one version: a READY
 (or pending) version of NAME tagged with the request digest is the result; a run of the digest is reused, its
@@ -36,6 +37,8 @@ MODEL_PATH = "model"
 """Where the merged folder goes in the run's artifacts (the source finds a model in such a sub-folder)."""
 COMPLETE_TAG = "artifacts_complete"
 READY_POLL_SECONDS = 0.5
+MAX_BATCH_TAGS = 100
+"""MLflow's limit of tags per log-batch request."""
 
 
 class MlflowTarget:
@@ -99,13 +102,19 @@ class MlflowTarget:
             "max_results": 10}).get("runs", [])
         complete = [run for run in runs if {"key": COMPLETE_TAG, "value": "true"} in run["data"].get("tags", [])]
         if complete:
+            progress(sum((folder / path).stat().st_size for path in lineage.manifest_sha256))  # there already
             return str(complete[0]["info"]["run_id"])
         if runs:
             info = runs[0]["info"]
         else:
             info = self.rest.json(f"{API}/runs/create", method="POST", body={
                 "experiment_id": experiment_id, "run_name": f"merge-{lineage.job_id}",
-                "start_time": int(time.time() * 1000), "tags": _tag_list(lineage.tags())})["run"]["info"]
+                "start_time": int(time.time() * 1000),
+                "tags": _tag_list({"request_digest": lineage.request_digest})})["run"]["info"]
+        tags = _tag_list(lineage.tags())  # this run's lineage: a rerun's merge has a manifest of its own
+        for first in range(0, len(tags), MAX_BATCH_TAGS):
+            self.rest.json(f"{API}/runs/log-batch", method="POST",
+                           body={"run_id": info["run_id"], "tags": tags[first:first + MAX_BATCH_TAGS]})
         root = proxied_path(info["artifact_uri"], self.rest.tracking_uri)
         if root is None:
             raise MlflowFailed(None, reason=f"the run's artifacts are not behind the tracking server's artifact proxy "

@@ -4,10 +4,11 @@ from moto's S3 server (tests/registries/fixtures.py):
     - every merged file lands under the prefix with the job's sha256 (bytes fetched and hashed), a SHA256 checksum
       S3 computed (the 7 MB shard as a multipart upload), lineage metadata, `merge_lineage.json`, and the manifest
       last; the job shows where it went, the publishing phase and its timing;
-    - an identical request publishes nothing again: the manifest stays the one version it was;
+    - an identical request publishes nothing again: the manifest stays the one version it was; one that shares an
+      earlier job's result (reuse) publishes it without merging;
     - another model for the same prefix fails the job with publish-conflict and keeps its merged files;
     - a worker SIGKILLed mid-publish (a multipart upload open, no manifest yet): the lease rerun aborts the orphaned
-      upload and publishes exactly one manifest;
+      upload and publishes exactly one manifest; a job cancelled mid-publish aborts its upload and writes no manifest;
     - targets the service may not publish to are refused at submission (422 naming the field).
 """
 
@@ -166,6 +167,31 @@ def test_a_worker_killed_mid_publish_leaves_no_manifest_and_the_rerun_one_with_n
     assert_published(s3, bucket, prefix, job)
     assert manifest_versions(s3, bucket, prefix) == [job["published"]["version"]]
     assert not (distributed.data_dir / "artifacts" / job_id / "attempt-1").exists()
+
+
+def test_a_shared_result_is_published_without_merging_again(api: Api, s3: S3Server, bucket: str) -> None:
+    """An identical request (reuse on) that publishes elsewhere shares the earlier job's result and only publishes."""
+    first_prefix, prefix = unique("models/shared-first"), unique("models/shared")
+    first = finished(api, api.submit(merge_request(f"s3://{bucket}/{first_prefix}", weight=0.75))["id"])
+    job = finished(api, api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=0.75))["id"])
+    assert job["reused_from"] == first["id"] and job["metrics"]["cache_hit"] is True
+    assert job["timings"]["merge"] is None and job["timings"]["publish"] > 0
+    assert artifact_digests(job) == artifact_digests(first)
+    assert_published(s3, bucket, prefix, job)
+
+
+def test_a_job_cancelled_while_publishing_stops_and_leaves_nothing_a_reader_trusts(
+        distributed: Cluster, s3: S3Server, bucket: str) -> None:
+    prefix = unique("models/cancelled")
+    job_id = distributed.api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=0.3))["id"]
+    distributed.api.wait(job_id, lambda job: job["progress"]["phase"] == "publishing"
+                         and bool(open_uploads(s3, bucket, prefix)), timeout=60)
+    assert distributed.api.http.post(f"/jobs/{job_id}/cancel").status_code == 202
+    job = finished(distributed.api, job_id, "cancelled", timeout=10)
+    assert job["progress"]["bytes_done"] < job["progress"]["bytes_total"] and job["published"] is None
+    assert MANIFEST not in objects(s3, bucket, prefix) and open_uploads(s3, bucket, prefix) == []
+    assert not (distributed.data_dir / "artifacts" / job_id).exists() or not any(
+        (distributed.data_dir / "artifacts" / job_id).iterdir())
 
 
 @pytest.mark.parametrize(("publish", "status", "slug", "field"), [
