@@ -1,7 +1,8 @@
 """Delivering job callbacks. Every process that runs the maintenance loop (each API process, each Celery
-worker) runs a `Notifier` thread: it reads the due deliveries from the store's index every poll interval
-(`JobStore.due_webhooks`, no scan of the jobs), takes one attempt at a time by a compare-and-set on the job,
-sends it and records the outcome, fenced by the attempt number.
+worker) runs a `Notifier`: a thread reads the due deliveries from the store's index every poll interval
+(`JobStore.due_webhooks`, no scan of the jobs) and hands them to a few sender threads (so a receiver that does
+not answer holds up one of them, not every callback); a sender takes an attempt by a compare-and-set on the
+job, sends it and records the outcome, fenced by the attempt number.
 
 Taking an attempt moves the delivery's `next_attempt_at` a lease ahead: no other process takes the delivery
 until then, and if this one dies mid-attempt, another takes it over once the lease has passed. The delivery is
@@ -11,6 +12,7 @@ therefore at least once, with the same `webhook-id` on every attempt, and the re
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
@@ -32,7 +34,6 @@ from adapter_merge.core.webhooks import (
 )
 
 log = logging.getLogger(__name__)
-BATCH = 50
 MAX_BACKOFF_SECONDS = 3600.0
 USER_AGENT = "adapter-merge-webhooks"
 
@@ -60,7 +61,13 @@ class Notifier:
         self.http = httpx.Client(timeout=self.settings.webhook_timeout_seconds, follow_redirects=False,
                                  trust_env=False, headers={"user-agent": USER_AGENT})
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="merge-webhooks", daemon=True)
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._in_flight: set[str] = set()
+        """Jobs handed to this process's senders and not done yet."""
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._sweep, name="merge-webhooks", daemon=True), *(
+            threading.Thread(target=self._send_queued, name=f"merge-webhooks-{index}", daemon=True)
+            for index in range(self.settings.webhook_concurrency))]
 
     @classmethod
     def of(cls, context: JobContext) -> Notifier | None:
@@ -75,32 +82,57 @@ class Notifier:
         return 4 * self.settings.webhook_timeout_seconds
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking attempts; an attempt still running when the process ends is taken over by another
+        process once its lease has passed."""
         self._stop.set()
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout / len(self._threads))
         self.http.close()
 
-    def _run(self) -> None:
+    def _sweep(self) -> None:
         while not self._stop.is_set():
             try:
-                if self.deliver_due() == BATCH:
-                    continue  # more may be due at once
+                self.queue_due()
             except STORE_UNAVAILABLE as error:
                 log.warning("webhooks: job store unavailable (%s); retrying", error)
             except Exception:  # a bug must not end deliveries for good
-                log.exception("webhooks: delivery pass failed; retrying")
+                log.exception("webhooks: looking for due callbacks failed; retrying")
             self._stop.wait(self.settings.poll_seconds)
 
-    def deliver_due(self) -> int:
-        """One attempt at each delivery due now (up to `BATCH`); returns how many were looked at."""
-        due = self.store.due_webhooks(self.store.now(), BATCH)
+    def queue_due(self) -> list[str]:
+        """Hand callbacks due now to the idle senders (as many as are idle); returns their jobs."""
+        with self._lock:
+            busy = set(self._in_flight)
+        idle = self.settings.webhook_concurrency - len(busy)
+        if idle <= 0:
+            return []
+        due = [job_id for job_id in self.store.due_webhooks(self.store.now(), idle + len(busy))
+               if job_id not in busy][:idle]
+        with self._lock:
+            self._in_flight.update(due)
         for job_id in due:
-            if self._stop.is_set():
-                break
-            self.deliver(job_id)
-        return len(due)
+            self._queue.put(job_id)
+        return due
+
+    def _send_queued(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job_id = self._queue.get(timeout=self.settings.poll_seconds)
+            except queue.Empty:
+                continue
+            try:
+                self.deliver(job_id)
+            except STORE_UNAVAILABLE as error:  # the attempt, if taken, is taken over after its lease
+                log.warning("webhooks: job %s: job store unavailable (%s)", job_id, error)
+            except Exception:
+                log.exception("webhooks: job %s: delivery failed", job_id)
+            finally:
+                with self._lock:
+                    self._in_flight.discard(job_id)
 
     def deliver(self, job_id: str) -> JobRecord | None:
         """One attempt at the job's callback, if it is due and no other process has taken it; the job as

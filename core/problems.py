@@ -78,6 +78,9 @@ class Problems:
     STORAGE_ERROR = ProblemType("storage-error", 500, "Storage error")
     INTERNAL_ERROR = ProblemType("internal-error", 500, "Internal error")
     STORAGE_FULL = ProblemType("storage-full", 507, "Insufficient storage")
+    IDEMPOTENCY_KEY_REUSED = ProblemType("idempotency-key-reused", 422, "Idempotency key used for another request")
+    IDEMPOTENCY_KEY_IN_USE = ProblemType("idempotency-key-in-use", 409, "Request with this idempotency key in progress")
+    SUBMISSION_BUSY = ProblemType("submission-busy", 503, "Identical submission in progress")
 
     @classmethod
     def all(cls) -> list[ProblemType]:

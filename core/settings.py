@@ -118,6 +118,8 @@ class Settings(BaseSettings):
                                            "doubled each retry (with jitter), at most an hour.")
     webhook_retry_seconds: float = Field(86400.0, gt=0, description="A callback not delivered this long after the "
                                          "job ended is given up (`failed`).")
+    webhook_concurrency: int = Field(4, ge=1, description="Callbacks one process sends at once: a receiver that "
+                                     "does not answer holds up one sender for its timeouts, not every callback.")
 
     @field_validator("model_roots", mode="before")
     @classmethod

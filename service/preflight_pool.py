@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapter_merge.core.digest import request_digest
 from adapter_merge.core.preflight import preflight
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.request import MergeRequest
@@ -30,20 +31,24 @@ RETRY_SECONDS = 5
 
 @dataclass(frozen=True)
 class Checked:
-    """What a passed preflight hands the job: the plan's summary and every input as pinned."""
+    """What a passed preflight hands the job: the plan's summary, every input as pinned, and the request
+    digest (`core.digest`; taken here, where the local folders' stat calls cannot stall the event loop)."""
 
     summary: dict[str, Any]
     inputs: list[PinnedInput]
+    digest: str
 
 
 def _check(settings: Settings, request: dict[str, Any], tenant: str) -> tuple[str, Any]:
     """Runs in a pool process; answers with plain data, since exceptions with extra fields do not pickle."""
     try:
         with tempfile.TemporaryDirectory(prefix="preflight-") as scratch:
-            resolved, plan = preflight(MergeRequest.model_validate(request), Sources(settings), Path(scratch), tenant)
+            merge_request = MergeRequest.model_validate(request)
+            resolved, plan = preflight(merge_request, Sources(settings), Path(scratch), tenant)
     except Problem as problem:
         return "problem", (problem.kind.slug, problem.detail, problem.members, problem.retry_after)
-    return "ok", (plan.summary(), [pinned.model_dump(mode="json") for pinned in resolved.inputs])
+    digest = request_digest(merge_request, resolved.inputs)
+    return "ok", (plan.summary(), [pinned.model_dump(mode="json") for pinned in resolved.inputs], digest)
 
 
 class PreflightPool:
@@ -78,8 +83,8 @@ class PreflightPool:
         if outcome == "problem":
             slug, detail, members, retry_after = value
             raise Problem(Problems.by_slug(slug), detail, retry_after=retry_after, **members)
-        summary, inputs = value
-        return Checked(summary, [PinnedInput.model_validate(pinned) for pinned in inputs])
+        summary, inputs, digest = value
+        return Checked(summary, [PinnedInput.model_validate(pinned) for pinned in inputs], digest)
 
     def _kill(self, pool: ProcessPoolExecutor) -> None:
         """End a pool whose work overran: its processes are killed, the next request starts a new pool."""

@@ -504,7 +504,7 @@ def test_figure_a_registry_merge_against_the_same_merge_from_local_folders(distr
     for _ in range(3):
         shutil.rmtree(distributed.cache.root, ignore_errors=True)
         for kind, body in (("registry", published.body), ("local", LOCAL_REQUEST)):
-            job = finished(distributed.api, distributed.api.submit(body)["id"])
+            job = finished(distributed.api, distributed.api.submit({**body, "reuse": False})["id"])  # merged each time
             assert_same_result(job, reference)
             totals[kind].append(job["timings"]["total"])
             if kind == "registry":

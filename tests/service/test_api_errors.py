@@ -130,7 +130,7 @@ def test_finished_job_cannot_be_cancelled(client: TestClient, finished_job: dict
 
 
 def test_active_job_cannot_be_deleted_nor_downloaded(client: TestClient, small_request: dict) -> None:
-    queued = client.post("/merge", json=small_request).json()
+    queued = client.post("/merge", json={**small_request, "reuse": False}).json()  # not `finished_job`'s result
     problem(client.delete(f"/jobs/{queued['id']}"), 409)
     problem(client.get(f"/jobs/{queued['id']}/archive"), 409)
     assert client.post(f"/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"

@@ -164,6 +164,7 @@ def test_keys_file_is_reloaded_when_it_changes(client: TestClient, settings: Set
 
 
 def test_active_job_quota_is_429(client: TestClient, small_request: dict) -> None:
+    small_request = {**small_request, "reuse": False}  # each a job of its own, not attached to the first
     jobs = [submit(client, "b-submit", small_request) for _ in range(3)]
     response = client.post("/merge", json=small_request, headers=bearer("b-submit"))
     problem(response, 429, "team-b", "limit is 3")

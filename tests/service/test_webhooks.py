@@ -213,6 +213,35 @@ def test_only_one_process_takes_an_attempt(store: JobStore) -> None:
         notifier.http.close()
 
 
+def test_a_receiver_that_does_not_answer_holds_up_one_sender(store: JobStore) -> None:
+    """A process's senders work side by side: while one attempt hangs, the next due callback is delivered."""
+    from adapter_merge.core.notify import Notifier, Outcome
+
+    hanging, answering = finished_job(JobStatus.succeeded), finished_job(JobStatus.failed)
+    for job in (hanging, answering):
+        store.create(job)
+    release = threading.Event()
+
+    def send(current: JobRecord) -> Outcome:
+        if current.id == hanging.id:
+            release.wait(30)
+        return Outcome(200, None, retry=False)
+
+    settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts="127.0.0.1", webhook_concurrency=2,
+                        poll_seconds=0.05)
+    notifier = Notifier(store, settings, KEY)
+    notifier.send = send  # type: ignore[method-assign]
+    notifier.start()
+    try:
+        wait_for(lambda: store.get(answering.id).webhook.state == "delivered", 10, "the answering receiver's callback")
+        assert store.get(hanging.id).webhook.state == "pending"
+        release.set()
+        wait_for(lambda: store.get(hanging.id).webhook.state == "delivered", 10, "the hanging receiver's callback")
+    finally:
+        release.set()
+        notifier.stop()
+
+
 # --- delivery end to end --------------------------------------------------------------------------------
 
 
