@@ -123,7 +123,8 @@ def serve(host: str | None = None, port: int | None = None, fd: int | None = Non
     supervisor = None if settings.distributed else WorkerSupervisor(settings.worker_concurrency)
     config = uvicorn.Config(
         create_app(settings), host=host, port=settings.port if port is None else port,
-        log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=10,
+        log_level=settings.log_level.lower(), log_config=None,  # uvicorn's loggers write through ours
+        lifespan="on", timeout_graceful_shutdown=10,
         http=type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": settings.request_read_seconds}),
         ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile,
     )

@@ -3,14 +3,12 @@ the environment and set up logging by them, in one place."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from pydantic import ValidationError
 
+from adapter_merge.core.logs import configure_logging
 from adapter_merge.core.settings import Settings
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def start_process(program: str) -> Settings:
@@ -20,5 +18,5 @@ def start_process(program: str) -> Settings:
     except ValidationError as error:
         print(f"{program}: invalid settings:\n{error}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    configure_logging(settings.log_level, settings.log_format)
     return settings

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Listen address of `adapter-merge serve`.")
     port: int = Field(8000, ge=0, le=65535, description="Listen port of `adapter-merge serve`.")
     log_level: str = Field("info", description="Python log level of every process.")
+    log_format: Literal["text", "json"] = Field("text", description="`json`: every log line is a JSON object "
+                                                "(time, level, logger, message, job_id, exception).")
 
     worker_concurrency: int = Field(1, ge=1, description="Merges at once per worker (each is CPU/RAM-heavy).")
     worker_max_tasks_per_child: int = Field(

@@ -89,6 +89,7 @@ def run_worker(concurrency: int | None = None) -> int:
     signals.worker_ready.connect(reaper.start, weak=False)
     signals.worker_shutdown.connect(reaper.stop, weak=False)
     argv = [
+        *(["--quiet"] if settings.log_format == "json" else []),  # no banner: it is text, printed past logging
         "worker", f"--concurrency={concurrency or settings.worker_concurrency}", f"--queues={settings.queue}",
         f"--loglevel={settings.log_level.upper()}", f"--hostname=merge-{os.getpid()}@{socket.gethostname()}",
         "--without-gossip", "--without-mingle", "--pool=prefork",

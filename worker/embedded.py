@@ -20,6 +20,7 @@ from types import FrameType
 
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.jobs import JobRecord
+from adapter_merge.core.logs import job_logging
 from adapter_merge.core.process import start_process
 from adapter_merge.worker.runner import JobRunner, worker_identity
 
@@ -88,7 +89,8 @@ def _child_main(context: JobContext, job: JobRecord) -> int:
 
         signal.signal(signal.SIGTERM, shutdown)
         signal.signal(signal.SIGINT, shutdown)
-        runner.execute(job)
+        with job_logging(job.id):
+            runner.execute(job)
         return 0
     except BaseException:
         log.exception("job %s: merge process failed", job.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from adapter_merge.core.context import JobContext
+from adapter_merge.core.logs import job_logging
 from adapter_merge.core.messaging import TASK_NAME
 from adapter_merge.core.settings import Settings
 from adapter_merge.worker.runner import JobRunner
@@ -28,4 +29,5 @@ def register_tasks(app: Celery, process: PoolProcess) -> None:
     @app.task(name=TASK_NAME, ignore_result=True)
     def run_job(job_id: str) -> None:
         """Claim and run one job; a duplicate or late delivery finds it claimed or finished and returns."""
-        process.runner().run(job_id)
+        with job_logging(job_id):
+            process.runner().run(job_id)
