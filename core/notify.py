@@ -57,9 +57,12 @@ class Notifier:
     def __init__(self, store: JobStore, settings: Settings, key: bytes) -> None:
         self.store, self.settings, self.key = store, settings, key
         self.policy = HostPolicy.parse(self.settings.webhook_allowed_hosts)
-        # No proxies from the environment (they would connect elsewhere than the address checked), no redirects.
+        # No proxies from the environment (they would connect elsewhere than the address checked), no redirects,
+        # and a connection of its own for every attempt: a kept one, found by address, could carry another name's
+        # request over a TLS session checked for the first name.
         self.http = httpx.Client(timeout=self.settings.webhook_timeout_seconds, follow_redirects=False,
-                                 trust_env=False, headers={"user-agent": USER_AGENT})
+                                 trust_env=False, limits=httpx.Limits(max_keepalive_connections=0),
+                                 headers={"user-agent": USER_AGENT})
         self._stop = threading.Event()
         self._queue: queue.Queue[str] = queue.Queue()
         self._in_flight: set[str] = set()
