@@ -486,12 +486,23 @@ def test_a_server_killed_mid_delivery(models: ModelSet, tmp_path: Path, receiver
 
 
 def test_distributed_mode_delivers_once(models: ModelSet, tmp_path: Path, receiver: Receiver,
-                                        redis_namespace: dict[str, str], small_request: dict) -> None:
-    """API and Celery worker both look for due callbacks in Redis; exactly one of them sends it."""
+                                        redis_namespace: dict[str, str], small_request: dict,
+                                        big_request: dict) -> None:
+    """API and Celery worker both look for due callbacks in Redis; exactly one of them sends each. With the API
+    gone, the worker alone delivers the callback of the job it was running."""
     env = service_env(tmp_path / "data", models.root, **WEBHOOKS, **redis_namespace)
-    with running_cluster(tmp_path, env, [env]) as (_, api, _workers):
+    with running_cluster(tmp_path, env, [env]) as (server, api, [worker]):
         path = receiver.path(200)
         job = notified(api, small_request, receiver.url + path)
         assert job["status"] == "succeeded" and job["webhook"]["state"] == "delivered", job
         assert job["webhook"]["attempts"] == 1 and len(receiver.requests(path)) == 1
         assert receiver.requests(path)[0].event["data"]["id"] == job["id"]
+
+        path = receiver.path(200)
+        running = api.submit(calling_back(big_request, receiver.url + path))
+        api.wait(running["id"], ["running"], timeout=60)
+        assert server.stop() == 0, server.tail()
+        [call] = receiver.wait(path, 1)
+        assert call.event["data"]["id"] == running["id"] and call.event["type"] == "job.succeeded"
+        worker.wait_for_log(f"job {running['id']}: callback {call.headers['webhook-id']} attempt 1: HTTP 200; "
+                            "delivered", 10)
