@@ -88,8 +88,8 @@ class ProgressBar:
         if progress.phase != self.phase or self.bar is None:
             self.close()
             self.phase = progress.phase
-            self.bar = tqdm(total=progress.bytes_total, desc=progress.phase, unit="B", unit_scale=True,
-                            unit_divisor=1024, file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=progress.bytes_total, initial=progress.bytes_done, desc=progress.phase, unit="B",
+                            unit_scale=True, unit_divisor=1024, file=sys.stderr, dynamic_ncols=True)
         self.bar.total = progress.bytes_total
         self.bar.update(progress.bytes_done - self.bar.n)
 
