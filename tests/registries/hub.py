@@ -6,6 +6,7 @@
     hub.commit("org/base", files={"README.md": b"v2"})     # main moves; `sha` still serves the old tree
     hub.downloads("org/base", "model.safetensors")         # full GETs of that file's bytes so far
     hub.stall("org/base", "model.safetensors"); ...; hub.heal()
+    HfApi(endpoint=hub.endpoint, token=hub.token).create_commit("org/out", ...)   # the write side: `hub_write`
     hub.stop()
 
 Everything is served from two listeners (the hub and its LFS "CDN", see `hub_http`), each a thread per
@@ -15,7 +16,7 @@ connection; the requests both saw are in `hub.requests`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -141,6 +142,16 @@ class FakeHub:
     def corrupt(self, repo_id: str, path: str) -> None:
         """Serve `path` with its middle byte inverted: right size and headers, wrong sha256."""
         self.faults.set(repo_id, path, Fault(FaultKind.CORRUPT))
+
+    def lose_commit_answer(self, repo_id: str) -> None:
+        """Make the next commit to the repo, then close its connection without an answer (until `heal()`): a
+        client that cannot tell whether it committed."""
+        self.faults.lose_commit_answer(repo_id)
+
+    def before(self, kind: str, action: Callable[[], object], *, times: int = 1) -> None:
+        """Run `action` in the server before each of the next `times` requests of `kind` ("preupload",
+        "create_commit", ... as in `hub.requests`) is handled (until `heal()`): another writer getting in between."""
+        self.faults.before(kind, action, times)
 
     def heal(self) -> None:
         """End every fault; stalled requests are then dropped without an answer."""

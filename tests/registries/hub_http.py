@@ -8,7 +8,10 @@ there for metadata and drops its token when it downloads). Answered on the hub:
     GET  /api/models/ORG/NAME/tree/REV[/PATH][?recursive=true][&cursor=N]   list_repo_tree (Link: rel="next")
     POST /api/models/ORG/NAME/paths-info/REV                get_paths_info (form or JSON `paths`)
     GET  /api/models/ORG/NAME/refs                          list_repo_refs
+    GET  /api/models/ORG/NAME/commits/REV                   list_repo_commits (newest first, Link: rel="next")
     HEAD|GET /ORG/NAME/resolve/REV/PATH                     hf_hub_download, file_exists, ranged reads
+
+and what creating repos, branches and commits takes (`hub_write`).
 
 REV arrives percent-encoded (`refs%2Fpr%2F1`), so paths are split before they are decoded. Errors carry the
 hub's `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound), `X-Error-Message` and a JSON `error`:
@@ -36,6 +39,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 from tests.registries.byte_ranges import Unsatisfiable, parse_range
 from tests.registries.hub_faults import Fault, FaultKind, Faults
 from tests.registries.hub_repos import Commit, HubFile, Repo, RepoStore
+from tests.registries.hub_write import WriteRoutes
 from tests.registries.request_log import RequestLog, RequestRecord
 
 CHUNK = 64 * 1024
@@ -52,6 +56,9 @@ class HubContext:
     faults: Faults
     tokens: frozenset[str]
     tree_page_size: int = 1000
+    multipart_chunk_size: int = 1 << 20
+    """LFS uploads bigger than this are multipart, in parts of this size (the real hub picks its own)."""
+    commits_page_size: int = 50
     endpoint: str = ""
     cdn_endpoint: str = ""
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(16))
@@ -59,14 +66,26 @@ class HubContext:
 
     def signed_blob_url(self, repo_id: str, file: HubFile) -> str:
         """Where the hub redirects an LFS resolve: the CDN, with an expiring signature over what it serves."""
+        return self.signed_url(self.cdn_endpoint, file.sha256, repo_id, file.path)
+
+    def signed_url(self, base: str, sha256: str, repo_id: str, path: str) -> str:
+        """`base/sha256` (a CDN object) or `base?oid=sha256`, valid for what `path` names: a file to read, or an
+        upload ("upload", "part N", "complete")."""
         expires = str(int(time.time() + self.url_lifetime))
-        query = {"repo": repo_id, "path": file.path, "expires": expires,
-                 "signature": self.signature(file.sha256, repo_id, file.path, expires)}
-        return f"{self.cdn_endpoint}/{file.sha256}?{urlencode(query)}"
+        query = {"repo": repo_id, "path": path, "expires": expires,
+                 "signature": self.signature(sha256, repo_id, path, expires)}
+        if base == self.cdn_endpoint:
+            return f"{base}/{sha256}?{urlencode(query)}"
+        return f"{base}?{urlencode({'oid': sha256, **query})}"
 
     def signature(self, sha256: str, repo_id: str, path: str, expires: str) -> str:
         message = "\n".join((sha256, repo_id, path, expires)).encode()
         return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
+
+    def signature_holds(self, sha256: str, repo_id: str, path: str, expires: str, signature: str) -> bool:
+        """A signed URL's fields, unexpired and signed by us."""
+        fresh = expires.isdigit() and int(expires) >= time.time()
+        return fresh and hmac.compare_digest(self.signature(sha256, repo_id, path, expires), signature)
 
 
 class HubHTTPServer(ThreadingHTTPServer):
@@ -90,7 +109,7 @@ class _Refused(Exception):
     """The request was answered with an error already; stop handling it."""
 
 
-class HubHandler(BaseHTTPRequestHandler):
+class HubHandler(WriteRoutes, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fake-hub/1"
     disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall between
@@ -124,6 +143,9 @@ class HubHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch()
 
+    def do_PUT(self) -> None:
+        self._dispatch()
+
     def _dispatch(self) -> None:
         split = urlsplit(self.path)
         segments = [unquote(part) for part in split.path.split("/")[1:]]
@@ -135,7 +157,7 @@ class HubHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
             if self.server.role == "cdn":
-                self._blob(segments)
+                self._blob(segments, body)
             else:
                 self._hub(segments, body)
         except _Refused:
@@ -173,10 +195,28 @@ class HubHandler(BaseHTTPRequestHandler):
             repo_id, rest = "/".join(segments[2:4]), segments[4:]
             routes = {("GET", ""): self._model_info, ("GET", "revision"): self._model_info,
                       ("GET", "tree"): self._tree, ("POST", "paths-info"): self._paths_info,
-                      ("GET", "refs"): self._refs}
+                      ("GET", "refs"): self._refs, ("GET", "commits"): self._commits,
+                      ("POST", "branch"): self._create_branch, ("POST", "preupload"): self._preupload,
+                      ("POST", "commit"): self._create_commit}
             route = routes.get((self.command, rest[0] if rest else ""))
         elif len(segments) >= 5 and segments[2] == "resolve" and self.command in ("GET", "HEAD"):
             repo_id, rest, route = "/".join(segments[:2]), segments[3:], self._resolve
+        elif len(segments) >= 4 and segments[1].endswith(".git") and segments[2:4] == ["info", "lfs"]:
+            repo_id, rest = f"{segments[0]}/{segments[1].removesuffix('.git')}", segments[4:]
+            if rest == ["complete_multipart"] and self.command == "POST":  # signed: no token comes with it
+                self.record.kind = "complete_multipart"
+                self._complete_multipart(repo_id, body)
+                return
+            route = self._lfs if self.command == "POST" else None
+        elif segments == ["api", "repos", "create"] and self.command == "POST":
+            self.record.kind = "create_repo"
+            self.server.context.faults.run_before(self.record.kind)
+            self._create_repo(body)
+            return
+        elif segments == ["api", "validate-yaml"] and self.command == "POST":
+            self.record.kind = "validate_yaml"
+            self._validate_yaml(body)
+            return
         else:
             route = None
         if route is None:
@@ -184,19 +224,33 @@ class HubHandler(BaseHTTPRequestHandler):
             return
         self.record.key = repo_id
         self.record.kind = route.__name__.lstrip("_")
-        repo = self._access(repo_id)
+        self.server.context.faults.run_before(self.record.kind)
+        repo = self._access(repo_id, write=route in (self._create_branch, self._preupload, self._create_commit,
+                                                     self._lfs))
         self._apply_fault(repo_id, None)
         route(repo, rest, body)
 
-    def _access(self, repo_id: str) -> Repo:
-        """The repo, if this request may read it; else answer as the hub does and stop."""
-        context = self.server.context
+    def _token(self) -> str | None:
+        """The request's token: None without one; an unknown one is answered with 401 here."""
         authorization = self.headers.get("Authorization")
         token = authorization.removeprefix("Bearer ").strip() if authorization else None
-        if token is not None and token not in context.tokens:
+        if token is not None and token not in self.server.context.tokens:
             self._error(401, INVALID_CREDENTIALS)
             raise _Refused
-        repo = context.store.repo(repo_id)
+        return token
+
+    def _writer(self) -> str:
+        """The token of a request that changes something (every valid token may write)."""
+        token = self._token()
+        if token is None:
+            self._error(401, "You must be authenticated to write to the hub")
+            raise _Refused
+        return token
+
+    def _access(self, repo_id: str, *, write: bool = False) -> Repo:
+        """The repo, if this request may read it (or write to it); else answer as the hub does and stop."""
+        token = self._writer() if write else self._token()
+        repo = self.server.context.store.repo(repo_id)
         if repo is None or (repo.private and token is None):
             if token is None:
                 self._error(401, "Invalid username or password.", "RepoNotFound")
@@ -246,9 +300,23 @@ class HubHandler(BaseHTTPRequestHandler):
         if folder and folder not in commit.folders():
             self._error(404, f"Path {folder} not found in revision {rest[1]}", "EntryNotFound", commit.sha)
             return
-        entries = [entry for entry in _entries(commit, _under(commit, folder, recursive))]
+        entries = list(_entries(commit, _under(commit, folder, recursive)))
+        self._page(repo, rest, entries, self.server.context.tree_page_size)
+
+    def _commits(self, repo: Repo, rest: list[str], body: bytes) -> None:
+        if len(rest) != 2:
+            self._send(404, b"Not Found", "text/plain")
+            return
+        self._commit(repo, rest[1])
+        entries = [{"id": commit.sha, "title": commit.message, "message": commit.description,
+                    "authors": [{"user": commit.author, "avatar": None}], "date": _iso(commit.date)}
+                   for commit in self.server.context.store.history(repo.repo_id, rest[1])]
+        self._page(repo, rest, entries, self.server.context.commits_page_size)
+
+    def _page(self, repo: Repo, rest: list[str], entries: list[Any], size: int) -> None:
+        """One page of a listing, with a Link to the next as the hub gives it (the client follows it)."""
         start = int(self.query.get("cursor", ["0"])[-1])
-        page = entries[start:start + self.server.context.tree_page_size]
+        page = entries[start:start + size]
         headers = {}
         if start + len(page) < len(entries):
             query = {key: values[-1] for key, values in self.query.items() if key != "cursor"}
@@ -301,18 +369,23 @@ class HubHandler(BaseHTTPRequestHandler):
 
     # -- the CDN ------------------------------------------------------------------------------------------------
 
-    def _blob(self, segments: list[str]) -> None:
+    def _blob(self, segments: list[str], body: bytes) -> None:
+        """A signed GET of an object, or a signed PUT of an upload (`hub_write`)."""
         context = self.server.context
         fields = {name: self.query.get(name, [""])[-1] for name in ("repo", "path", "expires", "signature")}
         sha256 = segments[0] if len(segments) == 1 else ""
         self.record.kind = "blob"
         self.record.key = f"{fields['repo']}/{fields['path']}"
-        expected = context.signature(sha256, fields["repo"], fields["path"], fields["expires"])
-        expired = not fields["expires"].isdigit() or int(fields["expires"]) < time.time()
+        uploading = fields["path"] == "upload" or fields["path"].startswith("part ")
+        allowed = self.command == "PUT" if uploading else self.command in ("GET", "HEAD")
         content = context.store.root / "blobs" / sha256
-        if self.command not in ("GET", "HEAD") or expired or not hmac.compare_digest(expected, fields["signature"]):
+        if not allowed or not context.signature_holds(sha256, fields["repo"], fields["path"], fields["expires"],
+                                                      fields["signature"]):
             self._send(403, b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>",
                        "application/xml")
+            return
+        if uploading:
+            self._upload(sha256, fields["path"], body)
             return
         if not content.is_file():
             self._send(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
