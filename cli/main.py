@@ -11,6 +11,7 @@ import stat
 import sys
 from collections.abc import Sequence
 
+from adapter_merge.cli.metrics_dir import use_metrics_dir
 from adapter_merge.cli.plan_args import add_plan_arguments
 from adapter_merge.cli.remote import REMOTE_COMMANDS, add_remote_parsers, run_remote
 
@@ -83,6 +84,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
     worker = subparsers.add_parser("worker", help="run a Celery worker that executes merge jobs")
     worker.add_argument("--concurrency", type=_positive, default=None, help="merges at once (default 1)")
+    worker.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port at /metrics (default: none)")
+    worker.add_argument("--metrics-host", default="0.0.0.0", help="listen address of the metrics (default all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,13 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from adapter_merge.cli.inspect import run_inspect
 
         return run_inspect(args)
+    use_metrics_dir(args.command)  # before the server or worker imports prometheus_client
     if args.command == "serve":
         from adapter_merge.cli.serve import serve
 
         return serve(host=args.host, port=args.port, fd=args.fd)
     from adapter_merge.worker.celery_app import run_worker
 
-    return run_worker(concurrency=args.concurrency)
+    metrics = None if args.metrics_port is None else (args.metrics_host, args.metrics_port)
+    return run_worker(concurrency=args.concurrency, metrics_address=metrics)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,13 @@ class WorkerSupervisor:
                 self.processes[index] = self._spawn()
                 backoff = min(backoff * 2, RESTART_BACKOFF_MAX_SECONDS)
 
+    def problem(self) -> str | None:
+        """For readiness: a worker process that is not running (it died; the watch restarts it)."""
+        if not self.processes:
+            return "the local worker processes have not started yet"
+        dead = [process.pid for process in self.processes if process.poll() is not None]
+        return f"local worker process {', '.join(map(str, dead))} exited; restarting it" if dead else None
+
     def stop(self) -> None:
         self._stopping.set()
         for process in self.processes:
@@ -122,7 +129,7 @@ def serve(host: str | None = None, port: int | None = None, fd: int | None = Non
         return 2
     supervisor = None if settings.distributed else WorkerSupervisor(settings.worker_concurrency)
     config = uvicorn.Config(
-        create_app(settings), host=host, port=settings.port if port is None else port,
+        create_app(settings, local_workers=supervisor), host=host, port=settings.port if port is None else port,
         log_level=settings.log_level.lower(), log_config=None,  # uvicorn's loggers write through ours
         lifespan="on", timeout_graceful_shutdown=10,
         http=type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": settings.request_read_seconds}),

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.sources.base import PinnedInput
@@ -82,9 +82,16 @@ class Metrics(_Strict):
     tensors_copied: int | None = None
     bytes_downloaded: int | None = Field(None, description="Bytes fetched from registries for this run.")
     cache_hits: int | None = Field(None, description="Remote inputs found complete in the download cache.")
-    worker_host: str | None = Field(None, description="Host name of the machine that ran the merge.")
     cache_hit: bool | None = Field(None, description="True when the result is an earlier identical job's (same "
                                    "request digest), shared rather than merged again.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_worker_host(cls, data: Any) -> Any:
+        """Records written before the job's `worker` named the merging process carried its host here too."""
+        if isinstance(data, dict) and "worker_host" in data:
+            data = {key: value for key, value in data.items() if key != "worker_host"}
+        return data
 
 
 class Artifact(_Strict):
@@ -140,7 +147,8 @@ class JobRecord(BaseModel):
     attempt: int = 0
     recoveries: int = 0
     worker: str | None = None
-    """host:pid of the worker that claimed (or last claimed) the job."""
+    """host:pid of the process that runs (or last ran) the job: it claimed it, holds its lease and merges (a
+    Celery pool process, the embedded worker's per-job process)."""
     lease_expires_at: float | None = None
     """Store-clock epoch seconds; a running job past it has lost its worker."""
     cancel_requested: bool = False

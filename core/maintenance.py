@@ -13,6 +13,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,9 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class Maintenance:
-    def __init__(self, context: JobContext, dispatcher: Dispatcher) -> None:
+    def __init__(self, context: JobContext, dispatcher: Dispatcher,
+                 on_lease_lost: Callable[[], object] = lambda: None) -> None:
         self.store, self.layout, self.settings = context.store, context.layout, context.settings
         self.dispatcher = dispatcher
+        self.on_lease_lost = on_lease_lost
+        """Told of every job this reaper recovered (the API and workers count them as a metric)."""
         self._answered: float | None = None
         """When (monotonic) the store last answered this reaper; None before the first answer and after a
         call that failed."""
@@ -95,6 +99,7 @@ class Maintenance:
             recovered = self.store.recover(job.id, self.settings.max_recoveries)
             if recovered is None:
                 continue
+            self.on_lease_lost()
             if recovered.status is not JobStatus.queued:  # a queued job's scratch is its next run's to clear
                 self.layout.clean_work(job.id)
             log.warning("job %s lost worker %s; now %s", job.id, job.worker, recovered.status.value)
@@ -168,8 +173,9 @@ class MaintenanceThread:
     """Runs `reap` every reap interval and (optionally) `clean` every cleanup interval, until stopped; and
     beside it the callback deliveries, where a signing secret is configured."""
 
-    def __init__(self, context: JobContext, dispatcher: Dispatcher, retention: bool) -> None:
-        self.work = Maintenance(context, dispatcher)
+    def __init__(self, context: JobContext, dispatcher: Dispatcher, retention: bool,
+                 on_lease_lost: Callable[[], object] = lambda: None) -> None:
+        self.work = Maintenance(context, dispatcher, on_lease_lost)
         self.settings = context.settings
         self.retention = retention
         self._stop = threading.Event()

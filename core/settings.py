@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Python log level of every process.")
     log_format: Literal["text", "json"] = Field("text", description="`json`: every log line is a JSON object "
                                                 "(time, level, logger, message, job_id, exception).")
+    metrics_public: bool = Field(False, description="Serve `/metrics` without authentication (keep it from the "
+                                 "outside at your proxy); otherwise it needs an admin token.")
 
     worker_concurrency: int = Field(1, ge=1, description="Merges at once per worker (each is CPU/RAM-heavy).")
     worker_max_tasks_per_child: int = Field(

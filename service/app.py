@@ -13,6 +13,8 @@ from adapter_merge.core.store import STORE_UNAVAILABLE
 from adapter_merge.service.deps import Services
 from adapter_merge.service.describe import install_openapi, operation_id
 from adapter_merge.service.limits import RequestLimits
+from adapter_merge.service.metrics import ApiMetrics, HttpMetrics
+from adapter_merge.service.metrics import router as metrics_router
 from adapter_merge.service.problems import install_problem_handlers
 from adapter_merge.service.routes import artifacts, health, jobs, merge, pages
 
@@ -25,12 +27,14 @@ Every error is `application/problem+json` (RFC 9457) and names the field, refere
 """
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the app; the store, queue and upkeep thread open when it starts serving (lifespan)."""
+def create_app(settings: Settings, local_workers: health.LocalWorkers | None = None) -> FastAPI:
+    """Build the app; the store, queue and upkeep thread open when it starts serving (lifespan).
+    `local_workers`: the embedded mode's worker processes, which readiness checks."""
+    metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.services = Services.open(settings)
+        app.state.services = Services.open(settings, on_lease_lost=metrics.leases_lost.inc)
         try:
             yield
         finally:
@@ -40,6 +44,9 @@ def create_app(settings: Settings) -> FastAPI:
                   generate_unique_id_function=operation_id,
                   docs_url=None, redoc_url=None)  # pages.py serves both from local files
     app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, read_seconds=settings.request_read_seconds)
+    app.add_middleware(HttpMetrics, metrics=metrics)  # outermost: counts the limits' refusals too
+    app.state.metrics, app.state.local_workers = metrics, local_workers
+    app.include_router(metrics_router)
     install_problem_handlers(app, unavailable=STORE_UNAVAILABLE)
     routers = [module.router for module in (merge, jobs, artifacts, health, pages)]
     for router in routers:

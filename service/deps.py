@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -30,11 +31,11 @@ class Services:
     preflight: PreflightPool
 
     @classmethod
-    def open(cls, settings: Settings) -> Services:
+    def open(cls, settings: Settings, on_lease_lost: Callable[[], object] = lambda: None) -> Services:
         authenticator = Authenticator(settings)
         context = JobContext.open(settings)
         dispatcher = _dispatcher(settings)
-        maintenance = MaintenanceThread(context, dispatcher, retention=True)
+        maintenance = MaintenanceThread(context, dispatcher, retention=True, on_lease_lost=on_lease_lost)
         maintenance.start()
         return cls(context, dispatcher, maintenance, authenticator, PreflightPool(settings))
 

@@ -112,7 +112,9 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     attempts: int = Field(description="Runs started; more than 1 after a worker was lost.")
-    worker: str | None = Field(description="host:pid of the worker that claimed (or last claimed) the job.")
+    worker: str | None = Field(description="host:pid of the process that runs (or last ran) the job: it claimed "
+                               "the job, holds its lease and merges (a Celery pool process, or the embedded worker's "
+                               "per-job process).")
     cancel_requested: bool
     progress: Progress
     timings: Timings

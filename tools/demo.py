@@ -147,7 +147,7 @@ def print_report(job: dict[str, Any]) -> None:
     print(f"metrics: peak RSS {metrics['peak_rss_bytes'] / 2**20:.0f} MiB, "
           f"{metrics['bytes_per_second'] / 1e6:.1f} MB/s written, {metrics['bytes_written']:,} bytes, "
           f"{metrics['tensors_merged']} tensors merged + {metrics['tensors_copied']} copied, "
-          f"worker {job['worker']} on {metrics['worker_host']}")
+          f"worker {job['worker']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,9 @@ from adapter_merge.core.maintenance import MaintenanceThread
 from adapter_merge.core.messaging import TASK_NAME, broker_options
 from adapter_merge.core.process import start_process
 from adapter_merge.core.settings import Settings
+from adapter_merge.worker.metrics import WorkerMetrics, serve_metrics
+from adapter_merge.worker.presence import Presence
+from adapter_merge.worker.runner import worker_identity
 from adapter_merge.worker.tasks import PoolProcess, register_tasks
 
 
@@ -38,10 +41,10 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_worker_app(settings: Settings) -> Celery:
+def create_worker_app(settings: Settings, metrics: WorkerMetrics) -> Celery:
     app = Celery("adapter_merge")
     app.config_from_object({**broker_options(settings), **worker_options(settings)})
-    register_tasks(app, PoolProcess(settings))
+    register_tasks(app, PoolProcess(settings, metrics))
     return app
 
 
@@ -59,35 +62,45 @@ class CeleryRequeue:
 
 
 class Reaper:
-    """Every worker looks for jobs whose worker died, so recovery needs no API; runs in the main process."""
+    """Every worker looks for jobs whose worker died, so recovery needs no API, and records its heartbeat for
+    the API's readiness; runs in the main process."""
 
-    def __init__(self, settings: Settings, app: Celery) -> None:
-        self.settings, self.app = settings, app
+    def __init__(self, settings: Settings, app: Celery, metrics: WorkerMetrics) -> None:
+        self.settings, self.app, self.metrics = settings, app, metrics
         self.thread: MaintenanceThread | None = None
+        self.presence: Presence | None = None
         self.context: JobContext | None = None
 
     def start(self, **_: Any) -> None:
         self.context = JobContext.open(self.settings)
-        self.thread = MaintenanceThread(self.context, CeleryRequeue(self.app, self.settings.queue), retention=False)
+        self.thread = MaintenanceThread(self.context, CeleryRequeue(self.app, self.settings.queue), retention=False,
+                                        on_lease_lost=self.metrics.leases_lost.inc)
         self.thread.start()
+        self.presence = Presence(self.context.store, self.settings, worker_identity())
+        self.presence.start()
 
     def stop(self, **_: Any) -> None:
-        if self.thread is not None and self.context is not None:
+        if self.thread is not None and self.presence is not None and self.context is not None:
+            self.presence.stop()
             self.thread.stop()
             self.context.close()
 
 
-def run_worker(concurrency: int | None = None) -> int:
-    """`adapter-merge worker`: a Celery worker consuming the merge queue (default one merge at a time)."""
+def run_worker(concurrency: int | None = None, metrics_address: tuple[str, int] | None = None) -> int:
+    """`adapter-merge worker`: a Celery worker consuming the merge queue (default one merge at a time), serving
+    its metrics and those of its pool processes at `metrics_address` (host, port) if given."""
     settings = start_process("adapter-merge worker")
     if not settings.distributed:
         print("adapter-merge worker: MERGE_REDIS_URL is not set; the worker only serves distributed mode "
               "(`adapter-merge serve` runs its own worker in embedded mode)", file=sys.stderr)
         return 2
-    app = create_worker_app(settings)
-    reaper = Reaper(settings, app)
+    metrics = WorkerMetrics()
+    app = create_worker_app(settings, metrics)
+    reaper = Reaper(settings, app, metrics)
     signals.worker_ready.connect(reaper.start, weak=False)
     signals.worker_shutdown.connect(reaper.stop, weak=False)
+    if metrics_address is not None:
+        serve_metrics(*metrics_address)
     argv = [
         *(["--quiet"] if settings.log_format == "json" else []),  # no banner: it is text, printed past logging
         "worker", f"--concurrency={concurrency or settings.worker_concurrency}", f"--queues={settings.queue}",

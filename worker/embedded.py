@@ -1,8 +1,9 @@
 """The embedded worker: `adapter-merge serve` starts this process when no Redis is configured.
 
-It takes queued jobs from the local store and runs each in a forked child process, as Celery's prefork pool
-does with one task per child: the memory a merge used goes back to the system when the child exits, peak
-RSS is measured per job, and a crash in the merge cannot take the worker down. On SIGTERM (or when the API
+When the local store holds a queued job it forks a child process that claims the oldest one and runs it, as
+Celery's prefork pool does with one task per child: the memory a merge used goes back to the system when
+the child exits, peak RSS is measured per job, a crash in the merge cannot take the worker down, and the
+job's `worker` is the process that ran it (as with Celery). On SIGTERM (or when the API
 process that started it disappears) the running merge stops at the next tensor and its job goes back to
 the queue, so a restart picks it up again.
 """
@@ -19,9 +20,11 @@ from collections.abc import Sequence
 from types import FrameType
 
 from adapter_merge.core.context import JobContext
-from adapter_merge.core.jobs import JobRecord
+from adapter_merge.core.jobs import JobStatus
 from adapter_merge.core.logs import job_logging
 from adapter_merge.core.process import start_process
+from adapter_merge.worker.metrics import WorkerMetrics
+from adapter_merge.worker.presence import Presence
 from adapter_merge.worker.runner import JobRunner, worker_identity
 
 log = logging.getLogger("adapter_merge.worker.embedded")
@@ -34,6 +37,8 @@ class EmbeddedWorker:
         self.parent_pid = parent_pid
         self.stopping = threading.Event()
         self.child: int | None = None
+        self.metrics = WorkerMetrics()
+        self.presence = Presence(context.store, self.settings, worker_identity())
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
@@ -45,23 +50,25 @@ class EmbeddedWorker:
 
     def run(self) -> int:
         store = self.context.store
-        identity = worker_identity()
-        log.info("embedded worker %s polling %s", identity, self.settings.data_dir)
-        while not self.stopping.is_set():
-            if self.parent_gone():
-                log.warning("the API process is gone; stopping")
-                break
-            job = store.claim_next(identity, self.settings.lease_seconds)
-            if job is None:
-                self.stopping.wait(self.settings.poll_seconds)
-                continue
-            self.run_in_child(job)
+        log.info("embedded worker %s polling %s", self.presence.identity, self.settings.data_dir)
+        try:
+            while not self.stopping.is_set():
+                if self.parent_gone():
+                    log.warning("the API process is gone; stopping")
+                    break
+                self.presence.beat()
+                if not store.list([JobStatus.queued], limit=1)[1]:
+                    self.stopping.wait(self.settings.poll_seconds)
+                    continue
+                self.run_in_child()
+        finally:
+            self.presence.withdraw()
         return 0
 
-    def run_in_child(self, job: JobRecord) -> None:
+    def run_in_child(self) -> None:
         pid = os.fork()
         if pid == 0:
-            os._exit(_child_main(self.context, job))
+            os._exit(_child_main(self.context, self.metrics))
         self.child = pid
         try:
             while True:
@@ -70,17 +77,19 @@ class EmbeddedWorker:
                     break
                 if self.parent_gone() and not self.stopping.is_set():
                     self.on_signal(signal.SIGTERM, None)
+                self.presence.beat()
                 time.sleep(0.1)
         finally:
             self.child = None
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
-            log.error("job %s: merge process ended with %s; the lease reaper will recover it", job.id,
+            log.error("merge process %d ended with %s; the lease reaper will recover its job", pid,
                       f"signal {-code}" if code < 0 else f"exit code {code}")
 
 
-def _child_main(context: JobContext, job: JobRecord) -> int:
-    """The forked merge process; the SQLite store opens a connection per call, so sharing it is safe."""
+def _child_main(context: JobContext, metrics: WorkerMetrics) -> int:
+    """The forked merge process: claims the oldest queued job (none if another worker was quicker) and runs it.
+    The SQLite store opens a connection per call, so sharing it with the parent is safe."""
     try:
         runner = JobRunner(context)
 
@@ -89,11 +98,14 @@ def _child_main(context: JobContext, job: JobRecord) -> int:
 
         signal.signal(signal.SIGTERM, shutdown)
         signal.signal(signal.SIGINT, shutdown)
-        with job_logging(job.id):
-            runner.execute(job)
+        job = None if runner.shutdown.is_set() else \
+            context.store.claim_next(worker_identity(), context.settings.lease_seconds)
+        if job is not None:
+            with job_logging(job.id):
+                metrics.observe(runner.execute(job), context.layout)
         return 0
     except BaseException:
-        log.exception("job %s: merge process failed", job.id)
+        log.exception("merge process failed")
         return 1
 
 

@@ -310,5 +310,4 @@ def _metrics(report: MergeReport, fetched: list[Fetched]) -> Metrics:
         bytes_per_second=report.bytes_written / seconds if seconds > 0 else None,
         tensors_merged=report.tensors_merged,
         tensors_copied=report.tensors_copied,
-        worker_host=socket.gethostname(),
     )

@@ -8,15 +8,17 @@ from adapter_merge.core.context import JobContext
 from adapter_merge.core.logs import job_logging
 from adapter_merge.core.messaging import TASK_NAME
 from adapter_merge.core.settings import Settings
+from adapter_merge.worker.metrics import WorkerMetrics
 from adapter_merge.worker.runner import JobRunner
 
 
 class PoolProcess:
     """The runner of one pool process, built on its first job: after the fork, so no store connection is
-    shared with the parent or a sibling."""
+    shared with the parent or a sibling; and the worker's metrics, where its jobs are observed."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: WorkerMetrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self._runner: JobRunner | None = None
 
     def runner(self) -> JobRunner:
@@ -29,5 +31,7 @@ def register_tasks(app: Celery, process: PoolProcess) -> None:
     @app.task(name=TASK_NAME, ignore_result=True)
     def run_job(job_id: str) -> None:
         """Claim and run one job; a duplicate or late delivery finds it claimed or finished and returns."""
+        runner = process.runner()
         with job_logging(job_id):
-            process.runner().run(job_id)
+            final = runner.run(job_id)
+            process.metrics.observe(final, runner.layout)

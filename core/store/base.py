@@ -111,6 +111,14 @@ class JobStore(ABC):
         """Give the lock up, if `owner` still holds it."""
 
     @abstractmethod
+    def worker_seen(self, worker: str, seconds: float) -> None:
+        """Record that `worker` is alive for the next `seconds` of the store's clock (0: it has stopped)."""
+
+    @abstractmethod
+    def live_workers(self) -> list[str]:
+        """The workers seen within the time they announced, by the store's clock."""
+
+    @abstractmethod
     def now(self) -> float:
         """The store's clock (epoch seconds); leases are compared against it, never a worker's clock."""
 

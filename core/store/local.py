@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS locks (
     name TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
@@ -292,6 +296,20 @@ class SQLiteJobStore(JobStore):
 
     def release_lock(self, name: str, owner: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner)))
+
+    def worker_seen(self, worker: str, seconds: float) -> None:
+        now = self.now()
+
+        def record(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM workers WHERE expires_at <= ?", (now,))
+            db.execute("INSERT OR REPLACE INTO workers (id, expires_at) VALUES (?, ?)", (worker, now + seconds))
+
+        self._write(record)
+
+    def live_workers(self) -> list[str]:
+        with self._connect() as db:
+            rows = db.execute("SELECT id FROM workers WHERE expires_at > ? ORDER BY id", (self.now(),)).fetchall()
+        return [row[0] for row in rows]
 
     def now(self) -> float:
         return time.time()

@@ -276,6 +276,17 @@ class RedisJobStore(JobStore):
     def release_lock(self, name: str, owner: str) -> None:
         self.redis.eval(_RELEASE, 1, self._lock_key(name), owner)
 
+    def worker_seen(self, worker: str, seconds: float) -> None:
+        """A sorted set of workers scored by when they stop counting as alive (Redis' clock)."""
+        now = self.now()
+        with self.redis.pipeline() as pipe:
+            pipe.zremrangebyscore(f"{self.prefix}:workers", "-inf", now)
+            pipe.zadd(f"{self.prefix}:workers", {worker: now + seconds})
+            pipe.execute()
+
+    def live_workers(self) -> list[str]:
+        return sorted(self.redis.zrangebyscore(f"{self.prefix}:workers", f"({self.now()}", "+inf"))
+
     def now(self) -> float:
         return _seconds(self.redis.time())
 

@@ -58,7 +58,8 @@ def small_job(cluster: Cluster, small_request: dict) -> dict:
 
 def test_readyz_reports_redis(cluster: Cluster) -> None:
     body = cluster.api.http.get("/readyz").json()
-    assert body["mode"] == "distributed" and body["checks"] == {"store": "ok", "broker": "ok", "data_dir": "ok"}
+    assert body["mode"] == "distributed"
+    assert body["checks"] == {"store": "ok", "broker": "ok", "data_dir": "ok", "workers": "ok"}
 
 
 def test_merge_end_to_end(cluster: Cluster, small_job: dict, small_reference: Path, tmp_path: Path) -> None:

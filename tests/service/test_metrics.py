@@ -1,0 +1,190 @@
+"""Prometheus metrics as an operator scrapes them: the API's `/metrics` of a real embedded server (its own
+HTTP metrics, the store's gauges and the job histograms its worker processes wrote), a real Celery worker's
+`--metrics-port`, the leases a reaper recovered, who may scrape, and the Grafana dashboard's queries
+against a real scrape."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from adapter_merge.core.settings import Settings
+from adapter_merge.service.app import create_app
+from tests.loopback import free_port
+from tests.service.checks import problem
+from tests.service.conftest import ModelSet
+from tests.service.harness import (
+    FINISHED,
+    REPO,
+    Api,
+    Proc,
+    running_cluster,
+    service_env,
+    start_server,
+    stop_all,
+    wait_worker_ready,
+)
+from tests.service.test_auth import bearer, write_keys
+
+DASHBOARD = REPO / "docker/grafana-dashboard.json"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(text: str) -> Samples:
+    """Every sample of a scrape: (name, labels) -> value."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture(scope="module")
+def embedded(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Api]]:
+    data_dir = tmp_path_factory.mktemp("metrics-embedded")
+    proc, api = start_server(service_env(data_dir, models.root), data_dir / "server.log")
+    yield proc, api
+    api.close()
+    assert proc.stop() == 0, proc.tail()
+
+
+@pytest.fixture(scope="module")
+def merged(embedded: tuple[Proc, Api], small_request: dict) -> dict:
+    """One merge of a LoRA and a DoRA adapter (kind `mixed`) through the embedded server."""
+    api = embedded[1]
+    job = api.wait(api.submit(small_request)["id"], FINISHED, timeout=60)
+    assert job["status"] == "succeeded", job["error"]
+    return job
+
+
+def test_embedded_scrape_has_http_store_and_job_metrics(embedded: tuple[Proc, Api], merged: dict) -> None:
+    api = embedded[1]
+    assert api.http.get(f"/jobs/{merged['id']}").status_code == 200
+    api.http.get("/no/such/path")
+    response = api.http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = scrape(response.text)
+
+    assert value(samples, "adapter_merge_jobs", status="succeeded") == 1
+    assert value(samples, "adapter_merge_jobs", status="queued") == 0
+    assert value(samples, "adapter_merge_queue_depth") == 0
+    assert value(samples, "adapter_merge_queue_oldest_age_seconds") == 0
+    assert value(samples, "adapter_merge_workers_live") == 1
+    assert value(samples, "adapter_merge_store_up") == 1
+
+    # Observed by the merge process the embedded worker forked, served by the API through the shared folder.
+    assert value(samples, "adapter_merge_merge_duration_seconds_count", kind="mixed") == 1
+    assert value(samples, "adapter_merge_merge_duration_seconds_sum", kind="mixed") == pytest.approx(
+        merged["timings"]["merge"])
+    assert value(samples, "adapter_merge_merge_bytes_per_second_count", kind="mixed") == 1
+    assert value(samples, "adapter_merge_job_runs_total", status="succeeded") == 1
+    assert value(samples, "adapter_merge_download_duration_seconds_count") == 0  # local inputs: no download
+
+    # Route templates, never raw paths: a job id or an unknown path adds no series.
+    assert value(samples, "adapter_merge_http_requests_total", method="GET", route="/jobs/{job_id}",
+                 status="200") >= 1
+    assert value(samples, "adapter_merge_http_requests_total", method="POST", route="/merge", status="202") == 1
+    assert value(samples, "adapter_merge_http_requests_total", method="GET", route="unmatched", status="404") == 1
+    assert value(samples, "adapter_merge_http_request_duration_seconds_count", method="POST", route="/merge") == 1
+    routes = {dict(labels).get("route") for name, labels in samples if name == "adapter_merge_http_requests_total"}
+    assert not any(merged["id"] in route for route in routes), routes
+
+
+def test_dashboard_queries_only_metrics_a_real_scrape_has(embedded: tuple[Proc, Api], merged: dict) -> None:
+    """Every metric docker/grafana-dashboard.json queries exists in the scrape of a server that merged once."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queried = {name for expr in exprs for name in re.findall(r"\badapter_merge_\w+", expr)}
+    served = {name for name, _ in scrape(embedded[1].http.get("/metrics").text)}
+    assert queried and not queried - served, f"the dashboard queries metrics nobody serves: {queried - served}"
+    for topic in ("adapter_merge_jobs", "adapter_merge_queue_oldest_age_seconds", "adapter_merge_leases_lost_total",
+                  "adapter_merge_merge_duration_seconds_bucket", "adapter_merge_http_request_duration_seconds_bucket"):
+        assert topic in queried
+
+
+def test_a_lost_lease_is_counted(models: ModelSet, tmp_path: Path, big_request: dict) -> None:
+    """SIGKILL the embedded worker's merge process mid-merge: the API's reaper recovers the job once its lease
+    has run out, and counts it; the rerun succeeds."""
+    proc, api = start_server(service_env(tmp_path / "data", models.root), tmp_path / "server.log")
+    try:
+        job = api.submit(big_request)
+        running = api.wait(job["id"], lambda j: j["status"] == "running" and j["progress"]["tensors_done"] > 0,
+                           timeout=60)
+        merging = int(running["worker"].rsplit(":", 1)[1])
+        assert merging in proc.group_pids() and merging != proc.pid
+        os.kill(merging, signal.SIGKILL)
+        done = api.wait(job["id"], FINISHED, timeout=60)
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert int(done["worker"].rsplit(":", 1)[1]) != merging  # the rerun's own process
+        samples = scrape(api.http.get("/metrics").text)
+        assert value(samples, "adapter_merge_leases_lost_total") == 1
+        assert value(samples, "adapter_merge_job_runs_total", status="succeeded") == 1
+        assert value(samples, "adapter_merge_merge_duration_seconds_count", kind="mixed") == 1
+    finally:
+        api.close()
+        assert proc.stop() == 0, proc.tail()
+
+
+def test_celery_worker_serves_its_own_metrics(models: ModelSet, tmp_path: Path, redis_namespace: dict[str, str],
+                                              small_request: dict) -> None:
+    """Distributed mode: the job histograms come from the worker's --metrics-port (its pool processes summed),
+    the store's gauges from the API's /metrics."""
+    env = service_env(tmp_path / "data", models.root, **redis_namespace)
+    port = free_port()
+    with running_cluster(tmp_path, env, []) as (_, api, _):
+        worker = Proc(["worker", "--metrics-host", "127.0.0.1", "--metrics-port", str(port)], env,
+                      tmp_path / "worker.log")
+        try:
+            wait_worker_ready(worker)
+            job = api.wait(api.submit(small_request)["id"], FINISHED, timeout=60)
+            assert job["status"] == "succeeded", job["error"]
+            assert job["worker"].rsplit(":", 1)[1] != str(worker.pid)  # the pool process that merged
+            worker_samples = scrape(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+            assert value(worker_samples, "adapter_merge_merge_duration_seconds_count", kind="mixed") == 1
+            assert value(worker_samples, "adapter_merge_job_runs_total", status="succeeded") == 1
+            assert value(worker_samples, "adapter_merge_leases_lost_total") == 0
+            api_samples = scrape(api.http.get("/metrics").text)
+            assert value(api_samples, "adapter_merge_jobs", status="succeeded") == 1
+            assert value(api_samples, "adapter_merge_workers_live") == 1
+            assert not any(name.startswith("adapter_merge_merge_") for name, _ in api_samples)
+        finally:
+            stop_all([worker])
+
+
+def test_metrics_need_an_admin_unless_public(models: ModelSet, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    write_keys(keys, {"reader": ("team-a", "read"), "root": ("ops", "admin")})
+    settings = Settings(data_dir=tmp_path / "data", model_roots=[models.root], api_keys_file=keys)
+    with TestClient(create_app(settings)) as client:
+        problem(client.get("/metrics"), 401)
+        problem(client.get("/metrics", headers=bearer("reader")), 403, "needs 'admin'")
+        assert client.get("/metrics", headers=bearer("root")).status_code == 200
+    with TestClient(create_app(settings.model_copy(update={"metrics_public": True}))) as client:
+        response = client.get("/metrics")
+        assert response.status_code == 200 and "adapter_merge_http_requests_total" in response.text
+    assert "/metrics" not in json.dumps(create_app(settings).openapi()["paths"])  # not part of the JSON API
+
+
+def test_worker_metrics_port_is_refused_when_taken(models: ModelSet, tmp_path: Path,
+                                                   redis_namespace: dict[str, str]) -> None:
+    """A worker asked for a port it cannot bind stops with the error instead of running unobserved."""
+    env = service_env(tmp_path / "data", models.root, **redis_namespace)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        worker = Proc(["worker", "--metrics-host", "127.0.0.1", "--metrics-port", str(taken.getsockname()[1])],
+                      env, tmp_path / "worker.log")
+        assert worker.popen.wait(30) != 0
+        worker.reap_group()
+    assert "Address already in use" in worker.log_text()
