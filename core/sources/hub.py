@@ -65,7 +65,7 @@ class HubSource(StreamedSource):
         repo, revision, subfolder = _parse(ref, field)
         try:
             info = retrying(lambda: self.api.model_info(repo, revision=revision, files_metadata=True,
-                                                        timeout=self.timeout), self.retries, _transient)
+                                                        timeout=self.timeout), self.retries, transient)
         except HUB_ERRORS as error:
             raise _pin_problem(error, field, ref, revision) from None
         files = _files_under(info, subfolder, field, ref)
@@ -99,10 +99,10 @@ class HubSource(StreamedSource):
             return response
 
         try:
-            response = retrying(attempt, self.retries, _transient)
+            response = retrying(attempt, self.retries, transient)
         except HUB_ERRORS as error:
-            unreachable = reading and (_transient(error) or isinstance(error, OfflineModeIsEnabled))
-            raise fetch_failed(pinned, file, f"{_reason(error)} at commit {pinned.version['commit']}",
+            unreachable = reading and (transient(error) or isinstance(error, OfflineModeIsEnabled))
+            raise fetch_failed(pinned, file, f"{reason(error)} at commit {pinned.version['commit']}",
                                unreachable=unreachable) from None
         try:
             yield skip_bytes(response.iter_bytes(CHUNK_BYTES), first if response.status_code == 200 else 0)
@@ -110,7 +110,7 @@ class HubSource(StreamedSource):
             response.close()
 
     def describe(self, error: Exception) -> str:
-        return _reason(error)
+        return reason(error)
 
 
 def _parse(ref: str, field: str) -> tuple[str, str, str]:
@@ -146,7 +146,7 @@ def _files_under(info: ModelInfo, subfolder: str, field: str, ref: str) -> list[
     return files
 
 
-def _transient(error: Exception) -> bool:
+def transient(error: Exception) -> bool:
     """Worth another try: no answer, a dropped connection, or a busy or failing hub."""
     if isinstance(error, httpx2.TransportError):
         return True
@@ -157,7 +157,7 @@ def _status(error: HfHubHTTPError) -> int | None:
     return error.response.status_code if error.response is not None else None
 
 
-def _reason(error: Exception) -> str:
+def reason(error: Exception) -> str:
     """Why a request failed, in words that name no URL or credential."""
     if isinstance(error, httpx2.TimeoutException):
         return "no answer in time"
@@ -181,8 +181,8 @@ def _pin_problem(error: Exception, field: str, ref: str, revision: str) -> Probl
         return BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, f"has no revision {revision!r}")
     if isinstance(error, HfHubHTTPError) and _status(error) in (401, 403):
         return BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, f"cannot be read: the hub refused the "
-                            f"service's token ({_reason(error)})")
-    if _transient(error) or isinstance(error, OfflineModeIsEnabled):
-        return RegistryUnavailable(field, ref, _reason(error))
-    return BadReference(field, ref, Problems.REFERENCE_INVALID, f"was refused by the hub ({_reason(error)})")
+                            f"service's token ({reason(error)})")
+    if transient(error) or isinstance(error, OfflineModeIsEnabled):
+        return RegistryUnavailable(field, ref, reason(error))
+    return BadReference(field, ref, Problems.REFERENCE_INVALID, f"was refused by the hub ({reason(error)})")
 
