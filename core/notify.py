@@ -139,11 +139,12 @@ class Notifier:
 
     def deliver(self, job_id: str) -> JobRecord | None:
         """One attempt at the job's callback, if it is due and no other process has taken it; the job as
-        recorded afterwards (None if not taken, or superseded by another process's attempt)."""
-        lease = self.lease_seconds
-        job = self.store.update(job_id, lambda current, now: _taken(current, now, lease))
-        if job is None or job.webhook is None:
-            return None
+        recorded afterwards (None if not taken, or superseded by another process's attempt; failed without an
+        attempt past the retry time)."""
+        lease, bound = self.lease_seconds, self.settings.webhook_retry_seconds
+        job = self.store.update(job_id, lambda current, now: _taken(current, now, lease, bound))
+        if job is None or job.webhook is None or job.webhook.state != "pending":
+            return job
         attempt = job.webhook.attempts
         outcome = self.send(job)
         recorded = self.store.update(job_id, lambda current, now: self._recorded(current, now, attempt, outcome))
@@ -210,12 +211,18 @@ def backoff(first: float, attempt: int) -> float:
     return min(MAX_BACKOFF_SECONDS, first * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
-def _taken(job: JobRecord, now: float, lease: float) -> JobRecord | None:
-    """The next attempt, taken by the caller: counted, and the delivery not due again for a lease."""
+def _taken(job: JobRecord, now: float, lease: float, bound: float) -> JobRecord | None:
+    """The next attempt, taken by the caller: counted, and the delivery not due again for a lease. Past the
+    retry time and a lease (attempts whose process died record no outcome, so nothing else would stop them),
+    the callback fails instead."""
     hook = job.webhook
     if hook is None or hook.state != "pending" or hook.next_attempt_at is None \
             or hook.next_attempt_at.timestamp() > now:
         return None
+    if now > hook.created_at.timestamp() + bound + lease:
+        return job.model_copy(update={"webhook": hook.model_copy(update={
+            "state": "failed", "next_attempt_at": None, "last_error": f"gave up after {hook.attempts} attempts, the "
+            f"last of which recorded no outcome (its process stopped), the retry time being over"})})
     return job.model_copy(update={"webhook": hook.model_copy(update={
         "attempts": hook.attempts + 1, "next_attempt_at": _moment(now + lease)})})
 

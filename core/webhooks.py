@@ -69,9 +69,9 @@ def _iso(moment: datetime | None) -> str | None:
 
 def pending_delivery(job: JobRecord, now: float) -> WebhookDelivery | None:
     """The delivery a job gets as it ends (any terminal status, however it got there), due at once; None
-    without a `callback_url`, and the one it has if it has one already. `now` is the store's clock (`JobStore.now()`),
-    against which due deliveries are found. For code that creates a job already finished (a reused result),
-    as the store's own state rules do for jobs that end."""
+    without a `callback_url`, and the one it has if it has one already. `now` is the store's clock
+    (`JobStore.now()`), against which due deliveries are found. The store's state rules call it for jobs that
+    end; code that creates a job already finished (a reused result) calls it too."""
     if job.request.callback_url is None or job.webhook is not None:
         return job.webhook
     moment = datetime.fromtimestamp(now, UTC)
@@ -111,9 +111,8 @@ class HostPolicy:
 
 @dataclass(frozen=True)
 class Callback:
-    """A URL that passed the rules, with the checked address to connect to."""
+    """A URL's host that passed the rules, and the checked address to connect to."""
 
-    url: str
     host: str
     address: IPAddress
 
@@ -140,7 +139,7 @@ def resolve_callback(url: str, policy: HostPolicy) -> Callback:
     if literal is not None:
         kind = _special_kind(literal)
         if policy.listed(_canonical(literal)) or (kind is None and policy.named(host)):
-            return Callback(url, host, literal)
+            return Callback(host, literal)
         raise CallbackRefused(_not_allowed(host) if kind is None else f"{host} is {kind}{_UNLESS_LISTED}")
     if not policy.named(host):
         raise CallbackRefused(_not_allowed(host))
@@ -150,7 +149,7 @@ def resolve_callback(url: str, policy: HostPolicy) -> Callback:
         kind = _special_kind(address)
         if kind is not None and not policy.listed(_canonical(address)):
             raise CallbackRefused(f"host {host!r} resolves to {address}, {kind}{_UNLESS_LISTED}")
-    return Callback(url, host, addresses[0])
+    return Callback(host, addresses[0])
 
 
 _UNLESS_LISTED = ", which callbacks may reach only where MERGE_WEBHOOK_ALLOWED_HOSTS lists it (the address or " \

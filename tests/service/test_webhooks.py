@@ -213,6 +213,26 @@ def test_only_one_process_takes_an_attempt(store: JobStore) -> None:
         notifier.http.close()
 
 
+def test_lost_attempts_stop_at_the_retry_time(store: JobStore) -> None:
+    """An attempt whose process died records no outcome; once the retry time (and a lease) is over, the callback
+    fails instead of being taken over again and again."""
+    from adapter_merge.core.notify import Notifier
+
+    job = finished_job(JobStatus.succeeded)
+    long_ago = datetime.fromtimestamp(store.now() - 100, UTC)
+    store.create(job.model_copy(update={"webhook": job.webhook.model_copy(
+        update={"created_at": long_ago, "attempts": 3, "next_attempt_at": long_ago})}))
+    notifier = Notifier(store, Settings(webhook_secret=SECRET, webhook_allowed_hosts="127.0.0.1",
+                                        webhook_retry_seconds=10, webhook_timeout_seconds=1), KEY)
+    notifier.send = lambda current: pytest.fail("no attempt past the retry time")  # type: ignore[method-assign]
+    try:
+        hook = notifier.deliver(job.id).webhook
+    finally:
+        notifier.http.close()
+    assert (hook.state, hook.attempts) == ("failed", 3) and "recorded no outcome" in hook.last_error
+    assert job.id not in store.due_webhooks(store.now(), 10)
+
+
 def test_a_receiver_that_does_not_answer_holds_up_one_sender(store: JobStore) -> None:
     """A process's senders work side by side: while one attempt hangs, the next due callback is delivered."""
     from adapter_merge.core.notify import Notifier, Outcome
