@@ -10,6 +10,7 @@ from __future__ import annotations
 from adapter_merge.core.jobs import ACTIVE_STATUSES, JobRecord, JobStatus, Metrics, Timings, utcnow
 from adapter_merge.core.layout import DataLayout
 from adapter_merge.core.store.base import JobStore
+from adapter_merge.core.webhooks import pending_delivery
 
 LOCK_SECONDS = 60.0
 """Longest a submission holds its (tenant, digest) lock should it die holding it; linking a result (or copying
@@ -49,7 +50,7 @@ def share_result(store: JobStore, layout: DataLayout, job: JobRecord) -> JobReco
             layout.share(earlier.id, earlier.attempt, job.id)
         except FileNotFoundError:  # deleted since it was looked at
             continue
-        return _reusing(job, earlier)
+        return _reusing(job, earlier, store.now())
     return None
 
 
@@ -62,7 +63,9 @@ def _result_on_disk(layout: DataLayout, job: JobRecord) -> bool:
         return False
 
 
-def _reusing(job: JobRecord, earlier: JobRecord) -> JobRecord:
+def _reusing(job: JobRecord, earlier: JobRecord, now: float) -> JobRecord:
+    """`job` sharing `earlier`'s result; `now` is the store's clock, from which a callback of a job created
+    finished is due (a job that still publishes gets its callback when its run ends)."""
     update: dict[str, object] = {
         "reused_from": earlier.id, "artifacts": earlier.artifacts, "metrics": Metrics(cache_hit=True),
         "notes": [*job.notes, f"the result of job {earlier.id} (same request digest), shared instead of merged"],
@@ -70,5 +73,6 @@ def _reusing(job: JobRecord, earlier: JobRecord) -> JobRecord:
     if job.request.publish is None:
         finished = utcnow()
         update.update(status=JobStatus.succeeded, started_at=finished, finished_at=finished, progress=earlier.progress,
-                      timings=Timings(total=(finished - job.created_at).total_seconds()))
+                      timings=Timings(total=(finished - job.created_at).total_seconds()),
+                      webhook=pending_delivery(job, now))
     return job.model_copy(update=update)

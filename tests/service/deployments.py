@@ -54,11 +54,12 @@ def _client(api: Api, token: str) -> Api:
 
 
 @contextlib.contextmanager
-def deployment(mode: str, data_dir: Path, models_root: Path,
-               redis_namespace: dict[str, str] | None) -> Iterator[Deployment]:
+def deployment(mode: str, data_dir: Path, models_root: Path, redis_namespace: dict[str, str] | None,
+               **settings: str) -> Iterator[Deployment]:
+    """`settings`: more MERGE_* variables for every process."""
     write_keys(data_dir / "keys.json", KEYS)
     env = service_env(data_dir, models_root, MERGE_AUTH="required", MERGE_API_KEYS_FILE=str(data_dir / "keys.json"),
-                      **(redis_namespace or {}))
+                      **(redis_namespace or {}), **settings)
     if mode == "embedded":
         server, api = start_server(env, data_dir / "server.log")
         store: JobStore = SQLiteJobStore(data_dir / "jobs.sqlite3")

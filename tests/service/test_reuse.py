@@ -25,6 +25,7 @@ from tests.service.checks import running_with_progress
 from tests.service.conftest import ModelSet
 from tests.service.deployments import Deployment, deployment, digests, weighted
 from tests.service.harness import FINISHED
+from tests.service.test_webhooks import WEBHOOKS, Receiver, delivered_state, receiver  # noqa: F401 - receiver: a fixture
 
 FIFTY = 50
 
@@ -34,7 +35,7 @@ def deployed(request: pytest.FixtureRequest, models: ModelSet,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     namespace = request.getfixturevalue("redis_namespace") if request.param == "distributed" else None
     with deployment(request.param, tmp_path_factory.mktemp(f"reuse-{request.param}"), models.root,
-                    namespace) as running:
+                    namespace, **WEBHOOKS) as running:
         yield running
 
 
@@ -64,6 +65,20 @@ def test_an_identical_request_shares_the_result_at_once(deployed: Deployment, tm
     assert deployed.api.download_all(second, tmp_path) == digests(first)  # bytes checked against each sha256
     third = deployed.api.submit(weighted(0.1))  # the second job's result is shared in turn
     assert third["reused_from"] == second["id"] and digests(third) == digests(first)
+
+
+def test_a_shared_result_calls_back_too(deployed: Deployment, receiver: Receiver) -> None:  # noqa: F811
+    """A job created succeeded (sharing a result) has its callback due at once, like a job whose run ended."""
+    first = merged(deployed, weighted(0.6))
+    path = receiver.path(200)
+    shared = deployed.api.submit({**weighted(0.6), "callback_url": receiver.url + path})
+    assert shared["status"] == "succeeded" and shared["reused_from"] == first["id"], shared
+    assert shared["webhook"]["state"] == "pending"
+    (call,) = receiver.wait(path, 1)
+    assert call.event["type"] == "job.succeeded" and call.event["data"]["id"] == shared["id"]
+    assert call.event["data"]["reused_from"] == first["id"] and call.event["data"]["artifacts"]
+    done = deployed.api.wait(shared["id"], delivered_state, timeout=30)
+    assert done["webhook"]["state"] == "delivered" and done["webhook"]["attempts"] == 1
 
 
 def test_reuse_false_merges_again(deployed: Deployment) -> None:
