@@ -9,6 +9,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,16 @@ def test_listing_goes_through_every_page(service: str, merged: Job, monkeypatch:
         assert [job.id for job in client.list()] == everything
         assert [job.id for job in client.list(limit=1)] == everything[:1]
         assert merged.id in {job.id for job in client.list(status=["succeeded", "failed"], limit=500)}
+
+
+def test_idempotency_key_and_reuse(service: str, merged: Job) -> None:
+    """The same key answers with the same job; an identical request (reuse on) shares the kept result at once,
+    and the job says so in a field the client does not model (kept in `data`)."""
+    key = f"client-test-{uuid.uuid4()}"
+    with Client(service) as client:
+        first = client.submit(*SMALL[:2], weights=SMALL[2], idempotency_key=key)
+        assert client.submit(*SMALL[:2], weights=SMALL[2], idempotency_key=key).id == first.id
+    assert first.id != merged.id and first.status == "succeeded" and first.data["reused_from"]
 
 
 def test_errors_are_typed_and_carry_the_problem(service: str, merged: Job) -> None:
