@@ -414,6 +414,17 @@ def test_retried_until_delivered_with_one_id(api: Api, receiver: Receiver, small
     assert event["data"]["links"] == {"job": f"/jobs/{job['id']}", "archive": job["archive_url"]}
 
 
+def test_a_reused_result_notifies(api: Api, receiver: Receiver, small_request: dict) -> None:
+    """A job answered from an earlier identical one is created succeeded, and gets its callback all the same."""
+    earlier = notified(api, small_request, receiver.url + receiver.path(200))
+    path = receiver.path(200)
+    job = api.wait(api.submit({**small_request, "callback_url": receiver.url + path})["id"], delivered_state, 60)
+    assert job["reused_from"] is not None and job["webhook"]["state"] == "delivered", job
+    [call] = receiver.requests(path)
+    assert call.event["type"] == "job.succeeded" and call.event["data"]["reused_from"] == job["reused_from"]
+    assert call.event["data"]["request_digest"] == earlier["request_digest"]
+
+
 def test_a_4xx_fails_without_retry(api: Api, receiver: Receiver, small_request: dict) -> None:
     path = receiver.path(410)
     job = notified(api, small_request, receiver.url + path)
