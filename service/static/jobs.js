@@ -50,7 +50,7 @@ function seconds(s) {
   if (s < 10) return `${s.toFixed(2)} s`;
   if (s < 60) return `${s.toFixed(1)} s`;
   const m = Math.floor(s / 60);
-  if (m < 60) return `${m} min ${String(Math.round(s % 60)).padStart(2, "0")} s`;
+  if (m < 60) return `${m} min ${String(Math.floor(s % 60)).padStart(2, "0")} s`;
   return `${Math.floor(m / 60)} h ${String(m % 60).padStart(2, "0")} min`;
 }
 
@@ -134,9 +134,8 @@ const PHASES = { downloading: "Downloading", merging: "Merging", publishing: "Pu
 function progressView(job) {
   const f = fraction(job);
   const { progress } = job;
-  const bar = el("progress", { max: 100, class: `bar ${job.status}` });
-  if (job.status === "running" && progress.bytes_total === 0) bar.removeAttribute("value"); // indeterminate
-  else bar.value = Math.round(f * 1000) / 10;
+  const bar = el("progress", { max: 100, class: `bar ${job.status}` }); // no value: indeterminate
+  if (job.status !== "running" || progress.bytes_total > 0) bar.value = Math.round(f * 1000) / 10;
   const remaining = rates.get(job.id)?.eta;
   let label = job.status === "running" ? PHASES[progress.phase] ?? progress.phase : "";
   let detail;
@@ -163,7 +162,7 @@ function progressView(job) {
 
 // ---- the list --------------------------------------------------------------------------------------------
 
-const rows = new Map(); // job id -> {row, detailRow, signature}
+const rows = new Map(); // job id -> {row, cells, detailRow, actionsKey, signature}
 
 function statusView(job) {
   if (job.status === "running" && job.cancel_requested) return badge("cancelling", "cancelled");
@@ -204,42 +203,41 @@ function actionsView(job) {
   return el("div", { class: "actions" }, buttons);
 }
 
+function newRow(job) {
+  const cells = [null, "id", null, null, "time", "actions-col"].map((name) => el("td", { class: name }));
+  cells[1].append(el("span", { class: "chevron", "aria-hidden": "true" }), el("code", { title: job.id }, shortId(job.id)),
+    el("div", { class: "muted small" }, when(job.created_at)));
+  cells[2].append(requestView(job));
+  const row = el("tr", { class: "job", tabindex: 0, "data-job": job.id }, cells);
+  row.addEventListener("click", (event) => { if (!event.target.closest("a, button")) select(job.id); });
+  row.addEventListener("keydown", (event) => { if (event.key === "Enter") select(job.id); });
+  return { row, cells, detailRow: el("tr", { class: "detail-row" }), actionsKey: "", signature: "" };
+}
+
 function renderRow(job) {
-  let entry = rows.get(job.id);
-  if (!entry) {
-    const row = el("tr", { class: "job", tabindex: 0, "data-job": job.id });
-    row.addEventListener("click", (event) => { if (!event.target.closest("a, button")) select(job.id); });
-    row.addEventListener("keydown", (event) => { if (event.key === "Enter") select(job.id); });
-    entry = { row, detailRow: el("tr", { class: "detail-row" }), signature: "" };
-    rows.set(job.id, entry);
+  const entry = rows.get(job.id) ?? rows.set(job.id, newRow(job)).get(job.id);
+  const [status, , , progress, time, actions] = entry.cells;
+  status.replaceChildren(statusView(job));
+  progress.replaceChildren(progressView(job));
+  time.replaceChildren(timeView(job));
+  const actionsKey = `${job.status}|${job.cancel_requested}|${job.archive_url}`;
+  if (entry.actionsKey !== actionsKey) { // buttons are only replaced when they change, so no click is lost
+    entry.actionsKey = actionsKey;
+    actions.replaceChildren(actionsView(job));
   }
   const selected = state.selected === job.id;
   entry.row.classList.toggle("selected", selected);
   entry.row.setAttribute("aria-expanded", String(selected));
-  const cells = [
-    el("td", {}, statusView(job)),
-    el("td", { class: "id" }, el("span", { class: "chevron", "aria-hidden": "true" }),
-      el("code", { title: job.id }, shortId(job.id)), el("div", { class: "muted small" }, when(job.created_at))),
-    el("td", {}, requestView(job)),
-    el("td", {}, progressView(job)),
-    el("td", { class: "time" }, timeView(job)),
-  ];
-  const actionsKey = `${job.status}|${job.cancel_requested}|${job.archive_url}`;
-  if (entry.actionsKey !== actionsKey) { // buttons stay put between polls, so a click is never lost
-    entry.actionsKey = actionsKey;
-    entry.actions = el("td", { class: "actions-col" }, actionsView(job));
-  }
-  entry.row.replaceChildren(...cells, entry.actions);
-  if (selected) {
-    const signature = JSON.stringify(job);
-    if (signature !== entry.signature) {
-      entry.signature = signature;
-      entry.detailRow.replaceChildren(el("td", { colSpan: 6 }, detailView(job)));
-    }
-  } else {
+  if (!selected) {
     entry.signature = "";
+    return [entry.row];
   }
-  return selected ? [entry.row, entry.detailRow] : [entry.row];
+  const signature = JSON.stringify(job);
+  if (signature !== entry.signature) { // unchanged details stay as they are (a text selection survives)
+    entry.signature = signature;
+    entry.detailRow.replaceChildren(el("td", { colSpan: 6 }, detailView(job)));
+  }
+  return [entry.row, entry.detailRow];
 }
 
 function renderList() {
@@ -252,7 +250,7 @@ function renderList() {
   $("count").textContent = state.total > state.jobs.length ? `${state.jobs.length} of ${state.total}` : `${state.total}`;
   const lone = $("detail");
   lone.hidden = !state.lone;
-  if (state.lone) lone.replaceChildren(el("h2", {}, `Job ${shortId(state.lone.id)}`), detailView(state.lone));
+  if (state.lone) lone.replaceChildren(detailView(state.lone));
 }
 
 // ---- one job's details -----------------------------------------------------------------------------------
@@ -330,8 +328,8 @@ function detailView(job) {
       ["phase", job.progress.phase], ["tensors", `${job.progress.tensors_done} / ${job.progress.tensors_total}`],
       ["bytes", `${bytes(job.progress.bytes_done)} / ${bytes(job.progress.bytes_total)}`],
     ])),
-    section("Timings", timingsView(job.timings)),
-    section("Metrics", metricsView(job.metrics)),
+    Object.values(job.timings).some((v) => v != null) ? section("Timings", timingsView(job.timings)) : null,
+    Object.values(job.metrics).some((v) => v != null) ? section("Metrics", metricsView(job.metrics)) : null,
     error ? wideSection("Error", el("div", { class: "problem" },
       el("strong", {}, `${error.status ?? ""} ${error.title ?? ""}`), el("p", {}, error.detail ?? ""),
       el("code", { class: "muted" }, error.type ?? ""))) : null,
@@ -418,7 +416,7 @@ async function submitMerge(event) {
     status.replaceChildren("queued as ", el("a", { href: `#job=${job.id}` }, shortId(job.id)));
     poll();
   } catch (error) {
-    status.textContent = error instanceof ApiError ? `${error.status}: ${error.message}` : String(error);
+    status.textContent = error instanceof ApiError ? `${error.problem.title ?? "Error"} (${error.status}): ${error.message}` : String(error);
     status.className = "form-status error";
     if (error instanceof ApiError && error.status === 401) report(error);
   }

@@ -214,8 +214,8 @@ def test_a_running_merge_moves_and_buttons_cancel_and_delete(page: Watched, serv
 
 
 def test_api_docs_render_from_local_files(page: Watched, server: Api) -> None:
-    """Swagger UI lists every operation and ReDoc every path, with nothing fetched from another host and no
-    script blocked by the pages' policies (ReDoc's footer logo aside)."""
+    """Swagger UI lists every operation and ReDoc every path and finds one by search, with nothing fetched
+    from another host and nothing blocked by the pages' policies (ReDoc's footer logo aside)."""
     schema = server.http.get("/openapi.json").json()
     operations = {(method.upper(), path) for path, item in schema["paths"].items() for method in item}
     ui = page.page
@@ -231,6 +231,9 @@ def test_api_docs_render_from_local_files(page: Watched, server: Api) -> None:
     expect(ui.locator("h1")).to_contain_text("adapter-merge", timeout=20_000)
     for path in schema["paths"]:
         expect(ui.locator("[data-section-id^='operation/']").filter(has_text=path).first).to_be_attached()
+    ui.fill("input[placeholder='Search...']", "cancel")  # ReDoc searches in a worker (the policy's blob:)
+    expect(ui.locator("[data-role='search:results'] li")).to_have_count(1)
+    expect(ui.locator("[data-role='search:results'] li")).to_have_attribute("aria-label", "Cancel Job")
     page.check(allowed_csp=(REDOC_LOGO,))
 
 
@@ -270,7 +273,7 @@ def test_with_api_keys_the_page_asks_for_one(browser: Browser, web_models: WebMo
         ui.fill("input[name=base_model]", "small/base")
         ui.fill("textarea[name=adapters]", "small/lora")
         ui.click("#submit-form button[type=submit]")
-        expect(ui.locator("#submit-status")).to_contain_text("403: role 'read' may not do this")
+        expect(ui.locator("#submit-status")).to_contain_text("(403): role 'read' may not do this")
 
         ui.click("#forget")
         expect(ui.locator("#login")).to_be_visible()
