@@ -32,6 +32,26 @@ CONFIG = {
 }
 
 
+OPERATIONS = {"submit_merge", "get_job", "list_jobs", "cancel_job", "delete_job", "get_artifact", "head_artifact",
+              "get_archive", "healthz", "readyz"}
+
+
+def test_the_schema_names_operations_and_problems_as_clients_need() -> None:
+    """Short unique operationIds (a generator names functions after them); every error response is the problem
+    document as application/problem+json (FastAPI's own HTTPValidationError would come back with a route
+    that declares no 422 of its own)."""
+    document = json.loads((REPO / "openapi.json").read_text())
+    operations = [operation for path in document["paths"].values() for operation in path.values()]
+    ids = [operation["operationId"] for operation in operations]
+    assert len(ids) == len(set(ids)) and set(ids) >= OPERATIONS, ids
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    for operation in operations:
+        for status, response in operation["responses"].items():
+            if int(status) >= 400:
+                assert response["content"] == {"application/problem+json": {"schema": {
+                    "$ref": "#/components/schemas/ProblemDetails"}}}, (operation["operationId"], status)
+
+
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
     """The generated package, importable; generation must not warn (a warning means a part left out)."""
