@@ -33,7 +33,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
 _CLAIM_KEY = """
 local record = redis.call('GET', KEYS[1])
 if record then return record end
@@ -51,6 +50,7 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
 """Replace (or with an empty record, delete) a key's record still being processed by ARGV[1]."""
+
 
 class RedisJobStore(JobStore):
     def __init__(self, url: str, prefix: str) -> None:
@@ -303,7 +303,6 @@ def _beyond(item: Cursor, after: Cursor, oldest_first: bool) -> bool:
 
 def _millis(seconds: float) -> int:
     return max(1, int(seconds * 1000))
-
 
 
 def _seconds(redis_time: tuple[int, int]) -> float:
