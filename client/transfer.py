@@ -26,6 +26,8 @@ def _sha256(path: Path) -> hashlib._Hash:
 
 
 class Transfer:
+    """One artifact into `dest`: what to ask for, where its bytes go, and whether they may stay."""
+
     def __init__(self, artifact: Artifact, dest: Path) -> None:
         relative = PurePosixPath(artifact.path)
         if relative.is_absolute() or ".." in relative.parts:
@@ -64,11 +66,10 @@ class Transfer:
 
             yield write
 
-    def finish(self) -> Path:
+    def finish(self) -> None:
         """Check the whole file's sha256; rename it into place, or remove it and raise."""
         actual = self.digest.hexdigest()
         if actual != self.artifact.sha256:
             self.partial.unlink(missing_ok=True)
             raise ChecksumMismatch(self.artifact.path, self.artifact.sha256, actual)
         os.replace(self.partial, self.final)
-        return self.final
