@@ -65,9 +65,10 @@ print(json.dumps(sorted({dist for top in tops for dist in owners.get(top, [])}))
 
 # Imported when present, never needed: uvicorn and kombu try PyYAML; setuptools' .pth hook in any venv; httpx
 # loads its command line (click, rich, pygments) when those are installed; FastAPI's OpenTelemetry API loads the
-# SDK (and the SDK psutil) when the test venv has them, which mlflow-skinny brings.
+# SDK (and the SDK psutil) when the test venv has them, which mlflow-skinny brings; Celery takes its thread ids
+# from greenlet when it is installed (playwright, for tests/web, brings it).
 OPTIONAL = {"pyyaml", "setuptools", "click", "rich", "pygments", "opentelemetry-sdk", "opentelemetry-proto",
-            "opentelemetry-semantic-conventions", "psutil"}
+            "opentelemetry-semantic-conventions", "psutil", "greenlet"}
 
 
 def requirement_closure(lines: list[str]) -> set[str]:
