@@ -25,7 +25,7 @@ from adapter_merge.core.publish.hub import HubTarget
 from adapter_merge.core.request import PublishSpec
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.sources.hub import HubSource
-from adapter_merge.worker.engine import AdapterSpec, merge
+from adapter_merge.worker.engine import AdapterSpec, MergeCancelled, merge
 from adapter_merge.worker.engine.manifest import engine_version
 from tests.registries.fixtures import TinyModels
 from tests.registries.hub import FakeHub
@@ -185,6 +185,26 @@ def test_a_branch_that_keeps_moving_fails_the_publish(hub_env: FakeHub, merged: 
     assert problem.kind is Problems.PUBLISH_FAILED and problem.members["field"] == "publish.to"
     assert "hf://pub/busy" in problem.detail and "moved" in problem.detail
     assert commits_with(hub_env, "pub/busy", lineage.request_digest) == []
+
+
+def test_a_cancel_mid_upload_stops_it_and_commits_nothing(hub_env: FakeHub, merged: Path, base_on_hub: str,
+                                                          tmp_path: Path) -> None:
+    """The runner's byte counter raises once the job is cancelled: the upload stops there, the exception comes
+    through as itself (not as a hub error), and the branch is as it was."""
+    settings = settings_for(tmp_path)
+    lineage = lineage_of(merged, settings, "4" * 64)
+    main = hub_env.add_repo("pub/cancelled")
+    sent: list[int] = []
+
+    def counter(count: int) -> None:
+        sent.append(count)
+        if sum(sent) > 1 << 20:
+            raise MergeCancelled("cancelled")
+
+    with pytest.raises(MergeCancelled):
+        HubTarget(settings).publish(PublishSpec(to="hf://pub/cancelled"), merged, lineage, counter)
+    assert hub_env.requests.count(kind="create_commit") == 0 and hub_env.resolve("pub/cancelled") == main
+    assert sum(sent) < sum((merged / name).stat().st_size for name in lineage.manifest_sha256)
 
 
 def test_a_new_branch_is_created_from_main(hub_env: FakeHub, merged: Path, base_on_hub: str, tmp_path: Path) -> None:
