@@ -30,22 +30,25 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; object-src 'none'; bas
 REDOC_POLICY = f"{PAGE_POLICY}; style-src 'self' 'unsafe-inline'; worker-src 'self' blob:"
 """ReDoc writes its styles at run time (styled-components) and searches in a worker made from a blob; scripts
 stay this origin's only."""
-_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 
 router = APIRouter(include_in_schema=False)
 
 
+def _page_headers(policy: str) -> dict[str, str]:
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
 def _secured(page: HTMLResponse, policy: str) -> HTMLResponse:
-    page.headers.update({**_HEADERS, "Content-Security-Policy": policy, "Cache-Control": "no-cache"})
+    page.headers.update(_page_headers(policy))
     return page
 
 
 @router.get("/")
 def jobs_page() -> FileResponse:
     """The jobs page: static HTML whose script polls the API with the token the user types in."""
-    return FileResponse(STATIC_DIR / "index.html", headers={
-        **_HEADERS, "Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
+    return FileResponse(STATIC_DIR / "index.html", headers=_page_headers(PAGE_POLICY))
 
 
 @router.get("/docs")

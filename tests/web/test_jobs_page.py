@@ -21,8 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, Page, Request, Route, expect
+from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Route, expect
 
+from adapter_merge.service.routes.pages import PAGE_POLICY, REDOC_POLICY
 from tests.loopback import wait_for
 from tests.service.harness import FINISHED, REPO, Api, Proc, service_env, start_server
 from tests.web.conftest import WebModels
@@ -45,7 +46,6 @@ class Watched:
     """What a page did besides talking to the server: requests elsewhere, blocked content, script errors."""
 
     page: Page
-    base_url: str
     elsewhere: list[str] = field(default_factory=list)
     csp_blocked: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -56,10 +56,10 @@ class Watched:
         assert [text for text in self.errors if not (allowed_errors and re.search(allowed_errors, text))] == []
 
 
-def watch(browser: Browser, base_url: str) -> Watched:
+def watch(browser: Browser) -> Watched:
     context = browser.new_context(viewport=VIEWPORT, locale="en-GB", timezone_id="UTC", accept_downloads=True)
     page = context.new_page()
-    watched = Watched(page, base_url)
+    watched = Watched(page)
 
     def route(route: Route) -> None:
         if urlsplit(route.request.url).hostname == "127.0.0.1":
@@ -68,7 +68,7 @@ def watch(browser: Browser, base_url: str) -> Watched:
             watched.elsewhere.append(route.request.url)
             route.abort()
 
-    def console(message: Any) -> None:
+    def console(message: ConsoleMessage) -> None:
         if "Content Security Policy" in message.text:
             watched.csp_blocked.append(message.text)
         elif message.type == "error":
@@ -96,7 +96,7 @@ def stop(proc: Proc, api: Api) -> None:
 
 @pytest.fixture
 def page(browser: Browser, server: Api) -> Iterator[Watched]:
-    watched = watch(browser, server.base_url)
+    watched = watch(browser)
     yield watched
     watched.page.context.close()
 
@@ -163,7 +163,9 @@ def largest_weights(job: dict[str, Any]) -> dict[str, Any]:
 def test_a_merge_submitted_in_the_form_runs_to_its_artifacts(page: Watched, server: Api, web_models: WebModels) -> None:
     """Submitted through the form, the merge shows up, runs, and ends at 100% as succeeded; an artifact
     clicked in its details downloads the bytes the job lists (sha256)."""
-    page.page.goto(server.base_url + "/")
+    response = page.page.goto(server.base_url + "/")
+    assert response is not None and response.headers["content-security-policy"] == PAGE_POLICY
+    assert response.headers["x-frame-options"] == "DENY" and response.headers["x-content-type-options"] == "nosniff"
     expect(page.page.locator("#live")).to_contain_text("live")
     job_id = submit_through_form(page.page, "small/base", "small/lora\nsmall/dora 0.5")
     seen = follow(page.page, job_id, lambda state: state["status"] == "succeeded")
@@ -219,7 +221,9 @@ def test_api_docs_render_from_local_files(page: Watched, server: Api) -> None:
     schema = server.http.get("/openapi.json").json()
     operations = {(method.upper(), path) for path, item in schema["paths"].items() for method in item}
     ui = page.page
-    ui.goto(server.base_url + "/docs")
+    response = ui.goto(server.base_url + "/docs")
+    assert response is not None  # FastAPI's inline starter, allowed by its hash and no other inline script:
+    assert re.search(r"; script-src 'self' 'sha256-[A-Za-z0-9+/]{43}='$", response.headers["content-security-policy"])
     expect(ui.locator(".opblock").first).to_be_visible(timeout=20_000)
     shown = {(block.locator(".opblock-summary-method").inner_text(),
               block.locator(".opblock-summary-path").get_attribute("data-path"))
@@ -227,7 +231,8 @@ def test_api_docs_render_from_local_files(page: Watched, server: Api) -> None:
     assert shown == operations
     expect(ui.locator(".swagger-ui .btn.authorize")).to_be_visible()
 
-    ui.goto(server.base_url + "/redoc")
+    response = ui.goto(server.base_url + "/redoc")
+    assert response is not None and response.headers["content-security-policy"] == REDOC_POLICY
     expect(ui.locator("h1")).to_contain_text("adapter-merge", timeout=20_000)
     for path in schema["paths"]:
         expect(ui.locator("[data-section-id^='operation/']").filter(has_text=path).first).to_be_attached()
@@ -248,7 +253,7 @@ def test_with_api_keys_the_page_asks_for_one(browser: Browser, web_models: WebMo
     env = service_env(tmp_path / "data", web_models.root, MERGE_AUTH="required",
                       MERGE_API_KEYS_FILE=str(tmp_path / "keys.json"))
     proc, api = start_server(env, tmp_path / "server.log")
-    watched = watch(browser, api.base_url)
+    watched = watch(browser)
     ui = watched.page
     sent: list[tuple[str, str | None]] = []
 
