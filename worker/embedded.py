@@ -83,8 +83,9 @@ class EmbeddedWorker:
             self.child = None
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
-            log.error("merge process %d ended with %s; the lease reaper will recover its job", pid,
+            log.error("merge process %d ended with %s; the lease reaper will recover its job, if it had one", pid,
                       f"signal {-code}" if code < 0 else f"exit code {code}")
+            self.stopping.wait(self.settings.poll_seconds)  # one that fails before claiming must not spin
 
 
 def _child_main(context: JobContext, metrics: WorkerMetrics) -> int:
