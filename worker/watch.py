@@ -8,6 +8,7 @@ memory reads here, and all store traffic happens on this thread at a steady pace
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -32,7 +33,9 @@ class JobWatch:
         self._latest: Progress | None = None
         self._sent: Progress | None = None
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"watch-{job.id}", daemon=True)
+        # In the runner's context, so its lines name the job as the runner's own do (core/logs.py).
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name=f"watch-{job.id}", daemon=True)
 
     def __enter__(self) -> JobWatch:
         self._thread.start()
