@@ -158,20 +158,18 @@ class Notifier:
     def send(self, job: JobRecord) -> Outcome:
         """POST the signed event to the callback URL, connecting to the address checked just now."""
         assert job.webhook is not None and job.request.callback_url is not None
-        url = job.request.callback_url
         try:
-            target = resolve_callback(url, self.policy)
+            target = resolve_callback(job.request.callback_url, self.policy)
         except CallbackRefused as error:
             return Outcome(None, f"refused: {error}", retry=False)
         except OSError as error:
             return Outcome(None, f"the host does not resolve ({error.strerror or error})", retry=True)
         body = event_body(job)
         headers = signed_headers(self.key, job.webhook.id, int(time.time()), body)
-        original = httpx.URL(url)
         request = self.http.build_request(
-            "POST", original.copy_with(host=str(target.address)), content=body,
-            headers={**headers, "host": original.netloc.decode("ascii")},
-            extensions={"sni_hostname": target.host})  # TLS checks the certificate against the name, not the address
+            "POST", target.url.copy_with(host=str(target.address)), content=body,
+            headers={**headers, "host": target.url.netloc.decode("ascii")},
+            extensions={"sni_hostname": target.url.raw_host.decode("ascii")})  # TLS checks the name, not the address
         try:
             response = self.http.send(request, stream=True)  # the answer's body is not needed: never read
             response.close()

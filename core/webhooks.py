@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import quote, urlsplit
 
+import httpx
+
 from adapter_merge.core.jobs import JobRecord, JobStatus, WebhookDelivery
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.settings import Settings
 
 FIELD = "callback_url"
+DEFAULT_PORTS = {"http": 80, "https": 443}
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -111,27 +114,33 @@ class HostPolicy:
 
 @dataclass(frozen=True)
 class Callback:
-    """A URL's host that passed the rules, and the checked address to connect to."""
+    """A URL that passed the rules, as the HTTP client parses it, and the checked address to connect to."""
 
+    url: httpx.URL
     host: str
     address: IPAddress
 
 
 def resolve_callback(url: str, policy: HostPolicy) -> Callback:
     """Check `url` against the rules and the addresses its host has now; raises `CallbackRefused`, or
-    `OSError` when the name does not resolve (which may pass)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise CallbackRefused(f"must be an http or https URL, not {parts.scheme or 'scheme-less'}")
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise CallbackRefused("must not carry a user name or password")
+    `OSError` when the name does not resolve (which may pass). The URL is read by the parser of the client that
+    will send the request (and refused where the standard library's reads it otherwise), so the host checked
+    is the host connected to."""
     try:
-        parts.port  # noqa: B018 - raises on a port that is no number or out of range
-    except ValueError as error:
-        raise CallbackRefused(f"has an invalid port ({error})") from None
-    host = (parts.hostname or "").rstrip(".")
+        parsed, parts = httpx.URL(url), urlsplit(url)
+        port = parts.port
+    except (httpx.InvalidURL, ValueError) as error:
+        raise CallbackRefused(f"is not a valid URL ({error})") from None
+    if parsed.scheme not in DEFAULT_PORTS:
+        raise CallbackRefused(f"must be an http or https URL, not {parsed.scheme or 'scheme-less'}")
+    if parsed.userinfo or parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise CallbackRefused("must not carry a user name or password")
+    host = parsed.host.rstrip(".")
     if not host:
         raise CallbackRefused("has no host")
+    default = DEFAULT_PORTS[parsed.scheme]
+    if (parsed.port or default) != (port or default) or port == 0:
+        raise CallbackRefused(f"has an invalid port ({port})")
     try:
         literal: IPAddress | None = ipaddress.ip_address(host)
     except ValueError:
@@ -139,17 +148,20 @@ def resolve_callback(url: str, policy: HostPolicy) -> Callback:
     if literal is not None:
         kind = _special_kind(literal)
         if policy.listed(_canonical(literal)) or (kind is None and policy.named(host)):
-            return Callback(host, literal)
+            return Callback(parsed, host, literal)
         raise CallbackRefused(_not_allowed(host) if kind is None else f"{host} is {kind}{_UNLESS_LISTED}")
     if not policy.named(host):
         raise CallbackRefused(_not_allowed(host))
-    addresses = [ipaddress.ip_address(info[4][0].split("%")[0])
-                 for info in socket.getaddrinfo(host, parts.port, type=socket.SOCK_STREAM)]
+    try:
+        found = socket.getaddrinfo(parsed.raw_host.decode("ascii").rstrip("."), port, type=socket.SOCK_STREAM)
+    except UnicodeError as error:
+        raise CallbackRefused(f"has an invalid host name ({error})") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in found]
     for address in addresses:
         kind = _special_kind(address)
         if kind is not None and not policy.listed(_canonical(address)):
             raise CallbackRefused(f"host {host!r} resolves to {address}, {kind}{_UNLESS_LISTED}")
-    return Callback(host, addresses[0])
+    return Callback(parsed, host, addresses[0])
 
 
 _UNLESS_LISTED = ", which callbacks may reach only where MERGE_WEBHOOK_ALLOWED_HOSTS lists it (the address or " \

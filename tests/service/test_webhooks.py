@@ -111,7 +111,12 @@ def rules(allowed: str, secret: str | None = SECRET) -> Settings:
     ("http://8.8.8.8/hook", "hooks.example.com", "not among the hosts"),
     ("ftp://hooks.example.com/hook", "*", "http or https"),
     ("http://user:pw@127.0.0.1/hook", "127.0.0.1", "user name"),
-    ("http://127.0.0.1:99999/hook", "127.0.0.1", "port"),
+    ("http://127.0.0.1:99999/hook", "127.0.0.1", "not a valid URL"),
+    ("http://127.0.0.1:0/hook", "127.0.0.1", "invalid port"),
+    ("http://@127.0.0.1/hook", "127.0.0.1", "user name"),  # an empty user name, which one parser drops
+    ("http://[::1/hook", "*", "not a valid URL"),
+    ("http://[::1]x/hook", "::1", "not a valid URL"),
+    ("http://" + "a" * 64 + ".example/hook", "*", "invalid host name"),
     ("http://127.0.0.1/hook", "", "MERGE_WEBHOOK_ALLOWED_HOSTS lists no host"),
     ("http://no-such-host.invalid/hook", "*.invalid", "does not resolve"),
 ])
@@ -128,6 +133,8 @@ def test_refused_callback_urls(url: str, allowed: str, reason: str) -> None:
     ("http://[::1]:8080/hook", "::1"),
     ("http://[::ffff:127.0.0.1]:8080/hook", "127.0.0.1"),
     ("http://localhost:8080/hook", "localhost,127.0.0.1,::1"),
+    ("http://LOCALHOST.:8080/hook", "localhost,127.0.0.1,::1"),
+    ("http://[::1]:80/hook", "::1"),
     ("https://8.8.8.8/hook", "*"),
 ])
 def test_allowed_callback_urls(url: str, allowed: str) -> None:
