@@ -477,12 +477,13 @@ def test_cancelled_and_failed_jobs_notify(api: Api, receiver: Receiver, models: 
 
 def test_refused_callbacks_over_the_wire(models: ModelSet, tmp_path: Path, small_request: dict) -> None:
     """A server that would call any host by name still refuses loopback, private and link-local addresses, and
-    names resolving to them, at submission: 422 callback-refused naming callback_url; nothing is queued."""
+    names resolving to them, at submission, and malformed URLs too: 422 callback-refused naming callback_url;
+    nothing is queued."""
     env = service_env(tmp_path / "data", models.root, **{**WEBHOOKS, "MERGE_WEBHOOK_ALLOWED_HOSTS": "*"})
     proc, api = start_server(env, tmp_path / "server.log")
     try:
         for url in ("http://127.0.0.1:8080/hook", "http://10.0.0.7/hook", "http://169.254.169.254/latest",
-                    "http://[::1]:8080/hook", "http://localhost:8080/hook"):
+                    "http://[::1]:8080/hook", "http://localhost:8080/hook", "http://[::1/hook", "ftp://x/hook"):
             response = api.http.post("/merge", json={**small_request, "callback_url": url})
             assert response.status_code == 422, response.text
             assert response.headers["content-type"].startswith("application/problem+json")
