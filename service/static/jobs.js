@@ -339,11 +339,11 @@ function detailView(job) {
       ["callback", r.callback_url], ["reuse", r.reuse === false ? "no (forced fresh merge)" : null],
     ]), inputsView(job)),
     job.artifacts.length ? wideSection("Artifacts", artifactsView(job)) : null,
-    published ? section("Published", definitions([
+    published ? wideSection("Published", definitions([
       ["target", el("code", {}, published.uri)], ["version", published.version],
       ["link", safeUrl(published.url) ? el("a", { href: published.url, target: "_blank", rel: "noopener" }, published.url) : published.url],
     ])) : null,
-    webhook ? section("Webhook", definitions([
+    webhook ? wideSection("Webhook", definitions([
       ["state", badge(webhook.state, { pending: "queued", delivered: "succeeded", failed: "failed" }[webhook.state])],
       ["attempts", webhook.attempts], ["last status", webhook.last_status], ["last error", webhook.last_error],
       ["next attempt", webhook.next_attempt_at ? when(webhook.next_attempt_at) : null],
