@@ -2,7 +2,8 @@
 due callbacks on both backends, and delivery end to end from real servers (embedded and distributed) to a
 real HTTP receiver on 127.0.0.1 that checks every signature with the README's code and with the reference
 library: retries with one id, refusals, every way a job ends, and a server killed mid-delivery. Requests say
-`"reuse": false`, so that each runs a merge of its own rather than sharing an earlier identical one's result."""
+`"reuse": false` (but for the test of reuse), so that each runs a merge of its own rather than sharing an earlier
+identical one's result."""
 
 from __future__ import annotations
 
