@@ -48,7 +48,7 @@ from adapter_merge.core.refs import BadReference
 from adapter_merge.core.request import PublishSpec
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.sources.base import RegistryUnavailable
-from adapter_merge.core.sources.hub import DEFAULT_REVISION, HUB_ERRORS, reason, transient
+from adapter_merge.core.sources.hub import DEFAULT_REVISION, HUB_ERRORS, http_status, reason, transient
 from adapter_merge.core.sources.transfer import retrying
 
 CARD = "README.md"
@@ -89,6 +89,7 @@ class HubTarget:
 
     def publish(self, spec: PublishSpec, folder: Path, lineage: Lineage, progress: ByteCounter) -> Published:
         repo, branch = parse(spec.to, TO_FIELD)
+        sent = _Tally(progress, sum((folder / path).stat().st_size for path in _merged_files(lineage)))
         readers: list[_CountedReader] = []
         refused: Exception | None = None
         try:
@@ -97,8 +98,9 @@ class HubTarget:
                     head, paths = self._head(repo, branch)
                     found = self._find_in_history(spec, repo, branch, lineage)
                     if found is not None:
+                        sent.rest()
                         return found
-                    _reopen(readers, folder, lineage, progress)
+                    _reopen(readers, folder, lineage, sent)
                     operations = [*_additions(readers, folder, lineage, spec), *_card_and_lineage(lineage),
                                   *_deletions(paths, lineage)]
                     self._bound_session()
@@ -111,8 +113,7 @@ class HubTarget:
                             raise
                         refused = error  # the branch moved, or the hub failed (perhaps after committing): look again
                         continue
-                    for reader in readers:
-                        reader.count_rest()
+                    sent.rest()  # what the hub had already was never read
                     return self._published(spec, repo, info.oid)
         finally:
             for reader in readers:
@@ -206,11 +207,29 @@ def parse(uri: str, field: str) -> tuple[str, str]:
 
 # -- what a commit holds ------------------------------------------------------------------------------------------
 
+class _Tally:
+    """Progress over the merged files' bytes: as sent, never past their total (an attempt after a moved branch
+    sends some again), and the rest once published."""
+
+    def __init__(self, progress: ByteCounter, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def __call__(self, count: int) -> None:
+        count = min(count, self.total - self.done)
+        if count > 0:
+            self.done += count
+            self.progress(count)
+
+    def rest(self) -> None:
+        self(self.total - self.done)
+
+
 class _CountedReader(io.BufferedReader):
     """A merged file as the client reads it. After `count_from_here` (the client hashes the file before), how
-    far its reads reach is progress: a retried upload counts once, and `count_rest` counts what the hub had
-    already and so was never read. A progress callback that raises (the job was cancelled) is remembered, since
-    the client wraps what an upload raises in errors of its own."""
+    far its reads reach is progress: a retried upload counts once. A progress callback that raises (the job was
+    cancelled) is remembered, since the client wraps what an upload raises in errors of its own."""
 
     def __init__(self, path: Path, progress: ByteCounter) -> None:
         super().__init__(io.FileIO(path, "rb"))
@@ -232,23 +251,22 @@ class _CountedReader(io.BufferedReader):
                 raise
         return data
 
-    def count_rest(self) -> None:
-        size = self.seek(0, io.SEEK_END)
-        if self.reached is not None and size > self.reached:
-            sent, self.reached = size - self.reached, size
-            self.progress(sent)
-
     def raise_if_stopped(self) -> None:
         if self.stopped is not None:
             raise self.stopped
 
 
+def _merged_files(lineage: Lineage) -> list[str]:
+    """What is published of the merged folder: all of it but a README.md (the card replaces it)."""
+    return sorted(path for path in lineage.manifest_sha256 if path != CARD)
+
+
 def _reopen(readers: list[_CountedReader], folder: Path, lineage: Lineage, progress: ByteCounter) -> None:
-    """Fresh readers of the merged files (README.md excepted: the card replaces it), for one commit attempt (the
-    client's operations keep what the hub said of the branch they were sent to, so none outlives its attempt)."""
+    """Fresh readers of the merged files for one commit attempt (the client's operations keep what the hub said
+    of the branch they were sent to, so none outlives its attempt)."""
     for reader in readers:
         reader.close()
-    readers[:] = [_CountedReader(folder / path, progress) for path in sorted(lineage.manifest_sha256) if path != CARD]
+    readers[:] = [_CountedReader(folder / path, progress) for path in _merged_files(lineage)]
 
 
 def _additions(readers: list[_CountedReader], folder: Path, lineage: Lineage,
@@ -311,13 +329,9 @@ def _pin(pinned: dict[str, str]) -> str:
 
 # -- errors -------------------------------------------------------------------------------------------------------
 
-def _status(error: HfHubHTTPError) -> int | None:
-    return error.response.status_code if error.response is not None else None
-
-
 def _stale(error: Exception) -> bool:
     """The hub's answer to a commit whose parent is no longer the branch's head."""
-    return isinstance(error, HfHubHTTPError) and _status(error) == STALE_PARENT
+    return isinstance(error, HfHubHTTPError) and http_status(error) == STALE_PARENT
 
 
 @contextmanager
@@ -342,7 +356,7 @@ def _problem(error: Exception, spec: PublishSpec) -> Problem:
         return RegistryUnavailable(TO_FIELD, spec.to, reason(error))
     if isinstance(error, HfHubHTTPError):
         why = f"the hub refused it ({reason(error)}"
-        if _status(error) in (401, 403) or isinstance(error, RepositoryNotFoundError):
+        if http_status(error) in (401, 403) or isinstance(error, RepositoryNotFoundError):
             why = f"the hub refused the service's token ({reason(error)}"
         message = (error.server_message or "").strip().splitlines()
         why += f": {message[0]})" if message else ")"

@@ -150,10 +150,10 @@ def transient(error: Exception) -> bool:
     """Worth another try: no answer, a dropped connection, or a busy or failing hub."""
     if isinstance(error, httpx2.TransportError):
         return True
-    return isinstance(error, HfHubHTTPError) and _status(error) in TRANSIENT_STATUSES
+    return isinstance(error, HfHubHTTPError) and http_status(error) in TRANSIENT_STATUSES
 
 
-def _status(error: HfHubHTTPError) -> int | None:
+def http_status(error: HfHubHTTPError) -> int | None:
     return error.response.status_code if error.response is not None else None
 
 
@@ -166,7 +166,7 @@ def reason(error: Exception) -> str:
     if isinstance(error, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set"
     if isinstance(error, HfHubHTTPError):
-        return f"HTTP {_status(error)}"
+        return f"HTTP {http_status(error)}"
     return type(error).__name__
 
 
@@ -179,7 +179,7 @@ def _pin_problem(error: Exception, field: str, ref: str, revision: str) -> Probl
                             "private and the service's token cannot read it)")
     if isinstance(error, RevisionNotFoundError):
         return BadReference(field, ref, Problems.REFERENCE_NOT_FOUND, f"has no revision {revision!r}")
-    if isinstance(error, HfHubHTTPError) and _status(error) in (401, 403):
+    if isinstance(error, HfHubHTTPError) and http_status(error) in (401, 403):
         return BadReference(field, ref, Problems.REFERENCE_FORBIDDEN, f"cannot be read: the hub refused the "
                             f"service's token ({reason(error)})")
     if transient(error) or isinstance(error, OfflineModeIsEnabled):
