@@ -162,6 +162,8 @@ class HubHandler(WriteRoutes, BaseHTTPRequestHandler):
                 self._hub(segments, body)
         except _Refused:
             pass
+        except (ValueError, KeyError, TypeError) as error:  # a body the handler could not read: nothing sent yet
+            self._error(400, f"Bad request: {error!r}")
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 

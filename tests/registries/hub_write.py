@@ -18,9 +18,10 @@ the hub answers it (mixed into `hub_http.HubHandler`, which routes and authentic
                                                              lfsFile (an uploaded oid), deletedFile, deletedFolder;
                                                              412 if parentCommit is no longer the branch head
 
-Writing needs a valid token (401 without). Not spoken: Xet (the client uploads through Xet when hf_xet is installed
-and it is handed paths or bytes: its token request, /api/models/ORG/NAME/xet-write-token/REV, gets a 404 here;
-given file objects it uses the LFS API above), pull requests (`create_pr`), copies, and .gitignore matching.
+Writing needs a valid token (401 without); any valid token may write anywhere. Not spoken: Xet (the client uploads
+through Xet when hf_xet is installed and it is handed paths or bytes: its token request,
+/api/models/ORG/NAME/xet-write-token/REV, gets a 404 here; given file objects it uses the LFS API above), pull
+requests (`create_pr`), and .gitignore matching (`shouldIgnore` is always false).
 """
 
 from __future__ import annotations
