@@ -174,6 +174,16 @@ def test_a_merge_submitted_in_the_form_runs_to_its_artifacts(page: Watched, serv
     assert [adapter["weight"] for adapter in job["request"]["adapters"]] == [1.0, 0.5]
     artifact = largest_weights(job)
     assert hashlib.sha256(download_artifact(page.page, job_id, artifact["path"])).hexdigest() == artifact["sha256"]
+
+    # The open job stays open, from GET /jobs/{id}, when the filter hides it from the list; its address says so.
+    assert page.page.url.endswith(f"#job={job_id}")
+    page.page.select_option("#filter", "failed")
+    expect(page.page.locator(f"tr[data-job='{job_id}']")).to_have_count(0)
+    expect(page.page.locator("#detail")).to_contain_text(job_id)
+    expect(page.page.locator("#detail")).to_contain_text(artifact["sha256"])
+    page.page.select_option("#filter", "")
+    expect(page.page.locator("#detail")).to_be_hidden()
+    expect(page.page.locator("tr.detail-row")).to_contain_text(artifact["sha256"])
     page.check()
 
 
