@@ -80,7 +80,8 @@ class PublishTarget(Protocol):
         ...
 
     def find(self, spec: PublishSpec, lineage: Lineage) -> Published | None:
-        """An earlier complete publish of `lineage.request_digest` to this target, if there is one."""
+        """An earlier complete publish of `lineage.request_digest` to this target, if there is one; a `Problem`
+        (409 publish-conflict) where publishing would overwrite another request's model."""
         ...
 
     def publish(self, spec: PublishSpec, folder: Path, lineage: Lineage, progress: ByteCounter) -> Published:
