@@ -134,7 +134,7 @@ const PHASES = { downloading: "Downloading", merging: "Merging", publishing: "Pu
 function progressView(job) {
   const f = fraction(job);
   const { progress } = job;
-  const bar = el("progress", { max: 100, class: `bar ${job.status}` }); // no value: indeterminate
+  const bar = el("progress", { max: 100, class: `bar ${job.status}`, "aria-label": "progress" }); // no value: indeterminate
   if (job.status !== "running" || progress.bytes_total > 0) bar.value = Math.round(f * 1000) / 10;
   const remaining = rates.get(job.id)?.eta;
   let label = job.status === "running" ? PHASES[progress.phase] ?? progress.phase : "";
@@ -430,12 +430,13 @@ function setLive(text, kind) {
   live.className = `live ${kind}`;
 }
 
+const LOGIN_HINT = $("login-reason").textContent; // what the key is for and where it is kept
+
 function showLogin(error) {
   $("login").hidden = false;
   $("login-reason").textContent = sessionStorage.getItem(TOKEN_KEY)
     ? `The key was refused (401): ${error.message}. Paste another one.`
-    : "Paste an API key or an OIDC token. It is kept in this tab only (session storage) and sent as " +
-      "Authorization: Bearer … with every request.";
+    : LOGIN_HINT;
   $("token").focus();
   setLive("sign-in needed", "off");
 }
