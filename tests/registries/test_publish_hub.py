@@ -141,6 +141,20 @@ def test_the_same_request_published_again_finds_its_commit(hub_env: FakeHub, mer
     assert rerun.find(PublishSpec(to="hf://pub/twice"), other) is None
 
 
+def test_a_publish_deep_in_the_history_is_found(hub_env: FakeHub, merged: Path, base_on_hub: str,
+                                               tmp_path: Path) -> None:
+    """Sixty commits later (the hub pages the history 50 at a time), the rerun still finds its commit."""
+    settings = settings_for(tmp_path)
+    lineage = lineage_of(merged, settings, "5" * 64)
+    first = publish(HubTarget(settings), "hf://pub/deep", merged, lineage)
+    for number in range(60):
+        hub_env.commit("pub/deep", files={"NOTES.md": f"edit {number}".encode()})
+    hub_env.requests.clear()
+
+    assert HubTarget(settings).find(PublishSpec(to="hf://pub/deep"), lineage) == first
+    assert hub_env.requests.count(kind="commits") == 2
+
+
 def test_a_commit_whose_answer_was_lost_is_found_not_repeated(hub_env: FakeHub, merged: Path, base_on_hub: str,
                                                               tmp_path: Path) -> None:
     """The hub commits, then the connection drops: the client cannot tell; the target looks, finds it, stops."""
