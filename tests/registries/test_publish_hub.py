@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError
 
 from adapter_merge.core.jobs import Published
 from adapter_merge.core.problems import Problems
@@ -310,6 +311,30 @@ def test_the_fake_hub_refuses_a_stale_parent_as_the_hub_does(hub: FakeHub) -> No
     assert "A commit has happened since" in str(caught.value)
     assert json.loads(caught.value.response.text) == {"error": "A commit has happened since. Please refresh and "
                                                                 "try again."}
+
+
+
+def test_the_fake_hub_checks_a_commit_as_the_hub_does(hub: FakeHub) -> None:
+    """A branch that exists, a file to delete that does not, card metadata the model tree cannot use, and an LFS
+    pointer to an object never uploaded: each refused, and the client raises what it raises for the hub."""
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    api.create_repo("pub/checks")
+    head = hub.resolve("pub/checks")
+    with pytest.raises(HfHubHTTPError) as exists:
+        api.create_branch("pub/checks", branch="main")
+    assert exists.value.response.status_code == 409
+    with pytest.raises(RemoteEntryNotFoundError):
+        api.create_commit("pub/checks", [CommitOperationDelete("missing.txt")], commit_message="delete")
+    with pytest.raises(ValueError, match=r"Invalid metadata in README\.md"):
+        api.create_commit("pub/checks", [CommitOperationAdd("README.md", b"---\nbase_model_relation: merge\n---\n")],
+                          commit_message="card")
+    pointer = {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": "0" * 64, "size": 1}}
+    lines = [{"key": "header", "value": {"summary": "s", "description": ""}}, pointer]
+    answer = httpx.post(f"{hub.endpoint}/api/models/pub/checks/commit/main", headers={
+        "Authorization": f"Bearer {hub.token}", "Content-Type": "application/x-ndjson"},
+        content=b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    assert answer.status_code == 400 and "never uploaded" in answer.json()["error"]
+    assert hub.resolve("pub/checks") == head
 
 
 # -- through the service -----------------------------------------------------------------------------------------
