@@ -5,6 +5,8 @@ back with MLflow's own client from a real `mlflow server` (tests/registries/fixt
       as version and run tags, `merge_lineage.json` beside the model, every file with the job's sha256 (downloaded
       and hashed), and the alias on it; another request moves the alias to its version 2;
     - an identical request publishes nothing again: it answers with the version it made;
+    - the lineage names a registry input (an MLflow adapter by alias) by its version and run;
+    - a registry out of reach fails the job with registry-unavailable (503), its merge kept;
     - a worker SIGKILLed mid-publish: the lease rerun ends with exactly one version and one run of the digest;
     - a target the service may not publish to is refused at submission (422 naming the field).
 """
@@ -25,6 +27,7 @@ from tests.registries.publishing import (
     Deployment,
     Models,
     artifact_digests,
+    assert_kept,
     assert_lineage,
     assert_published_progress,
     cluster,
@@ -37,6 +40,7 @@ from tests.registries.publishing import (
     unique,
     write_models,
 )
+from tests.registries.test_sources_common import closed_endpoint
 from tests.service.checks import problem
 
 ALLOWED = "models:/pub-*"
@@ -133,6 +137,30 @@ def test_a_worker_killed_mid_publish_ends_with_one_version_and_one_run(
     assert [version.version for version in client.search_model_versions(f"name = '{name}'")] == ["1"]
     assert len(runs_of(client, digest_of(job))) == 1
     assert client.get_model_version_by_alias(name, "live").version == "1"
+
+
+def test_the_lineage_names_a_registry_input_by_version_and_run(service: Deployment, models: Models,
+                                                              mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """An adapter taken from the registry by alias: the tags name it as given and as pinned (version, run id)."""
+    client, name, source = mlflow_server.client(), unique("pub-from-registry"), unique("pub-input")
+    adapter_version = mlflow_server.publish(models.root / "lora2", source, alias="champion")
+    adapter = f"models:/{source}@champion"
+    job = finished(service.api, service.api.submit(merge_request(f"models:/{name}", adapter=adapter))["id"])
+    assert_published(client, name, job, "1", tmp_path)
+    tags = client.get_model_version(name, "1").tags
+    pinned = json.loads(tags["adapter_0_pinned"])
+    assert tags["adapter_0"] == adapter and pinned == job["inputs"][1]["version"]
+    assert (pinned["version"], pinned["run_id"]) == (adapter_version.version, adapter_version.run_id)
+
+
+def test_a_registry_out_of_reach_fails_the_job_with_registry_unavailable(models: Models, tmp_path: Path) -> None:
+    env = publish_env({"MLFLOW_TRACKING_URI": closed_endpoint(), "MLFLOW_DISABLE_TELEMETRY": "true"}, ALLOWED)
+    with embedded(models, tmp_path, env) as deployment:
+        job = finished(deployment.api, deployment.api.submit(merge_request("models:/pub-nowhere"))["id"], "failed")
+        error = job["error"]
+        assert (error["type"].rsplit(":", 1)[1], error["status"], error["field"]) == ("registry-unavailable", 503,
+                                                                                     "publish.to")
+        assert_kept(deployment, job)
 
 
 @pytest.mark.parametrize(("publish", "slug", "field"), [

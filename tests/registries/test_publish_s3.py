@@ -6,7 +6,9 @@ from moto's S3 server (tests/registries/fixtures.py):
       last; the job shows where it went, the publishing phase and its timing;
     - an identical request publishes nothing again: the manifest stays the one version it was; one that shares an
       earlier job's result (reuse) publishes it without merging;
-    - another model for the same prefix fails the job with publish-conflict and keeps its merged files;
+    - the lineage names a registry input (an S3 adapter) as given, as pinned and by every object's sha256;
+    - another model for the same prefix fails the job with publish-conflict, a missing bucket with publish-failed,
+      and both keep their merged files;
     - a worker SIGKILLed mid-publish (a multipart upload open, no manifest yet): the lease rerun aborts the orphaned
       upload and publishes exactly one manifest; a job cancelled mid-publish aborts its upload and writes no manifest;
     - targets the service may not publish to are refused at submission (422 naming the field).
@@ -167,6 +169,32 @@ def test_a_worker_killed_mid_publish_leaves_no_manifest_and_the_rerun_one_with_n
     assert_published(s3, bucket, prefix, job)
     assert manifest_versions(s3, bucket, prefix) == [job["published"]["version"]]
     assert not (distributed.data_dir / "artifacts" / job_id / "attempt-1").exists()
+
+
+def test_the_lineage_names_a_registry_input_as_given_and_as_pinned(api: Api, models: Models, s3: S3Server,
+                                                                   bucket: str) -> None:
+    """An adapter fetched from S3: the lineage holds its reference, its pin (bucket, prefix, listing digest) and
+    every object's sha256 (S3's checksum of a single-part upload)."""
+    source, prefix = unique("inputs/lora"), unique("models/from-s3")
+    uploaded = s3.upload_folder(models.root / "lora", bucket, source)
+    adapter = f"s3://{bucket}/{source}"
+    job = finished(api, api.submit(merge_request(f"s3://{bucket}/{prefix}", adapter=adapter))["id"])
+    assert_published(s3, bucket, prefix, job)
+    lineage = json.loads(s3.client().get_object(Bucket=bucket, Key=f"{prefix}/{LINEAGE}")["Body"].read())
+    (entry,) = lineage["adapters"]
+    assert entry["ref"] == adapter and entry["pinned"] == job["inputs"][1]["version"]
+    assert entry["pinned"]["bucket"] == bucket and entry["pinned"]["prefix"] == source
+    assert entry["files"] == {obj.key.removeprefix(f"{source}/"): f"sha256:{obj.sha256}" for obj in uploaded}
+
+
+def test_a_missing_bucket_fails_the_job_with_publish_failed_and_keeps_its_merge(service: Deployment) -> None:
+    api = service.api
+    job = finished(api, api.submit(merge_request(f"s3://{unique('pub-missing')}/models/x"))["id"], "failed")
+    error = job["error"]
+    assert (error["type"].rsplit(":", 1)[1], error["status"], error["field"]) == ("publish-failed", 502,
+                                                                                 "publish.to")
+    assert "bucket does not exist" in error["detail"]
+    assert_kept(service, job)
 
 
 def test_a_shared_result_is_published_without_merging_again(api: Api, s3: S3Server, bucket: str) -> None:
