@@ -138,10 +138,13 @@ class JobRunner:
         result = self.layout.share(job.id, 0, job.id, job.attempt)
         published, publish_seconds = self._publish(job, job.inputs, result, job.artifacts, watch, list(job.notes))
         finished_at = utcnow()
-        return self._finish(job, watch, JobStatus.succeeded, finished_at=finished_at, published=published,
-                            progress=watch.latest or job.progress,
-                            timings=Timings(queued=_seconds(job.created_at, job.started_at or finished_at),
-                                            publish=publish_seconds, total=_seconds(job.created_at, finished_at)))
+        final = self._finish(job, watch, JobStatus.succeeded, finished_at=finished_at, published=published,
+                             progress=watch.latest or job.progress,
+                             timings=Timings(queued=_seconds(job.created_at, job.started_at or finished_at),
+                                             publish=publish_seconds, total=_seconds(job.created_at, finished_at)))
+        if final is None:  # superseded: the run that replaced this one links its own
+            _remove_quietly(result)
+        return final
 
     def _publish(self, job: JobRecord, inputs: list[PinnedInput], result: Path, artifacts: list[Artifact],
                  watch: JobWatch, notes: list[str]) -> tuple[Published | None, float | None]:
