@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from adapter_merge.cli.inspect import run_inspect
 
         return run_inspect(args)
-    use_metrics_dir(args.command)  # before the server or worker imports prometheus_client
+    if args.command == "serve" or args.metrics_port is not None:  # a worker without a metrics port keeps none
+        use_metrics_dir(args.command)  # before the server or worker imports prometheus_client
     if args.command == "serve":
         from adapter_merge.cli.serve import serve
 

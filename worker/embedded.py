@@ -66,9 +66,14 @@ class EmbeddedWorker:
         return 0
 
     def run_in_child(self) -> None:
+        """Fork a merge process and wait for it; the run it reports back (its job's id, through a pipe) is
+        observed here, by this long-lived process, so a merge process leaves no metrics files behind."""
+        reader, writer = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os._exit(_child_main(self.context, self.metrics))
+            os.close(reader)
+            os._exit(_child_main(self.context, writer))
+        os.close(writer)
         self.child = pid
         try:
             while True:
@@ -81,16 +86,21 @@ class EmbeddedWorker:
                 time.sleep(0.1)
         finally:
             self.child = None
+        with os.fdopen(reader, "rb") as pipe:
+            ran = pipe.read().decode()
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
             log.error("merge process %d ended with %s; the lease reaper will recover its job, if it had one", pid,
                       f"signal {-code}" if code < 0 else f"exit code {code}")
             self.stopping.wait(self.settings.poll_seconds)  # one that fails before claiming must not spin
+        elif ran:
+            self.metrics.observe(self.context.store.get(ran), self.context.layout)
 
 
-def _child_main(context: JobContext, metrics: WorkerMetrics) -> int:
-    """The forked merge process: claims the oldest queued job (none if another worker was quicker) and runs it.
-    The SQLite store opens a connection per call, so sharing it with the parent is safe."""
+def _child_main(context: JobContext, ran: int) -> int:
+    """The forked merge process: claims the oldest queued job (none if another worker was quicker) and runs it,
+    then writes the job's id to the pipe `ran` if its run was still the job's at the end. The SQLite store
+    opens a connection per call, so sharing it with the parent is safe."""
     try:
         runner = JobRunner(context)
 
@@ -103,7 +113,9 @@ def _child_main(context: JobContext, metrics: WorkerMetrics) -> int:
             context.store.claim_next(worker_identity(), context.settings.lease_seconds)
         if job is not None:
             with job_logging(job.id):
-                metrics.observe(runner.execute(job), context.layout)
+                final = runner.execute(job)
+            if final is not None:
+                os.write(ran, final.id.encode())
         return 0
     except BaseException:
         log.exception("merge process failed")

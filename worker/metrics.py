@@ -1,22 +1,30 @@
 """Prometheus metrics of the processes that run merges: how long jobs' phases took, by adapter kind, how runs
 ended, and leases this worker's reaper found lost.
 
-A job is observed by the process that ran it, once it has ended (the Celery pool process, the embedded
-worker's merge process). Those processes come and go, so they write to prometheus_client's multiprocess
-folder of their process tree (`PROMETHEUS_MULTIPROC_DIR`, set up by `adapter-merge serve`/`worker`), which the
-long-lived process serves: the API's `/metrics` in embedded mode, `adapter-merge worker --metrics-port` in
-distributed mode. Every gauge (jobs by status, queue, live workers) is computed from the job store when the
-API is scraped, so no process keeps a live gauge of its own and a killed process leaves none behind
-(`multiprocess.mark_process_dead` would have nothing to remove).
+A run is observed once it has ended: in distributed mode by the Celery pool process that ran it, in embedded
+mode by the embedded worker, told by its merge process which job it ran. The processes of one tree write to
+prometheus_client's multiprocess folder (`PROMETHEUS_MULTIPROC_DIR`, set up by `adapter-merge serve`/`worker`),
+which the long-lived process serves: the API's `/metrics` in embedded mode, `adapter-merge worker
+--metrics-port` in distributed mode. Celery starts a pool process per job, each leaving a counter and a
+histogram file; the worker folds those of exited processes into files of its own when scraped, so the folder
+(and a scrape's work) stays the same size however many jobs ran. Every gauge (jobs by status, queue, live
+workers) is computed from the job store when the API is scraped, so no process keeps a live gauge of its own
+and a killed process leaves none behind (`multiprocess.mark_process_dead` would have nothing to remove).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from adapter_merge.core.jobs import JobRecord, JobStatus
 from adapter_merge.core.layout import DataLayout
@@ -52,8 +60,9 @@ class WorkerMetrics:
                                    "expired lease (their worker died) and recovered.", registry=self.registry)
 
     def observe(self, job: JobRecord | None, layout: DataLayout) -> None:
-        """Record a run's outcome; None is a run that was superseded (its job now belongs to another run)."""
-        if job is None:
+        """Record a run's outcome; None is a run that was superseded (its job now belongs to another run),
+        or a job deleted since."""
+        if job is None or job.status is JobStatus.running:
             return
         self.runs.labels(job.status.value).inc()
         timings = job.timings
@@ -81,9 +90,39 @@ def adapter_kind(manifest: Path) -> str:
     return "mixed" if len(dora) > 1 else "dora" if True in dora else "lora"
 
 
+class FoldingCollector:
+    """The multiprocess folder's metrics, the files of exited processes first folded into this process's
+    `counter_folded.db` and `histogram_folded.db` (every value we keep there is a sum: counters, histogram
+    buckets and sums; there are no gauges)."""
+
+    KINDS = ("counter", "histogram")
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._collector = MultiProcessCollector(None, str(folder))
+        self._folded: dict[str, MmapedDict] = {}
+        self._lock = threading.Lock()  # the metrics server answers from a thread per request
+
+    def collect(self) -> list[Metric]:
+        with self._lock:
+            self._fold_exited()
+            return self._collector.collect()
+
+    def _fold_exited(self) -> None:
+        for path in self.folder.glob("*.db"):
+            kind, _, pid = path.stem.partition("_")
+            if kind not in self.KINDS or not pid.isdigit() or psutil.pid_exists(int(pid)):
+                continue
+            folded = self._folded.get(kind) or self._folded.setdefault(
+                kind, MmapedDict(str(self.folder / f"{kind}_folded.db")))
+            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(path)):
+                folded.write_value(key, folded.read_value(key)[0] + value, timestamp)
+            path.unlink()
+
+
 def serve_metrics(host: str, port: int) -> None:
     """Serve the metrics of this process and of every process of its tree on http://host:port/metrics,
     from a thread (`adapter-merge worker --metrics-port`)."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    registry.register(FoldingCollector(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])))
     start_http_server(port, addr=host, registry=registry)

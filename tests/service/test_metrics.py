@@ -10,7 +10,8 @@ import os
 import re
 import signal
 import socket
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_merge.core.settings import Settings
 from adapter_merge.service.app import create_app
-from tests.loopback import free_port
+from tests.loopback import free_port, wait_for
 from tests.service.checks import problem
 from tests.service.conftest import ModelSet
 from tests.service.harness import (
@@ -50,6 +51,17 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
+def scrape_until(get: Callable[[], httpx.Response], runs: int) -> Samples:
+    """Scrape until `runs` runs have been observed: a run is observed just after its job's record shows it
+    ended (in embedded mode, once its merge process has exited)."""
+    def observed() -> Samples | None:
+        samples = scrape(get().text)
+        done = sum(count for (name, _), count in samples.items() if name == "adapter_merge_job_runs_total")
+        return samples if done >= runs else None
+
+    return wait_for(observed, 15, f"{runs} runs in the scrape")
+
+
 @pytest.fixture(scope="module")
 def embedded(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Api]]:
     data_dir = tmp_path_factory.mktemp("metrics-embedded")
@@ -74,7 +86,7 @@ def test_embedded_scrape_has_http_store_and_job_metrics(embedded: tuple[Proc, Ap
     api.http.get("/no/such/path")
     response = api.http.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    samples = scrape(response.text)
+    samples = scrape_until(lambda: api.http.get("/metrics"), runs=1)
 
     assert value(samples, "adapter_merge_jobs", status="succeeded") == 1
     assert value(samples, "adapter_merge_jobs", status="queued") == 0
@@ -100,13 +112,18 @@ def test_embedded_scrape_has_http_store_and_job_metrics(embedded: tuple[Proc, Ap
     routes = {dict(labels).get("route") for name, labels in samples if name == "adapter_merge_http_requests_total"}
     assert not any(merged["id"] in route for route in routes), routes
 
+    # The embedded worker observed the run its merge process reported: no files of that process remain.
+    folder = Path(tempfile.gettempdir()) / f"adapter-merge-serve-{embedded[0].pid}"
+    merging = merged["worker"].rsplit(":", 1)[1]
+    assert not [path.name for path in folder.iterdir() if path.stem.endswith(f"_{merging}")]
+
 
 def test_dashboard_queries_only_metrics_a_real_scrape_has(embedded: tuple[Proc, Api], merged: dict) -> None:
     """Every metric docker/grafana-dashboard.json queries exists in the scrape of a server that merged once."""
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     queried = {name for expr in exprs for name in re.findall(r"\badapter_merge_\w+", expr)}
-    served = {name for name, _ in scrape(embedded[1].http.get("/metrics").text)}
+    served = {name for name, _ in scrape_until(lambda: embedded[1].http.get("/metrics"), runs=1)}
     assert queried and not queried - served, f"the dashboard queries metrics nobody serves: {queried - served}"
     for topic in ("adapter_merge_jobs", "adapter_merge_queue_oldest_age_seconds", "adapter_merge_leases_lost_total",
                   "adapter_merge_merge_duration_seconds_bucket", "adapter_merge_http_request_duration_seconds_bucket"):
@@ -127,7 +144,7 @@ def test_a_lost_lease_is_counted(models: ModelSet, tmp_path: Path, big_request: 
         done = api.wait(job["id"], FINISHED, timeout=60)
         assert done["status"] == "succeeded" and done["attempts"] == 2, done
         assert int(done["worker"].rsplit(":", 1)[1]) != merging  # the rerun's own process
-        samples = scrape(api.http.get("/metrics").text)
+        samples = scrape_until(lambda: api.http.get("/metrics"), runs=1)
         assert value(samples, "adapter_merge_leases_lost_total") == 1
         assert value(samples, "adapter_merge_job_runs_total", status="succeeded") == 1
         assert value(samples, "adapter_merge_merge_duration_seconds_count", kind="mixed") == 1
@@ -138,8 +155,8 @@ def test_a_lost_lease_is_counted(models: ModelSet, tmp_path: Path, big_request: 
 
 def test_celery_worker_serves_its_own_metrics(models: ModelSet, tmp_path: Path, redis_namespace: dict[str, str],
                                               small_request: dict) -> None:
-    """Distributed mode: the job histograms come from the worker's --metrics-port (its pool processes summed),
-    the store's gauges from the API's /metrics."""
+    """Distributed mode: the job histograms come from the worker's --metrics-port (its pool processes summed,
+    each folded into the worker's own files once it has exited), the store's gauges from the API's /metrics."""
     env = service_env(tmp_path / "data", models.root, **redis_namespace)
     port = free_port()
     with running_cluster(tmp_path, env, []) as (_, api, _):
@@ -147,15 +164,30 @@ def test_celery_worker_serves_its_own_metrics(models: ModelSet, tmp_path: Path, 
                       tmp_path / "worker.log")
         try:
             wait_worker_ready(worker)
-            job = api.wait(api.submit(small_request)["id"], FINISHED, timeout=60)
-            assert job["status"] == "succeeded", job["error"]
-            assert job["worker"].rsplit(":", 1)[1] != str(worker.pid)  # the pool process that merged
-            worker_samples = scrape(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
-            assert value(worker_samples, "adapter_merge_merge_duration_seconds_count", kind="mixed") == 1
-            assert value(worker_samples, "adapter_merge_job_runs_total", status="succeeded") == 1
-            assert value(worker_samples, "adapter_merge_leases_lost_total") == 0
+            folder = Path(tempfile.gettempdir()) / f"adapter-merge-worker-{worker.pid}"
+            merged = []
+            for request in (small_request, {"base_model": "small/base", "adapters": ["small/lora"]}):
+                job = api.wait(api.submit(request)["id"], FINISHED, timeout=60)
+                assert job["status"] == "succeeded", job["error"]
+                merged.append(int(job["worker"].rsplit(":", 1)[1]))  # the pool process that merged
+                worker_samples = scrape_until(lambda: httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10),
+                                              runs=len(merged))
+            assert worker.pid not in merged and len(set(merged)) == 2  # a pool process per job
+
+            def folded() -> Samples | None:
+                """Once a pool process has exited, a scrape folds its files into the worker's own."""
+                samples = scrape(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+                left = {f"{kind}_{pid}.db" for kind in ("counter", "histogram") for pid in merged}
+                return None if left & {path.name for path in folder.iterdir()} else samples
+
+            for samples in (worker_samples, wait_for(folded, 15, "the pool processes' files folded")):
+                assert value(samples, "adapter_merge_merge_duration_seconds_count", kind="mixed") == 1
+                assert value(samples, "adapter_merge_merge_duration_seconds_count", kind="lora") == 1
+                assert value(samples, "adapter_merge_job_runs_total", status="succeeded") == 2
+                assert value(samples, "adapter_merge_leases_lost_total") == 0
+            assert {"counter_folded.db", "histogram_folded.db"} <= {path.name for path in folder.iterdir()}
             api_samples = scrape(api.http.get("/metrics").text)
-            assert value(api_samples, "adapter_merge_jobs", status="succeeded") == 1
+            assert value(api_samples, "adapter_merge_jobs", status="succeeded") == 2
             assert value(api_samples, "adapter_merge_workers_live") == 1
             assert not any(name.startswith("adapter_merge_merge_") for name, _ in api_samples)
         finally:
