@@ -60,8 +60,8 @@ class WorkerMetrics:
                                    "expired lease (their worker died) and recovered.", registry=self.registry)
 
     def observe(self, job: JobRecord | None, layout: DataLayout) -> None:
-        """Record a run's outcome; None is a run that was superseded (its job now belongs to another run),
-        or a job deleted since."""
+        """Record a run's outcome. Not a run that was superseded (None: its job belongs to another run now),
+        nor a job deleted since (None) or already running again (handed back at shutdown, claimed anew)."""
         if job is None or job.status is JobStatus.running:
             return
         self.runs.labels(job.status.value).inc()

@@ -208,6 +208,17 @@ def test_metrics_need_an_admin_unless_public(models: ModelSet, tmp_path: Path) -
     assert "/metrics" not in json.dumps(create_app(settings).openapi()["paths"])  # not part of the JSON API
 
 
+def test_a_store_out_of_reach_is_a_gauge_not_an_error(models: ModelSet, tmp_path: Path) -> None:
+    """Nothing listens on port 1: the scrape still answers, saying the store is down, without its gauges."""
+    settings = Settings(data_dir=tmp_path, model_roots=[models.root], redis_url="redis://127.0.0.1:1/0", auth="none")
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        samples = scrape(response.text)
+        assert value(samples, "adapter_merge_store_up") == 0
+        assert not [name for name, _ in samples if name in ("adapter_merge_jobs", "adapter_merge_queue_depth")]
+
+
 def test_worker_metrics_port_is_refused_when_taken(models: ModelSet, tmp_path: Path,
                                                    redis_namespace: dict[str, str]) -> None:
     """A worker asked for a port it cannot bind stops with the error instead of running unobserved."""
