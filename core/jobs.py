@@ -46,7 +46,8 @@ Phase = Literal["queued", "downloading", "merging", "publishing"]
 
 class Progress(_Strict):
     """How far the job is. While `downloading`, the bytes count the remote inputs being fetched; while
-    `merging`, the output written (its totals are planned at submission)."""
+    `merging`, the output written (its totals are planned at submission); while `publishing`, the bytes sent to
+    the publish target."""
 
     phase: Phase = "queued"
     tensors_done: int = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from adapter_merge.core.jobs import ACTIVE_STATUSES, JobRecord, JobStatus, Metrics, Timings, utcnow
 from adapter_merge.core.layout import DataLayout
+from adapter_merge.core.problems import PROBLEM_TYPE_PREFIX, Problems
 from adapter_merge.core.store.base import JobStore
 from adapter_merge.core.webhooks import pending_delivery
 
@@ -17,6 +18,10 @@ LOCK_SECONDS = 60.0
 it, across filesystems) happens under it."""
 LOCK_WAIT_SECONDS = 10.0
 """Longest a submission waits for an identical one to be created (each holds the lock for a few store calls)."""
+PUBLISH_FAULTS = frozenset(PROBLEM_TYPE_PREFIX + kind.slug for kind in
+                           (Problems.PUBLISH_FAILED, Problems.PUBLISH_CONFLICT, Problems.REGISTRY_UNAVAILABLE))
+"""How a job fails whose merge succeeded but whose publishing did not: its merged result is kept, so trying the
+request again only publishes."""
 
 
 def lock_name(tenant: str, digest: str) -> str:
@@ -37,14 +42,15 @@ def running_twin(store: JobStore, job: JobRecord) -> JobRecord | None:
 
 
 def share_result(store: JobStore, layout: DataLayout, job: JobRecord) -> JobRecord | None:
-    """`job` (not stored yet) with the result of the newest succeeded job of its tenant and digest whose files
-    are all still on disk, linked into `job`'s own folder (attempt 0); None when there is none.
+    """`job` (not stored yet) with the result of the newest job of its tenant and digest that merged (it succeeded,
+    or only its publishing failed) and whose files are all still on disk, linked into `job`'s own folder
+    (attempt 0); None when there is none.
 
     Without `publish` the job is done: succeeded at once. With it the job still has to publish, so it is
     queued with `reused_from` set and its result in place; its run must not merge (see `DataLayout.share`)."""
     assert job.request_digest is not None
-    for earlier in store.with_digest(job.tenant, job.request_digest, [JobStatus.succeeded]):
-        if not _result_on_disk(layout, earlier):
+    for earlier in store.with_digest(job.tenant, job.request_digest, [JobStatus.succeeded, JobStatus.failed]):
+        if not _merged(earlier) or not _result_on_disk(layout, earlier):
             continue
         try:
             layout.share(earlier.id, earlier.attempt, job.id)
@@ -52,6 +58,10 @@ def share_result(store: JobStore, layout: DataLayout, job: JobRecord) -> JobReco
             continue
         return _reusing(job, earlier, store.now())
     return None
+
+
+def _merged(job: JobRecord) -> bool:
+    return job.status is JobStatus.succeeded or (job.error or {}).get("type") in PUBLISH_FAULTS
 
 
 def _result_on_disk(layout: DataLayout, job: JobRecord) -> bool:

@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     download_retries: int = Field(3, ge=0, description="Retries, with backoff, of a failed registry request.")
     publish_part_bytes: int = Field(32 << 20, ge=5 << 20, description="Part size of S3 multipart uploads when "
                                     "publishing (S3's minimum is 5 MiB); larger files go multipart.")
-    publish_threads: int = Field(4, ge=1, description="Parts uploaded at once per S3 file being published.")
+    publish_threads: int = Field(4, ge=1, description="Uploads at once while publishing: parts of one S3 "
+                                 "file, files of one hub commit.")
     publish_bytes_per_second: int | None = Field(None, gt=0, description="Upper bound of a job's publishing "
                                                  "rate (a shared uplink); unset: as fast as the registry takes it.")
     publish_ready_seconds: float = Field(300.0, gt=0, description="How long a new MLflow model version may take "

@@ -197,6 +197,18 @@ def test_a_missing_bucket_fails_the_job_with_publish_failed_and_keeps_its_merge(
     assert_kept(service, job)
 
 
+def test_trying_a_failed_publish_again_publishes_the_kept_merge_without_merging(
+        service: Deployment, s3_server: S3Server, s3: S3Server) -> None:
+    """A job whose merge succeeded but whose publishing failed keeps its merge; once the target is fixed, the same
+    request shares that merge and only publishes."""
+    api, name = service.api, unique("pub-later")
+    failed = finished(api, api.submit(merge_request(f"s3://{name}/models/x", weight=0.25))["id"], "failed")
+    s3_server.create_bucket(name, versioned=True)
+    job = finished(api, api.submit(merge_request(f"s3://{name}/models/x", weight=0.25))["id"])
+    assert job["reused_from"] == failed["id"] and job["timings"]["merge"] is None
+    assert_published(s3, name, "models/x", job)
+
+
 def test_a_shared_result_is_published_without_merging_again(api: Api, s3: S3Server, bucket: str) -> None:
     """An identical request (reuse on) that publishes elsewhere shares the earlier job's result and only publishes."""
     first_prefix, prefix = unique("models/shared-first"), unique("models/shared")
