@@ -58,3 +58,6 @@ def configure_logging(level: str, log_format: str) -> None:
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)
+    # httpx logs every request's full URL at INFO: webhook callback URLs and presigned download URLs carry
+    # tokens in their query strings, which must not reach the logs.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))

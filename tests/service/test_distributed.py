@@ -65,7 +65,7 @@ def test_readyz_reports_redis(cluster: Cluster) -> None:
 def test_merge_end_to_end(cluster: Cluster, small_job: dict, small_reference: Path, tmp_path: Path) -> None:
     assert small_job["attempts"] == 1
     assert small_job["progress"]["tensors_done"] == small_job["progress"]["tensors_total"]
-    assert set(small_job["timings"]) == {"queued", "download", "resolve", "merge", "write", "total"}
+    assert set(small_job["timings"]) == {"queued", "download", "resolve", "merge", "write", "publish", "total"}
     assert_result_matches(cluster.api, small_job, small_reference, tmp_path, compare_tensors=True)
     assert_no_leftovers(cluster.data_dir, small_job["id"])
 
