@@ -39,10 +39,14 @@ TINYLLAMA_1_1B = LlamaShape(hidden=2048, intermediate=5632, layers=22, heads=32,
                             max_shard_bytes=10**9)
 LLAMA_3B_SHAPE = LlamaShape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, vocab=32000,
                             max_shard_bytes=10**9)
+LLAMA_3_8B_SHAPE = LlamaShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256,
+                              max_shard_bytes=5 * 10**9)
+"""Llama-3-8B's dimensions and Hugging Face's default 5 GB shards: about 16 GB in bf16 (`make bench-8b`)."""
 DEMO = LlamaShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=2, vocab=2048,
                   max_shard_bytes=3 * 10**6)
 """About 7.6 MB in bf16, in 3 shards: big enough to exercise sharding, small enough for a quick demo."""
-PRESETS: dict[str, LlamaShape] = {"tinyllama-1.1b": TINYLLAMA_1_1B, "llama-3b": LLAMA_3B_SHAPE, "demo": DEMO}
+PRESETS: dict[str, LlamaShape] = {"tinyllama-1.1b": TINYLLAMA_1_1B, "llama-3b": LLAMA_3B_SHAPE,
+                                  "llama-3-8b": LLAMA_3_8B_SHAPE, "demo": DEMO}
 
 
 def numel(shape: Sequence[int]) -> int:

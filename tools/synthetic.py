@@ -3,7 +3,9 @@
 Tests, the demo and the benchmark need real-sized models in the exact Hugging Face / PEFT layouts, but no
 network downloads. Building them with transformers would hold the whole model in memory; here every tensor is
 generated on its own (seeded by its name, so values do not depend on the shard layout) and each shard is
-written as soon as it is full, so memory stays at about one shard.
+written as soon as it is full, so memory stays at about one shard. For multi-GB bases (the 8B benchmark),
+`tiled` repeats one random block per tensor and streams it to disk: generation runs at disk speed in a few MB
+of memory, and the merge still sees finite, normally distributed bf16 values.
 
 CLI: `python -m tools.synthetic base OUT --preset demo`, `python -m tools.synthetic adapter BASE OUT --dora`.
 """
@@ -23,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from adapter_merge.worker.engine.safetensors_format import build_header
 from tools.shapes import (
     DEMO,
     LLAMA_3B_SHAPE,
@@ -41,6 +44,10 @@ __all__ = [
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
 }
+SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+TILE_ELEMENTS = 2**22 + 1
+"""Random values per tensor in a tiled base (8 MB in bf16). Odd, so it shares no factor with a row length
+(a power-of-two multiple): every row starts at a different offset in the block and no two rows are equal."""
 ALL_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WEIGHT_STD = 0.02
 """Standard deviation of the random weights: Llama's initializer_range, close to trained projections."""
@@ -55,11 +62,31 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def _random_weight(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Normal(0, 0.02) for matrices; norm weights are near 1, as in a trained RMSNorm."""
-    t = torch.empty(shape, dtype=dtype)
+def _random_weight(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int,
+                   count: int | None = None) -> torch.Tensor:
+    """Normal(0, 0.02) for matrices; norm weights are near 1, as in a trained RMSNorm.
+
+    With `count`, only that many values (flat) with the statistics of `shape`: a tiled tensor's block."""
+    t = torch.empty(shape if count is None else (count,), dtype=dtype)
     mean, std = (1.0, 0.05) if len(shape) == 1 else (0.0, WEIGHT_STD)
     return t.normal_(mean, std, generator=_generator(seed, name))
+
+
+def _write_tiled_shard(path: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: str, seed: int) -> None:
+    """Stream a safetensors file whose tensors each repeat one random block of `TILE_ELEMENTS` values (a
+    tensor no larger than that is fully random, as untiled): memory is one block, speed the disk's."""
+    header, _ = build_header([(name, SAFETENSORS_DTYPES[dtype], shape) for name, shape in entries],
+                             {"format": "pt"})
+    with path.open("wb") as f:
+        f.write(header)
+        for name, shape in entries:
+            n = numel(shape)
+            block = _random_weight(name, shape, DTYPES[dtype], seed, count=min(n, TILE_ELEMENTS))
+            raw = memoryview(block.view(torch.uint8).numpy())
+            full, rest = divmod(n, block.numel())
+            for _ in range(full):
+                f.write(raw)
+            f.write(raw[:rest * block.element_size()])
 
 
 def _plan_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
@@ -120,11 +147,12 @@ def _llama_config(shape: LlamaShape, dtype: str) -> dict[str, Any]:
 
 def write_llama_base(out: Path, *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
                      vocab: int, dtype: str = "bfloat16", max_shard_bytes: int | None = None,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, tiled: bool = False) -> Path:
     """Write a random Llama-shaped model folder in Hugging Face layout; returns `out`.
 
     Sharded as `model-0000X-of-0000Y.safetensors` + index when it does not fit in `max_shard_bytes`,
-    otherwise a single `model.safetensors`. Peak memory is about one shard.
+    otherwise a single `model.safetensors`. Peak memory is about one shard, or one block when `tiled`
+    (see `_write_tiled_shard`; tensors are then stored in model order, not safetensors' sorted order).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -144,9 +172,12 @@ def write_llama_base(out: Path, *, hidden: int, intermediate: int, layers: int, 
     for k, names in enumerate(shards, start=1):
         single = len(shards) == 1
         filename = "model.safetensors" if single else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: _random_weight(name, shape_of[name], torch_dtype, seed) for name in names}
-        _save_tensors(tensors, out / filename)
-        del tensors
+        if tiled:
+            _write_tiled_shard(out / filename, [(name, shape_of[name]) for name in names], dtype, seed)
+        else:
+            tensors = {name: _random_weight(name, shape_of[name], torch_dtype, seed) for name in names}
+            _save_tensors(tensors, out / filename)
+            del tensors
         weight_map.update(dict.fromkeys(names, filename))
     if len(shards) > 1:
         total = sum(numel(s) for _, s in shapes) * itemsize
@@ -245,6 +276,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     b.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     b.add_argument("--max-shard-bytes", type=int, help="override the preset's shard size (0: one file)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--tiled", action="store_true",
+                   help=f"repeat one random block of {TILE_ELEMENTS} values per tensor: fast for multi-GB bases")
     a = sub.add_parser("adapter", help="write a PEFT LoRA/DoRA adapter for a base folder")
     a.add_argument("base", type=Path)
     a.add_argument("out", type=Path)
@@ -262,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shape = PRESETS[args.preset]
         if args.max_shard_bytes is not None:
             shape = LlamaShape(**{**asdict(shape), "max_shard_bytes": args.max_shard_bytes or None})
-        print(write_llama_base(args.out, **shape, dtype=args.dtype, seed=args.seed))
+        print(write_llama_base(args.out, **shape, dtype=args.dtype, seed=args.seed, tiled=args.tiled))
     else:
         print(write_lora_adapter(args.base, args.out, r=args.rank, alpha=args.alpha,
                                  targets=args.targets.split(","), dora=args.dora, seed=args.seed))
