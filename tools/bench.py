@@ -65,6 +65,8 @@ class BenchModel:
     label: str
     preset: str
     """Name in `tools.shapes.PRESETS`; also the cache folder's name."""
+    base_flags: tuple[str, ...] = ()
+    """Extra `tools.synthetic base` options, e.g. `--tiled` for a base too big to fill with randn quickly."""
 
     @property
     def slug(self) -> str:
@@ -133,6 +135,8 @@ def ensure_models(model: BenchModel, data_dir: Path) -> Path:
     folder = model.folder(data_dir)
     stamp = folder / "complete.json"
     wanted = {"shape": asdict(model.shape), "dtype": "bfloat16", "r": LORA_RANK, "alpha": LORA_ALPHA}
+    if model.base_flags:  # only then, so that caches stamped before the option existed stay valid
+        wanted["base_flags"] = list(model.base_flags)
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -140,8 +144,8 @@ def ensure_models(model: BenchModel, data_dir: Path) -> Path:
     # In a child process: this process must not import torch (see `measure`).
     synthetic = [sys.executable, "-m", "tools.synthetic"]
     base = str(folder / "base")
-    subprocess.run([*synthetic, "base", base, "--preset", model.preset, "--dtype", "bfloat16"], cwd=REPO,
-                   check=True)
+    subprocess.run([*synthetic, "base", base, "--preset", model.preset, "--dtype", "bfloat16", *model.base_flags],
+                   cwd=REPO, check=True)
     for name, flags in (("lora", []), ("dora", ["--dora"])):
         subprocess.run([*synthetic, "adapter", base, str(folder / name), "-r", str(LORA_RANK),
                         "--alpha", str(LORA_ALPHA), *flags], cwd=REPO, check=True)
