@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -192,6 +193,13 @@ def print_report(model: BenchModel, rows: list[Row]) -> None:
     print(text_table(target_rows(evaluate(model, rows))))
 
 
+def uncommitted() -> list[str]:
+    """Tracked files changed in the working tree: the editable install measures those, not just the commit."""
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                            text=True).stdout
+    return [line[3:] for line in status.splitlines()]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.bench_8b", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="measured rounds of cp -r and ours (default 3)")
@@ -223,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit = int(args.peft_memory_gib * GIB)
     info: dict[str, object] = {
         "command": " ".join(["python -m tools.bench_8b", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine_info(), "runs": args.runs, "tensor_bytes": {model.label: tensor_bytes},
+        "machine": machine_info(), "uncommitted": uncommitted(), "runs": args.runs,
+        "tensor_bytes": {model.label: tensor_bytes},
         "ours_fsync": False,
         "peft_memory_limit": None if args.skip_peft else f"cgroup v1 memory.limit_in_bytes {args.peft_memory_gib} GiB"}
     items = contenders(model, data_dir, with_peft=not args.skip_peft)
