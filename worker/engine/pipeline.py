@@ -1,9 +1,9 @@
 """Run a merge plan: stream every output tensor into its shard, then the side files and the manifest.
 
-The calling thread reads and computes; a writer thread writes and checksums what it produced, in order;
-a third thread checksums the inputs. Changed tensors are computed a cache-sized block at a time and handed
-over in chunks, so memory stays at a few chunks whatever the model size. On any failure or cancellation
-the temporary output folder is removed: the target appears complete or not at all.
+The calling thread reads and computes; a hasher thread checksums what it produced and a writer thread
+writes it, in order; another thread checksums the inputs. Changed tensors are computed a cache-sized block
+at a time and handed over in chunks, so memory stays at a few chunks whatever the model size. On any
+failure or cancellation the temporary output folder is removed: the target appears complete or not at all.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Writing the merged model: an output folder that appears atomically, and shards written front to back.
 
 Each shard's header is fixed before its first tensor is computed (the plan knows every name, dtype and
-shape), so tensors stream into place in order. Bytes are written and checksummed on a thread of their own,
-overlapping the computation of the next tensors; a bounded queue keeps memory to a few chunks.
+shape), so tensors stream into place in order. Bytes are checksummed on one thread and written (O_DIRECT
+where the filesystem allows it) on another, overlapping the computation of the next tensors; bounded queues
+keep memory to a few chunks.
 
 An OS failure on the output side (full disk, permissions, a failed rename) is a `StorageError`, the
 machine's fault; only an output folder that already exists (without overwrite) is the requester's.
@@ -11,7 +12,10 @@ machine's fault; only an output folder that already exists (without overwrite) i
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
+import mmap
 import os
 import queue
 import shutil
@@ -28,6 +32,10 @@ from adapter_merge.worker.engine.tensor_io import write_all
 
 SAFETENSORS_METADATA = {"format": "pt"}
 QUEUED_CHUNKS = 4
+STAGE_BYTES = 8 * 1024 * 1024
+"""Bytes per direct write."""
+DIRECT_ALIGNMENT = 4096
+"""O_DIRECT needs buffer addresses, lengths and file offsets aligned to the logical block size (at most 4 KiB)."""
 
 
 def storage_error(error: OSError, path: Path) -> StorageError:
@@ -119,21 +127,95 @@ class _Shard:
         self.expected_size = len(header) + data_bytes
 
 
-class ShardSink:
-    """Receives the bytes of consecutive shards, in order, and writes + hashes them on a background thread.
+class _DirectFile:
+    """One output file written with O_DIRECT from an aligned staging buffer, bypassing the page cache.
 
-    `data` may be any buffer; `on_written` runs once its bytes are written (it returns a pooled buffer).
-    With `fsync`, each shard is flushed to disk before it counts as written. Errors on the thread are
-    raised in the caller at the next call (OS errors as StorageError naming the shard).
+    Measured on the 2-core VM: buffered writes must grow the page cache into pages the host has not backed
+    (freed pages are handed back to it), and that first touch runs at ~0.35 GB/s of kernel CPU time, more
+    than all the merge's computing and hashing; direct writes reach the disk at 1-1.6 GB/s with ~0.1 s of CPU
+    per GB. Where the filesystem refuses O_DIRECT the file is written through the page cache as before.
+    """
+
+    def __init__(self, path: Path, stage: memoryview) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._stage = stage
+        self._filled = 0
+        self.direct = _set_direct(self.fd, True)
+
+    def write(self, view: memoryview) -> None:
+        while view and self.direct:
+            count = min(len(view), len(self._stage) - self._filled)
+            self._stage[self._filled : self._filled + count] = view[:count]
+            self._filled += count
+            view = view[count:]
+            if self._filled == len(self._stage):
+                self._write_stage(self._filled)
+        if view:  # never direct, or no longer: nothing is staged
+            write_all(self.fd, view)
+
+    def close(self, fsync: bool) -> None:
+        """Write what is staged (an unaligned tail through the page cache), flush if asked, close."""
+        try:
+            aligned = self._filled - self._filled % DIRECT_ALIGNMENT
+            if aligned:
+                self._write_stage(aligned)
+            if self._filled:
+                self.direct = _set_direct(self.fd, False)
+                write_all(self.fd, self._stage[: self._filled])
+                self._filled = 0
+            if fsync:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abandon(self) -> None:
+        os.close(self.fd)
+
+    def _write_stage(self, count: int) -> None:
+        """Write the first `count` staged bytes (a multiple of the alignment) and keep the rest staged."""
+        position = os.lseek(self.fd, 0, os.SEEK_CUR)
+        try:
+            write_all(self.fd, self._stage[:count])
+        except OSError as error:  # a filesystem that took the flag but not the write: go through the cache
+            if error.errno != errno.EINVAL:
+                raise
+            self.direct = _set_direct(self.fd, False)
+            os.lseek(self.fd, position, os.SEEK_SET)  # a short direct write may have gone before the refusal
+            write_all(self.fd, self._stage[:count])
+        rest = self._filled - count
+        self._stage[:rest] = self._stage[count : self._filled]
+        self._filled = rest
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; whether it is on (a filesystem without direct I/O refuses it)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError:
+        return False
+    return on
+
+
+class ShardSink:
+    """Receives the bytes of consecutive shards, in order; one background thread hashes them, a second
+    writes them, so the sha256 (the slowest step, ~1.1 GB/s) never waits for the disk.
+
+    `data` may be any buffer; `on_written` runs once its bytes are hashed and written (it returns a pooled
+    buffer). With `fsync`, each shard is flushed to disk before it counts as written. Errors on the threads
+    are raised in the caller at the next call (OS errors as StorageError naming the shard).
     """
 
     def __init__(self, fsync: bool) -> None:
         self._fsync = fsync
-        self._queue: queue.Queue[tuple[str, object, object]] = queue.Queue(maxsize=QUEUED_CHUNKS)
+        self._to_hash: queue.Queue[tuple[str, object, object]] = queue.Queue(maxsize=QUEUED_CHUNKS)
+        self._to_write: queue.Queue[tuple[str, object, object]] = queue.Queue(maxsize=QUEUED_CHUNKS)
         self._error: BaseException | None = None
         self._written: list[WrittenFile] = []
-        self._thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._hash, name="merge-hasher", daemon=True),
+                         threading.Thread(target=self._write, name="merge-writer", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def open_shard(self, path: Path, tensors: list[OutputTensor]) -> None:
         self._put("open", _Shard(path, tensors), None)
@@ -145,23 +227,27 @@ class ShardSink:
         self._put("close", None, None)
 
     def finish(self) -> list[WrittenFile]:
-        """Wait until everything is on disk; returns each shard's size and sha256."""
+        """Wait until everything is written; returns each shard's size and sha256."""
         self._put("stop", None, None)
-        self._thread.join()
+        self._join()
         self._raise_pending()
         return self._written
 
     def abandon(self) -> None:
-        """Stop the thread without finishing (after a failure); the caller removes the files."""
-        if self._thread.is_alive():
-            self._queue.put(("stop", None, None))
-            self._thread.join()
+        """Stop the threads without finishing (after a failure); the caller removes the files."""
+        if self._threads[0].is_alive():
+            self._to_hash.put(("stop", None, None))
+        self._join()
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join()
 
     def _put(self, kind: str, item: object, keepalive: object) -> None:
         self._raise_pending()
         while True:
             try:
-                self._queue.put((kind, item, keepalive), timeout=0.5)
+                self._to_hash.put((kind, item, keepalive), timeout=0.5)
                 return
             except queue.Full:
                 self._raise_pending()
@@ -170,12 +256,34 @@ class ShardSink:
         if self._error is not None:
             raise self._error
 
-    def _run(self) -> None:
+    def _hash(self) -> None:
+        """Hash every shard's bytes and pass each item on to the writer; a "close" carries the digest."""
+        digest = hashlib.sha256()
+        while True:
+            kind, item, on_written = self._to_hash.get()
+            try:
+                if self._error is None:
+                    if kind == "open":
+                        assert isinstance(item, _Shard)
+                        digest = hashlib.sha256(item.header)
+                    elif kind == "data":
+                        digest.update(item)  # type: ignore[arg-type]
+                    elif kind == "close":
+                        item = digest.hexdigest()
+            except BaseException as error:  # handed to the producer thread, which owns error handling
+                self._error = error
+            self._to_write.put((kind, item, on_written))
+            if kind == "stop":
+                return
+
+    def _write(self) -> None:
         """Write items until "stop". After an error, keep taking items (returning their buffers) until
         "stop", so a producer waiting for a pooled buffer always gets one and then sees the error."""
-        fd, shard, digest, size = -1, None, hashlib.sha256(), 0
+        stage = memoryview(mmap.mmap(-1, STAGE_BYTES))  # page-aligned, as O_DIRECT needs
+        file: _DirectFile | None = None
+        shard, size = None, 0
         while True:
-            kind, item, on_written = self._queue.get()
+            kind, item, on_written = self._to_write.get()
             if kind == "stop":
                 break
             try:
@@ -183,23 +291,21 @@ class ShardSink:
                     continue
                 if kind == "open":
                     assert isinstance(item, _Shard)
-                    shard, digest, size = item, hashlib.sha256(), 0
-                    fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    shard, size = item, 0
+                    file = _DirectFile(shard.path, stage)
                     item = shard.header
                 if kind in ("open", "data"):
+                    assert file is not None
                     view = memoryview(item).cast("B")  # type: ignore[arg-type]
-                    digest.update(view)
-                    write_all(fd, view)
+                    file.write(view)
                     size += len(view)
                 elif kind == "close":
-                    assert shard is not None
+                    assert shard is not None and file is not None and isinstance(item, str)
                     if size != shard.expected_size:
                         raise RuntimeError(f"{shard.path}: wrote {size} bytes, planned {shard.expected_size}")
-                    if self._fsync:
-                        os.fsync(fd)
-                    os.close(fd)
-                    fd = -1
-                    self._written.append(WrittenFile(shard.path, size, digest.hexdigest()))
+                    closing, file = file, None
+                    closing.close(self._fsync)
+                    self._written.append(WrittenFile(shard.path, size, item))
             except BaseException as error:  # handed to the producer thread, which owns error handling
                 if isinstance(error, OSError) and shard is not None:
                     error = storage_error(error, shard.path)
@@ -207,5 +313,5 @@ class ShardSink:
             finally:
                 if callable(on_written):
                     on_written()
-        if fd >= 0:
-            os.close(fd)
+        if file is not None:
+            file.abandon()
