@@ -2,6 +2,9 @@
 planning reads. JSON files (and a legacy `.bin` adapter) are fetched whole; a safetensors file gets its real
 header (two ranged reads: the 8-byte length, then the header) in a sparse file of its real size, so every
 offset check holds while no tensor data is downloaded; other files are sparse placeholders of their size.
+
+The worker starts a merge on the same stand-in while the rest downloads (worker/downloads.py): `read_whole`
+says which files it fetches before planning, `header_bytes` and `write_placeholder` make the others.
 """
 
 from __future__ import annotations
@@ -19,22 +22,32 @@ WHOLE_FILE_LIMIT = 64 * 1024 * 1024
 def build_replica(source: RemoteSource, pinned: PinnedInput, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for file in pinned.files:
-        target = folder / file.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("wb") as handle:
-            handle.write(_planning_bytes(source, pinned, file))
-            handle.truncate(file.size)
+        whole = read_whole(file)
+        head = source.read_range(pinned, file, 0, file.size) if whole else header_bytes(source, pinned, file)
+        write_placeholder(folder / file.path, file.size, head)
     return folder
 
 
-def _planning_bytes(source: RemoteSource, pinned: PinnedInput, file: PinnedFile) -> bytes:
-    """The leading bytes of `file` that planning reads; the rest of the replica stays a hole."""
-    if file.path.endswith(".safetensors") and file.size >= 8:
-        prefix = source.read_range(pinned, file, 0, 8)
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > min(MAX_HEADER_BYTES, file.size - 8):
-            return prefix  # the engine reports the bad length, naming the file
-        return prefix + source.read_range(pinned, file, 8, header_length)
-    if file.path.endswith((".json", ".bin")) and file.size <= WHOLE_FILE_LIMIT:
-        return source.read_range(pinned, file, 0, file.size)
-    return b""
+def read_whole(file: PinnedFile) -> bool:
+    """Planning reads all of `file`: a JSON file or a legacy adapter's pickle, of a size real ones have."""
+    return file.path.endswith((".json", ".bin")) and file.size <= WHOLE_FILE_LIMIT
+
+
+def header_bytes(source: RemoteSource, pinned: PinnedInput, file: PinnedFile) -> bytes:
+    """The leading bytes of `file` that planning reads, when it does not read it whole: a safetensors file's
+    header (with its length), nothing of any other file."""
+    if not (file.path.endswith(".safetensors") and file.size >= 8):
+        return b""
+    prefix = source.read_range(pinned, file, 0, 8)
+    (header_length,) = struct.unpack("<Q", prefix)
+    if header_length > min(MAX_HEADER_BYTES, file.size - 8):
+        return prefix  # the engine reports the bad length, naming the file
+    return prefix + source.read_range(pinned, file, 8, header_length)
+
+
+def write_placeholder(target: Path, size: int, head: bytes) -> None:
+    """`head`, then a hole up to `size` bytes: a file the engine can plan on, and that reads as zeros past it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as handle:
+        handle.write(head)
+        handle.truncate(size)
