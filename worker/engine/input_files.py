@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from io import BufferedReader
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,21 @@ def unreadable(path: Path, input: InputRef, error: OSError) -> InputError:
 class InputFiles:
     """Opens input files for one merge; `roots` None means no restriction (the command line)."""
 
-    def __init__(self, roots: tuple[Path, ...] | None) -> None:
+    def __init__(self, roots: tuple[Path, ...] | None, await_file: Callable[[Path], None] | None = None) -> None:
         self.roots = None if roots is None else tuple(Path(os.path.realpath(root)) for root in roots)
+        self.await_file = await_file
+        """`MergeOptions.await_file`."""
 
     def _inside(self, real: Path) -> bool:
         return self.roots is None or any(real == root or real.is_relative_to(root) for root in self.roots)
 
-    def open(self, path: Path, input: InputRef) -> BufferedReader:
+    def open(self, path: Path, input: InputRef, *, contents: bool = True) -> BufferedReader:
         """`path` open for reading; an InputError naming it and `input` if it is not a regular file inside the
-        roots or cannot be opened."""
+        roots or cannot be opened. Opened for its contents, it is complete first (`await_file`); `contents`
+        False is for a header or a check, which a file still downloading already answers."""
+        if contents and self.await_file is not None:
+            self.await_file(path)
+
         def refuse(detail: str) -> InputError:
             return InputError(f"{path}: {detail}", file=path, input=input)
 
@@ -78,7 +85,7 @@ class InputFiles:
 
     def check(self, path: Path, input: InputRef) -> None:
         """Refuse now, at planning, a file that will be opened later (copied or hashed while merging)."""
-        self.open(path, input).close()
+        self.open(path, input, contents=False).close()
 
     def read(self, path: Path, input: InputRef, what: str, limit: int) -> bytes:
         """The whole file, refused without reading it when it is larger than `limit` bytes."""

@@ -50,7 +50,7 @@ def read_header(path: Path, input: InputRef, files: InputFiles) -> SafetensorsFi
     """Parse and validate a safetensors header; every offset is checked against the real file size.
 
     `input` says which merge input the file is; each tensor and any error records it."""
-    with files.open(path, input) as handle:
+    with files.open(path, input, contents=False) as handle:
         try:
             file_size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)

@@ -37,6 +37,11 @@ class MergeOptions:
     """Folders the inputs must lie in; None (the command line) reads any file it is given. When set, every
     input file is read through its real path, which must be inside a root, and must be a regular file (links
     within the roots are followed), and the manifest names input folders relative to their root."""
+    await_file: Callable[[Path], None] | None = None
+    """Called with an input file's path before its contents are read (tensor data, checksums, copies), never
+    before planning reads a safetensors header: returns once the file is complete, or raises to stop the
+    merge. For a caller that starts merging while inputs still download (the service's worker); the engine's
+    only hook for it, kept this small on purpose."""
 
     def __post_init__(self) -> None:
         if self.allowed_roots is not None:
