@@ -28,13 +28,13 @@ from pathlib import Path
 
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus, Metrics, Published, Timings, utcnow
-from adapter_merge.core.preflight import FolderOf, merge_problem, pin_request, resolve_request
+from adapter_merge.core.preflight import FolderOf, adapter_field, merge_problem, pin_request, resolve_request
 from adapter_merge.core.problems import DISK_FULL_ERRNOS, Problem, Problems, storage_detail
 from adapter_merge.core.publish.base import ByteCounter, lineage_of
 from adapter_merge.core.sources.base import PinnedInput
 from adapter_merge.core.sources.registry import LOCAL_SCHEME
 from adapter_merge.core.store import STORE_UNAVAILABLE
-from adapter_merge.worker.downloads import DownloadCache, Fetched
+from adapter_merge.worker.downloads import Arrivals, DownloadCache, Fetched
 from adapter_merge.worker.engine import MergeCancelled, MergeError, MergeReport
 from adapter_merge.worker.watch import JobWatch
 
@@ -88,25 +88,38 @@ class JobRunner:
         from adapter_merge.worker.engine import merge  # imports torch: only where merges run
 
         inputs = job.inputs or pin_request(job.request, self.context.sources, job.tenant)
-        fetched: list[Fetched] = []
-        download_started = time.perf_counter()
+        arrivals = Arrivals(self.downloads, job.id, watch.downloading, watch.should_stop)
         try:
-            resolved = resolve_request(job.request, inputs, self._folder_finder(job, inputs, watch, fetched),
+            # The adapters first: the merge reads their weights from the first changed tensor on, and the base's
+            # shards one after another.
+            needed = [*((pinned, adapter_field(index)) for index, pinned in enumerate(inputs[1:])),
+                      (inputs[0], "base_model")]
+            arrivals.prepare([(pinned, self.context.sources.remote(pinned.scheme), field) for pinned, field in needed
+                              if pinned.scheme != LOCAL_SCHEME])
+            resolved = resolve_request(job.request, inputs, self._folder_finder(arrivals),
                                        (*self.settings.roots, self.settings.cache_root))
+            # From the claim on: starting the merge process and loading the engine count as getting ready; what
+            # planning reads of remote inputs is part of their download.
+            resolve_seconds = _seconds(job.started_at, utcnow()) - arrivals.staging_seconds
+            # Success is only reported for a result on disk (fsync); inputs are hashed once per file version,
+            # except while some still download: they are read where they move from once in, and their
+            # checksums would be remembered under paths that are gone by then.
+            options = replace(resolved.options, fsync=True,
+                              checksum_cache=None if arrivals.streaming else self.layout.checksum_cache,
+                              await_file=arrivals.await_file if arrivals.streaming else None)
+            arrivals.start()
+            try:
+                report = merge(resolved.base, resolved.adapters, self.layout.attempt_output(job.id, job.attempt),
+                               options, progress=watch.progress, should_stop=watch.should_stop)
+            except MergeCancelled:
+                raise
+            except MergeError as error:  # reported with the client's references, not the server's paths
+                raise merge_problem(error, resolved.names) from error
+            arrivals.finish()
         finally:
+            arrivals.close()
             self.downloads.evict()
-        download_seconds = time.perf_counter() - download_started if fetched else 0.0
-        # From the claim on: starting the merge process and loading the engine count as getting ready.
-        resolve_seconds = _seconds(job.started_at, utcnow()) - download_seconds
-        # Success is only reported for a result on disk (fsync); inputs are hashed once per file version.
-        options = replace(resolved.options, fsync=True, checksum_cache=self.layout.checksum_cache)
-        try:
-            report = merge(resolved.base, resolved.adapters, self.layout.attempt_output(job.id, job.attempt),
-                           options, progress=watch.progress, should_stop=watch.should_stop)
-        except MergeCancelled:
-            raise
-        except MergeError as error:  # reported with the client's references, not the server's paths
-            raise merge_problem(error, resolved.names) from error
+        download_seconds = arrivals.seconds if arrivals.fetched else 0.0
         if watch.lost or watch.cancel_requested:  # superseded or cancelled after the last tensor
             raise MergeCancelled("stopped before publishing")
         place_started = time.perf_counter()
@@ -121,7 +134,7 @@ class JobRunner:
             progress=watch.latest or job.progress,
             timings=_timings(job, finished_at, resolve_seconds, report, place_seconds, download_seconds,
                              publish_seconds),
-            metrics=_metrics(report, fetched), notes=notes,
+            metrics=_metrics(report, arrivals.fetched), notes=notes,
         )
         if final is None:
             log.warning("job %s: attempt %d finished after losing the job; its result is dropped",
@@ -177,23 +190,17 @@ class JobRunner:
         log.info("job %s: published to %s (version %s)", job.id, spec.to, published.version)
         return published, time.perf_counter() - started
 
-    def _folder_finder(self, job: JobRecord, inputs: list[PinnedInput], watch: JobWatch,
-                       fetched: list[Fetched]) -> FolderOf:
+    def _folder_finder(self, arrivals: Arrivals) -> FolderOf:
         """Where each input's files are: a local folder, checked again (it may have changed since submission);
-        a remote one, in the download cache (fetched now unless a complete entry is there)."""
+        a remote one, in the download cache (or on its way there: `arrivals`)."""
         sources = self.context.sources
-        missing = [pinned for pinned in inputs if pinned.scheme != LOCAL_SCHEME and not self.downloads.has(pinned)]
-        arrived = watch.downloading(sum(pinned.total_bytes for pinned in missing)) if missing else None
 
         def folder_of(pinned: PinnedInput, field: str) -> Path:
             if pinned.scheme == LOCAL_SCHEME:
                 local = sources.pin(pinned.ref, field).local_path
                 assert local is not None, "a local reference pins to its folder"
                 return Path(local)
-            result = self.downloads.fetch(pinned, sources.remote(pinned.scheme), field, job.id,
-                                          arrived or (lambda count: None))
-            fetched.append(result)
-            return result.folder
+            return arrivals.folder(pinned)
 
         return folder_of
 

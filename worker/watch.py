@@ -32,6 +32,10 @@ class JobWatch:
         self._recording = False
         self._latest: Progress | None = None
         self._sent: Progress | None = None
+        self._merged: MergeProgress | None = None
+        self._download: list[int] | None = None
+        """Bytes arrived and bytes to fetch, while the run downloads inputs."""
+        self._shown = threading.Lock()
         self._done = threading.Event()
         # In the runner's context, so its lines name the job as the runner's own do (core/logs.py).
         self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
@@ -50,13 +54,36 @@ class JobWatch:
 
     def progress(self, progress: MergeProgress) -> None:
         """The engine's report after a tensor."""
-        self._latest = Progress(phase="merging", tensors_done=progress.tensors_done,
-                                tensors_total=progress.tensors_total, bytes_done=progress.bytes_done,
-                                bytes_total=progress.bytes_total)
+        with self._shown:
+            self._merged = progress
+            self._show()
 
     def downloading(self, bytes_total: int) -> Callable[[int], None]:
-        """Start showing a download of `bytes_total` bytes; returns what to tell as bytes arrive."""
-        return self._counting("downloading", bytes_total)
+        """Start showing a download of `bytes_total` bytes; returns what to tell as bytes arrive (from any
+        thread). The merge starts on the first inputs in while the rest download: until the last byte, the job
+        shows the download, with the tensors merged meanwhile; then the merge."""
+        with self._shown:
+            self._download = [0, bytes_total]
+            self._show()
+
+        def arrived(count: int) -> None:
+            with self._shown:
+                assert self._download is not None
+                self._download[0] += count
+                self._show()
+
+        return arrived
+
+    def _show(self) -> None:
+        merged, download = self._merged, self._download
+        if download is not None and (download[0] < download[1] or merged is None):
+            self._latest = Progress(phase="downloading", bytes_done=download[0], bytes_total=download[1],
+                                    tensors_done=merged.tensors_done if merged else 0,
+                                    tensors_total=merged.tensors_total if merged else self.job.progress.tensors_total)
+        elif merged is not None:
+            self._latest = Progress(phase="merging", tensors_done=merged.tensors_done,
+                                    tensors_total=merged.tensors_total, bytes_done=merged.bytes_done,
+                                    bytes_total=merged.bytes_total)
 
     def publishing(self, bytes_total: int) -> Callable[[int], None]:
         """Start showing the upload of the result (`bytes_total` bytes) to its publish target; returns what to
