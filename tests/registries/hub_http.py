@@ -27,6 +27,7 @@ import hmac
 import json
 import mimetypes
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -423,13 +424,15 @@ class HubHandler(WriteRoutes, BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD" or length == 0:
             return
+        # Taken once per response: a heal() at any point of it (even between two chunks) ends a trickle.
+        released = self.server.context.faults.release_event()
         with open(file.content, "rb") as source:
             source.seek(first)
             for offset, chunk in _chunks(source, first, length):
                 if fault is not None and fault.kind is FaultKind.CORRUPT:
                     chunk = _flip_middle_byte(chunk, offset, file.size)
                 if fault is not None and fault.kind is FaultKind.TRICKLE:
-                    self._trickle(chunk, fault)
+                    self._trickle(chunk, fault, released)
                 else:
                     self.wfile.write(chunk)
 
@@ -444,8 +447,7 @@ class HubHandler(WriteRoutes, BaseHTTPRequestHandler):
         self.close_connection = True
         raise _Refused
 
-    def _trickle(self, chunk: bytes, fault: Fault) -> None:
-        released = self.server.context.faults.release_event()
+    def _trickle(self, chunk: bytes, fault: Fault, released: threading.Event) -> None:
         step = max(1, int(fault.bytes_per_second * TRICKLE_TICK))
         for start in range(0, len(chunk), step):
             if released.wait(TRICKLE_TICK):
