@@ -47,7 +47,7 @@ class Services:
 
 def _dispatcher(settings: Settings) -> Dispatcher:
     if not settings.distributed:
-        return StoreQueue()
+        return StoreQueue(settings.data_dir)
     from adapter_merge.service.publisher import CeleryPublisher  # Celery is only loaded where it is used
 
     return CeleryPublisher(settings)

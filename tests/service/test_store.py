@@ -147,6 +147,6 @@ def test_retention_deletes_old_results_and_their_files(tmp_path: Path) -> None:
             update={"finished_at": utcnow() - age}))
         layout.result_dir(job.id, 1).mkdir(parents=True)
         (layout.result_dir(job.id, 1) / "model.safetensors").write_bytes(b"x")
-    assert Maintenance(context, StoreQueue()).clean() == [old.id]
+    assert Maintenance(context, StoreQueue(tmp_path)).clean() == [old.id]
     assert store.get(old.id) is None and not layout.job_artifacts(old.id).exists()
     assert store.get(recent.id) is not None and layout.job_artifacts(recent.id).exists()
