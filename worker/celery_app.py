@@ -25,6 +25,9 @@ from adapter_merge.worker.presence import Presence
 from adapter_merge.worker.runner import worker_identity
 from adapter_merge.worker.tasks import PoolProcess, register_tasks
 
+PROCESS_START_SECONDS = 120.0
+"""How long a new pool process may take to get ready (import torch) before Celery gives up on it."""
+
 
 def worker_options(settings: Settings) -> dict[str, Any]:
     """How a merge worker consumes: late acks, one message at a time, a fresh process per job."""
@@ -34,6 +37,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": settings.worker_concurrency,
         "worker_max_tasks_per_child": settings.worker_max_tasks_per_child or None,
+        # A pool process imports torch before it reports ready (PoolProcess.start): far more than Celery's 4 s on
+        # a loaded machine, and Celery would kill it and fork another, forever.
+        "worker_proc_alive_timeout": PROCESS_START_SECONDS,
         # A broker hiccup must not abort a long merge: its lease keeps it safe from double execution.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_hijack_root_logger": False,
@@ -44,7 +50,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
 def create_worker_app(settings: Settings, metrics: WorkerMetrics) -> Celery:
     app = Celery("adapter_merge")
     app.config_from_object({**broker_options(settings), **worker_options(settings)})
-    register_tasks(app, PoolProcess(settings, metrics))
+    process = PoolProcess(settings, metrics)
+    register_tasks(app, process)
+    signals.worker_process_init.connect(process.start, weak=False)
     return app
 
 

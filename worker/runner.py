@@ -16,6 +16,7 @@ publishing: the result is removed with the rest of the run, and the target holds
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -54,6 +55,14 @@ class JobRunner:
         self.downloads = DownloadCache(context, worker_identity())
         self.shutdown = threading.Event()
         """Set to stop the current merge and put its job back in the queue (worker shutting down)."""
+
+    def preload(self) -> None:
+        """Import the engine, and with it torch (about a second), before any job is claimed: a merge process
+        started ahead of its job (a Celery pool process, the embedded worker's) is then ready when it comes."""
+        started = time.perf_counter()
+        importlib.import_module("adapter_merge.worker.engine.pipeline")
+        log.info("merge process %d ready for a job (engine loaded in %.1f s)", os.getpid(),
+                 time.perf_counter() - started)
 
     def run(self, job_id: str) -> JobRecord | None:
         """Claim `job_id` and run it. A job that is not queued (a duplicate delivery, or already claimed,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from adapter_merge.core.context import JobContext
@@ -13,8 +15,8 @@ from adapter_merge.worker.runner import JobRunner
 
 
 class PoolProcess:
-    """The runner of one pool process, built on its first job: after the fork, so no store connection is
-    shared with the parent or a sibling; and the worker's metrics, where its jobs are observed."""
+    """The runner of one pool process, built after the fork (no store connection is shared with the parent or
+    a sibling); and the worker's metrics, where its jobs are observed."""
 
     def __init__(self, settings: Settings, metrics: WorkerMetrics) -> None:
         self.settings = settings
@@ -25,6 +27,12 @@ class PoolProcess:
         if self._runner is None:
             self._runner = JobRunner(JobContext.open(self.settings))
         return self._runner
+
+    def start(self, **_: Any) -> None:
+        """Celery's `worker_process_init`, in a new pool process before it takes a job: build the runner and
+        import the engine with torch. With one job per process, Celery forks the next process as soon as the
+        last one exits, so this happens while the worker waits for work, not while a job waits."""
+        self.runner().preload()
 
 
 def register_tasks(app: Celery, process: PoolProcess) -> None:

@@ -142,6 +142,21 @@ class Proc:
         self._log_file.close()
 
 
+def torch_loaded(pid: int) -> bool:
+    """The process has torch's library mapped: it imported torch."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def ready_merge_process(proc: Proc, other_than: int | None = None) -> int | None:
+    """A live merge process of `proc`'s tree (a Celery pool process, the embedded worker's) other than
+    `other_than` that has loaded the engine, ready for its job or running it since."""
+    log = proc.log_text()
+    return next((pid for pid in proc.group_pids() if pid != other_than and f"merge process {pid} ready" in log), None)
+
+
 def stop_all(procs: Iterable[Proc]) -> list[int]:
     """Stop several processes at once (all are signalled before any is waited for); their exit codes."""
     procs = list(procs)

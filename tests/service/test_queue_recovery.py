@@ -23,9 +23,11 @@ from tests.service.harness import (
     Api,
     Proc,
     launch_server,
+    ready_merge_process,
     service_env,
     start_worker,
     stop_all,
+    wait_for,
     wait_healthy,
 )
 
@@ -97,6 +99,9 @@ def test_a_job_stored_without_its_message_runs_after_the_grace_period(cluster: C
                                                                       small_request: dict) -> None:
     """What the API leaves behind when it dies between storing a job and publishing its message."""
     assert cluster.workers, "runs after the test that starts the worker"
+    # The process for the next job gets ready (it loads torch) in more than a grace period here: wait for it.
+    ran = [int(line.rsplit(":", 1)[1]) for line in cluster.logs().splitlines() if " starts on " in line]
+    wait_for(lambda: ready_merge_process(cluster.workers[0], other_than=ran[-1]), 60, "the next pool process")
     job = JobRecord(id=str(uuid.uuid4()), request=MergeRequest(**small_request))
     cluster.store.create(job)
 
