@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from adapter_merge.cli.plan_args import adapter_specs
+from adapter_merge.cli.progress import PhaseBars
 from adapter_merge.worker.engine import (
     AdapterSpec,
     MergeCancelled,
@@ -23,23 +24,17 @@ EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 130
 
 
 class ProgressBar:
-    """A single self-rewriting line on a terminal; silent when stderr is not one."""
+    """The merge's bar over the output bytes, with rate and ETA; silent when stderr is not a terminal."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
+        self.bars = PhaseBars(only_on_terminal=True) if enabled else None
 
     def __call__(self, progress: Progress) -> None:
-        if not self.enabled:
+        if self.bars is None:
             return
-        fraction = progress.bytes_done / progress.bytes_total if progress.bytes_total else 1.0
-        filled = int(fraction * 30)
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%}  "
-            f"{progress.tensors_done}/{progress.tensors_total} tensors"
-        )
+        self.bars.show("merging", progress.bytes_done, progress.bytes_total)
         if progress.tensors_done == progress.tensors_total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            self.bars.close()
 
 
 def checksum_cache_dir() -> Path:

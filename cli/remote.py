@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tqdm import tqdm
 
+from adapter_merge.cli.progress import PhaseBars
 from adapter_merge.client import (
     ApiError,
     ChecksumMismatch,
@@ -75,28 +75,18 @@ def add_remote_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 class ProgressBar:
-    """One tqdm bar per phase of the job (downloading inputs, merging, publishing), over its bytes."""
+    """A bar per phase of the job (downloading inputs, merging, publishing), over its bytes."""
 
     def __init__(self) -> None:
-        self.bar: tqdm | None = None
-        self.phase: str | None = None
+        self.bars = PhaseBars(only_on_terminal=False)
 
     def __call__(self, job: Job) -> None:
         progress = job.progress
-        if progress.phase == "queued" or not progress.bytes_total:
-            return
-        if progress.phase != self.phase or self.bar is None:
-            self.close()
-            self.phase = progress.phase
-            self.bar = tqdm(total=progress.bytes_total, initial=progress.bytes_done, desc=progress.phase, unit="B",
-                            unit_scale=True, unit_divisor=1024, file=sys.stderr, dynamic_ncols=True)
-        self.bar.total = progress.bytes_total
-        self.bar.update(progress.bytes_done - self.bar.n)
+        if progress.phase != "queued" and progress.bytes_total:
+            self.bars.show(progress.phase, progress.bytes_done, progress.bytes_total)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.bars.close()
 
 
 def _summary(job: Job) -> str:

@@ -5,10 +5,14 @@ are, usage errors exit 2 with argparse's usage line, and `inspect` shows the pla
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,46 @@ def usage_error(argv: list[str | Path], capsys: pytest.CaptureFixture[str]) -> s
     stderr = capsys.readouterr().err
     assert stderr.startswith("usage: adapter-merge "), stderr
     return stderr
+
+
+# --- the progress bar ---------------------------------------------------------------------------------------
+
+
+def test_merge_shows_a_bar_with_rate_and_eta_on_a_terminal(inputs: Inputs) -> None:
+    """On a terminal (a pseudo-terminal here) the merge draws tqdm's bar over the output bytes to 100%; piped,
+    stderr stays free of it."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a width
+    try:
+        done = subprocess.run([sys.executable, "-m", "adapter_merge.cli", "merge", str(inputs.base), str(inputs.lora),
+                               "--out", str(inputs.out)], stderr=terminal, stdout=subprocess.DEVNULL, timeout=120,
+                              check=False)
+        os.close(terminal)
+        terminal = -1
+        drawn = _read_all(controller).decode(errors="replace")
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert done.returncode == 0
+    assert "merging: 100%" in drawn and "B/s]" in drawn, drawn
+    piped = subprocess.run([sys.executable, "-m", "adapter_merge.cli", "merge", str(inputs.base), str(inputs.lora),
+                            "--out", str(inputs.out.with_name("piped"))], capture_output=True, text=True, timeout=120,
+                           check=False)
+    assert piped.returncode == 0 and "merging" not in piped.stderr
+
+
+def _read_all(fd: int) -> bytes:
+    """Everything written to a pseudo-terminal whose other side is closed (Linux then raises EIO)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 # --- mistakes that read as what they are -------------------------------------------------------------------
