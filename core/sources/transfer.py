@@ -1,12 +1,16 @@
 """How the remote sources move bytes, written once: retries with backoff for clients that have none, ranged reads
 that cost no more than the range even from a server that ignores Range, downloads that resume where a broken
-transfer stopped, and `StreamedSource`, which builds `read_range` and `download` on one stream opener."""
+transfer stopped, and `StreamedSource`, which builds `read_range` and `download` on one stream opener. A download
+can be opened ahead (`StreamedSource.opened`): its first bytes are read then, and the rest later from the same
+request, so the worker learns a file's header for planning without a request of its own (on a server that
+answers a range by reading the whole object, as moto does, a header costs as much as the file)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -55,17 +59,63 @@ class StreamedSource(ABC):
             raise fetch_failed(pinned, file, self.describe(error), unreachable=True) from None
 
     def download(self, pinned: PinnedInput, file: PinnedFile, dest: Path, progress: ByteCounter) -> None:
+        self.opened(pinned, file).download(dest, progress)
+
+    def opened(self, pinned: PinnedInput, file: PinnedFile) -> OpenedDownload:
+        """The download of `file`, to read its first bytes now (`head`) and the whole of it later (`download`)."""
+        return OpenedDownload(self, pinned, file)
+
+    def chunks_from(self, pinned: PinnedInput, file: PinnedFile, offset: int) -> Generator[bytes, None, None]:
+        """`file`'s bytes from `offset` to its end; the request is made at the first chunk asked for."""
+        with self.open_stream(pinned, file, offset, None, reading=False) as chunks:
+            yield from chunks
+
+
+class OpenedDownload:
+    """One file's download on one request: `head` reads its first bytes from it (and keeps them), `download`
+    writes the whole file, going on with that request, resuming as `download_resuming` does if it broke off.
+    `close` gives the request up unless `download` did."""
+
+    def __init__(self, source: StreamedSource, pinned: PinnedInput, file: PinnedFile) -> None:
+        self.source, self.pinned, self.file = source, pinned, file
+        self._first: Generator[bytes, None, None] | None = source.chunks_from(pinned, file, 0)
+        self._head = bytearray()
+
+    def head(self, length: int) -> bytes:
+        """The file's first `length` bytes (fewer at its end)."""
+        try:
+            while self._first is not None and len(self._head) < length:
+                chunk = next(self._first, None)
+                if chunk is None:
+                    break
+                self._head += chunk
+        except self.source.STREAM_ERRORS as error:
+            raise fetch_failed(self.pinned, self.file, self.source.describe(error), unreachable=False) from None
+        return bytes(self._head[:length])
+
+    def download(self, dest: Path, progress: ByteCounter) -> None:
+        """Write the whole file to `dest` (which does not exist yet), reporting bytes as they arrive."""
         def chunks_from(offset: int) -> Iterator[bytes]:
-            with self.open_stream(pinned, file, offset, None, reading=False) as chunks:
-                yield from chunks
+            if offset == 0 and self._first is not None:  # the opened request, with what `head` read of it
+                first, self._first = self._first, None
+                return itertools.chain([bytes(self._head)] if self._head else [], first)
+            self.close()
+            return self.source.chunks_from(self.pinned, self.file, offset)
 
         try:
-            download_resuming(chunks_from, file.size, dest, progress, self.retries,
-                              lambda error: isinstance(error, self.STREAM_ERRORS))
+            download_resuming(chunks_from, self.file.size, dest, progress, self.source.retries,
+                              lambda error: isinstance(error, self.source.STREAM_ERRORS))
         except EOFError as error:
-            raise fetch_failed(pinned, file, str(error), unreachable=False) from None
-        except self.STREAM_ERRORS as error:
-            raise fetch_failed(pinned, file, self.describe(error), unreachable=False) from None
+            raise fetch_failed(self.pinned, self.file, str(error), unreachable=False) from None
+        except self.source.STREAM_ERRORS as error:
+            raise fetch_failed(self.pinned, self.file, self.source.describe(error), unreachable=False) from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._first is not None:
+            self._first.close()
+            self._first = None
 
 
 BACKOFF_FIRST_SECONDS = 0.5
