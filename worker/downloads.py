@@ -13,12 +13,13 @@ the marker written, so a crashed download never leaves an entry that looks compl
 
 A merge starts before its inputs are all in (`Arrivals`). A download first fetches what planning reads: the
 files it reads whole (configs, the shard index) and each safetensors file's header, in a placeholder of the
-file's size; the merge plans on `.partial-*/files/` and starts while the other files arrive on a thread of
-their own, each downloaded beside that folder, checked, then moved over its placeholder. The engine waits for
-a file to be complete before it reads its contents (`MergeOptions.await_file`, which `Arrivals.await_file`
-answers). The engine reads its inputs by path until its very end (the side files it copies), so the folder
-moves into place, and the lock is given up, once the merge is done with it: a second job for the same input
-waits until then, and reuses the entry.
+file's size (the header read from the file's own download request, which goes on later where it stopped).
+The merge plans on `.partial-*/files/` and starts while the other files arrive on a thread of their own, each
+downloaded beside that folder, checked, then moved over its placeholder. The engine waits for a file to be
+complete before it reads its contents (`MergeOptions.await_file`, which `Arrivals.await_file` answers). The
+engine reads its inputs by path until its very end (the side files it copies), so the folder moves into place,
+and the lock is given up, once the merge is done with it: a second job for the same input waits until then,
+and reuses the entry.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.sources.base import ByteCounter, PinnedFile, PinnedInput, RegistryUnavailable, RemoteSource
 from adapter_merge.core.sources.replica import header_bytes, read_whole, write_placeholder
-from adapter_merge.core.sources.transfer import fetch_failed
+from adapter_merge.core.sources.transfer import OpenedDownload, StreamedSource, fetch_failed
 from adapter_merge.core.store import JobStore
 from adapter_merge.worker.engine import MergeCancelled
 
@@ -166,6 +167,8 @@ class Download:
         """What the engine reads until `commit`: the files that arrived, and placeholders for the `pending`."""
         self.pending: list[PinnedFile] = []
         self.staged = self.committed = False
+        self._opened: dict[str, OpenedDownload] = {}
+        """Pending files whose download request was made to read their header."""
         self._keeper = _LockKeeper(cache.store, lock, cache.owner, cache.settings)
         self._progress = self._keeper.checked(progress)
 
@@ -191,7 +194,7 @@ class Download:
 
     def _header(self, file: PinnedFile) -> bytes:
         try:
-            return header_bytes(self.source, self.pinned, file)
+            return header_bytes(file, self._reader(file))
         except RegistryUnavailable as problem:  # planning's reads call that a 503; here it fails the download
             log.info("reading the header of %s in %s: %s", file.path, self.pinned.ref, problem.detail)
             raise fetch_failed(self.pinned, file, "its registry could not be reached", unreachable=False).about(
@@ -199,12 +202,24 @@ class Download:
         except Problem as problem:
             raise problem.about(self.field) from None
 
+    def _reader(self, file: PinnedFile) -> Callable[[int, int], bytes]:
+        """How planning's bytes of a safetensors `file` are read: from its own download, opened now, where the
+        source can (one request, not three); else by ranged reads."""
+        if not (isinstance(self.source, StreamedSource) and file.path.endswith(".safetensors")):
+            return lambda start, length: self.source.read_range(self.pinned, file, start, length)
+        opened = self._opened[file.path] = self.source.opened(self.pinned, file)
+        return lambda start, length: opened.head(start + length)[start:]
+
     def arrive(self, file: PinnedFile) -> None:
         """Download `file` beside the folder, check it, and put it in place (over its placeholder)."""
         arriving = self.partial / "arriving" / file.path
         arriving.parent.mkdir(parents=True, exist_ok=True)
+        opened = self._opened.pop(file.path, None)
         try:
-            self.source.download(self.pinned, file, arriving, self._progress)
+            if opened is not None:
+                opened.download(arriving, self._progress)
+            else:
+                self.source.download(self.pinned, file, arriving, self._progress)
             _verify(arriving, file, self.field, self.pinned.ref)
         except Problem as problem:
             raise problem.about(self.field) from None
@@ -232,6 +247,8 @@ class Download:
         return Fetched(self.entry / "files", False, self.pinned.total_bytes)
 
     def close(self) -> None:
+        for opened in self._opened.values():
+            opened.close()
         self._keeper.stop()
         shutil.rmtree(self.partial, ignore_errors=True)
         self.cache.store.release_lock(self.lock, self.cache.owner)
