@@ -3,8 +3,9 @@ runner in this process, moto's S3 behind a throttling proxy, tests/registries/th
 
     - the job shows tensors merged while its last shard is still on its way, and its result is the local
       merge's, byte for byte; the cache entry is complete and verified afterwards;
-    - a shard that can no longer be had mid-merge (its pinned version deleted) fails the job with the download's
-      problem, naming field and file, and leaves no output and nothing in the cache;
+    - a shard that can no longer be had mid-merge (its pinned version deleted, the link broken, so that the
+      transfer has to resume) fails the job with the download's problem, naming field and file, and leaves no
+      output and nothing in the cache;
     - cancelling the job mid-merge stops the merge and the download alike.
 """
 
@@ -38,16 +39,22 @@ LAST_SHARD = "model-00003-of-00003.safetensors"
 
 
 @pytest.fixture
-def context(s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobContext]:
-    """A worker's context whose S3 answers at BYTES_PER_SECOND."""
+def proxy(s3: S3Server) -> Iterator[ThrottledProxy]:
     with ThrottledProxy(s3.endpoint_url, BYTES_PER_SECOND) as proxy:
-        for name, value in {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint_url}.items():
-            monkeypatch.setenv(name, value)
-        context = JobContext.open(settings_for(tmp_path, poll_seconds=0.1))
-        try:
-            yield context
-        finally:
-            context.close()
+        yield proxy
+
+
+@pytest.fixture
+def context(s3: S3Server, proxy: ThrottledProxy, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[JobContext]:
+    """A worker's context whose S3 answers at BYTES_PER_SECOND."""
+    for name, value in {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint_url}.items():
+        monkeypatch.setenv(name, value)
+    context = JobContext.open(settings_for(tmp_path, poll_seconds=0.1))
+    try:
+        yield context
+    finally:
+        context.close()
 
 
 @pytest.fixture
@@ -111,7 +118,7 @@ def test_the_merge_starts_on_the_first_shard_while_the_rest_downloads(context: J
 
 
 def test_a_shard_lost_mid_merge_fails_the_job_and_leaves_nothing(context: JobContext, request_body: MergeRequest,
-                                                                 s3: S3Server, s3_bucket: str,
+                                                                 s3: S3Server, s3_bucket: str, proxy: ThrottledProxy,
                                                                  tiny_models: TinyModels) -> None:
     last_shard_bytes = (tiny_models.base / LAST_SHARD).stat().st_size
     key = f"base/{LAST_SHARD}"
@@ -121,6 +128,7 @@ def test_a_shard_lost_mid_merge_fails_the_job_and_leaves_nothing(context: JobCon
         if not deleted and merging_before_the_last_shard(progress, last_shard_bytes):
             version = s3.client().head_object(Bucket=s3_bucket, Key=key)["VersionId"]
             s3.client().delete_object(Bucket=s3_bucket, Key=key, VersionId=version)
+            proxy.cut()  # the requests made already (each shard's, opened for its header) break off, and resume
             deleted.append(progress)
 
     job, _ = run_watched(context, request_body, delete_the_last_shard)
