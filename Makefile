@@ -40,6 +40,12 @@ bench: $(INSTALLED)
 bench-8b: $(INSTALLED)
 	$(PY) -m tools.bench_8b
 
+# Issue #12's target 4: a merge whose base comes from S3 (moto, in a process of its own) overlapping the base's
+# download, against the download alone and the local merge alone (tools/bench_overlap.py).
+.PHONY: bench-overlap
+bench-overlap: $(INSTALLED)
+	$(PY) -m tools.bench_overlap
+
 # The MLflow tracking server that tests/registries runs (the fixture runs this target on first use): the full
 # `mlflow` (~850 MB) lives in a venv of its own, so its pins never meet the project's; the project's venv has
 # only the client, mlflow-skinny. The '*' .gitignore keeps the venv out of git, as newer `python -m venv` does.

@@ -1,0 +1,195 @@
+"""`make bench-overlap`: issue 12's target 4, a merge whose base comes from S3 overlapping the base's download.
+
+Inputs: the 1.1B benchmark base and its r=16 LoRA (generated and cached by `tools.bench`), the base re-sharded at
+500 MB by our own CLI (merged with the adapter at weight 0, which leaves every value as it was) and cached beside
+them; moto's S3 server as tests/registries/s3.py runs it, in a process of its own, holding that base (uploaded
+with boto3's default multipart transfer, so the worker checks sizes, not hashes).
+
+Three operations, each in a fresh process that imports the engine before its clock starts (as a worker that
+preloads it does), interleaved `--runs` times after one untimed round, figures are medians:
+- download alone: the worker's download cache fetching the base from S3 into an empty cache
+  (`DownloadCache.fetch`: every file, checked, then moved into place);
+- local merge alone: the job runner merging the base from its local folder (`JobRunner.run`, claim until
+  succeeded: fsync'd output, inputs hashed for the manifest);
+- merge from S3: the job runner merging the base from S3 into an empty cache, the merge starting on the first
+  shard while the later ones download.
+Before every run the local base is read once (untimed), so it is in the page cache like moto's copy in its memory.
+
+Target: merge from S3 <= 1.2 x max(download alone, local merge alone). Rows (model, operation, median_s, min_s,
+peak_rss_mb, note) and every run's raw figures go to docs/bench-overlap.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tools.bench import MODEL_1B, REPO, ensure_models, machine_info
+
+BUCKET = "bench-overlap"
+PREFIX = "tinyllama-1.1b-500mb"
+SHARD_SIZE = "500MB"
+OPERATIONS = {"download": "download alone (S3 -> cache)", "local": "local merge alone",
+              "overlap": "merge from S3 (overlapping its download)"}
+TARGET_RATIO = 1.2
+MB = 10**6
+S3_SERVER = ("import sys; from tests.registries.s3 import S3Server; server = S3Server().start(); "
+             "print(server.endpoint_url, flush=True); sys.stdin.read(); server.stop()")
+"""moto's S3 as the tests run it, in a process of its own until its stdin closes."""
+
+
+def resharded(data_dir: Path) -> Path:
+    """A models root holding `base` (the 1.1B base in 500 MB shards) and `lora`, made once and cached."""
+    models = ensure_models(MODEL_1B, data_dir)
+    root = data_dir / PREFIX
+    if not (root / "complete.json").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        subprocess.run([sys.executable, "-m", "adapter_merge.cli", "merge", str(models / "base"),
+                        str(models / "lora"), "--weights", "0", "--max-shard-size", SHARD_SIZE, "--out",
+                        str(root / "base"), "--quiet"], check=True)
+        (root / "base" / "merge_manifest.json").unlink()
+        shutil.copytree(models / "lora", root / "lora")
+        (root / "complete.json").write_text(json.dumps({"from": str(models), "max_shard_size": SHARD_SIZE}) + "\n")
+    return root
+
+
+# -- one measured operation, in a process of its own -----------------------------------------------------------
+
+
+def measure(operation: str, root: Path, endpoint: str, scratch: Path) -> dict[str, float]:
+    """Run `operation` once in this process; its seconds and this process's peak RSS."""
+    from tests.registries.s3 import S3Server
+
+    os.environ.update({**S3Server().env, "AWS_ENDPOINT_URL": endpoint})
+    from adapter_merge.core.context import JobContext
+    from adapter_merge.core.jobs import JobRecord, JobStatus
+    from adapter_merge.core.preflight import pin_request
+    from adapter_merge.core.request import MergeRequest
+    from adapter_merge.core.settings import Settings
+    from adapter_merge.worker.downloads import DownloadCache
+    from adapter_merge.worker.engine import pipeline  # noqa: F401  (torch and the engine, before the clock)
+    from adapter_merge.worker.runner import JobRunner, worker_identity
+
+    settings = Settings(data_dir=scratch, model_roots=[root], allowed_sources=f"s3://{BUCKET}/*",
+                        download_timeout_seconds=120)
+    context = JobContext.open(settings)
+    try:
+        base = "base" if operation == "local" else f"s3://{BUCKET}/{PREFIX}"
+        request = MergeRequest(base_model=base, adapters=["lora"], reuse=False)
+        inputs = pin_request(request, context.sources, None)  # the API's part, at submission
+        started = time.perf_counter()
+        if operation == "download":
+            DownloadCache(context, worker_identity()).fetch(inputs[0], context.sources.remote("s3"), "base_model",
+                                                            "bench", lambda count: None)
+        else:
+            job = JobRecord(id=str(uuid.uuid4()), request=request, inputs=inputs)
+            context.store.create(job)
+            final = JobRunner(context).run(job.id)
+            if final is None or final.status is not JobStatus.succeeded:
+                raise SystemExit(f"{operation}: the job did not succeed: {final and final.error}")
+        seconds = time.perf_counter() - started
+    finally:
+        context.close()
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB}
+
+
+def run_once(operation: str, root: Path, endpoint: str) -> dict[str, float]:
+    """`operation` in a fresh process, on a fresh data folder (an empty download cache) that is removed after."""
+    for path in sorted((root / "base").iterdir()):  # the local base in the page cache (untimed)
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+    with tempfile.TemporaryDirectory(prefix="bench-overlap-", dir=root.parent) as scratch:
+        done = subprocess.run([sys.executable, "-m", "tools.bench_overlap", "--measure", operation, "--root",
+                               str(root), "--endpoint", endpoint, "--scratch", scratch],
+                              check=True, capture_output=True, text=True, cwd=REPO)
+    subprocess.run(["sync"], check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- the bench ---------------------------------------------------------------------------------------------------
+
+
+def upload(root: Path, endpoint: str) -> None:
+    from tests.registries.s3 import S3Server
+
+    server = S3Server()
+    server.endpoint_url = endpoint
+    server.create_bucket(BUCKET)
+    server.upload_folder(root / "base", BUCKET, PREFIX)
+
+
+def rows_of(runs: dict[str, list[dict[str, float]]], ratio: float) -> list[dict[str, Any]]:
+    notes = {"download": "DownloadCache.fetch of the base, every file checked",
+             "local": "JobRunner.run, claim until succeeded",
+             "overlap": f"JobRunner.run; ratio to max(download, local merge) {ratio:.2f}, target <= {TARGET_RATIO}: "
+                        f"{'PASS' if ratio <= TARGET_RATIO else 'MISS'}"}
+    return [{"model": MODEL_1B.label, "operation": OPERATIONS[key],
+             "median_s": round(statistics.median(run["seconds"] for run in figures), 3),
+             "min_s": round(min(run["seconds"] for run in figures), 3),
+             "peak_rss_mb": round(max(run["peak_rss_mb"] for run in figures)), "note": notes[key]}
+            for key, figures in runs.items()]
+
+
+def bench(data_dir: Path, runs: int, docs: Path) -> float:
+    root = resharded(data_dir)
+    server = subprocess.Popen([sys.executable, "-c", S3_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=REPO)
+    try:
+        assert server.stdout is not None
+        endpoint = server.stdout.readline().strip()
+        upload(root, endpoint)
+        for operation in OPERATIONS:  # untimed: page cache and moto warmed up
+            run_once(operation, root, endpoint)
+        measured: dict[str, list[dict[str, float]]] = {operation: [] for operation in OPERATIONS}
+        for repetition in range(runs):
+            for operation in OPERATIONS:
+                measured[operation].append(run_once(operation, root, endpoint))
+                print(f"run {repetition + 1}/{runs} {operation}: {measured[operation][-1]['seconds']:.2f} s",
+                      flush=True)
+    finally:
+        server.communicate("")
+    median = {key: statistics.median(run["seconds"] for run in figures) for key, figures in measured.items()}
+    ratio = median["overlap"] / max(median["download"], median["local"])
+    rows = rows_of(measured, ratio)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "bench-overlap.json").write_text(json.dumps(
+        {"machine": machine_info(), "runs": runs, "shards": SHARD_SIZE, "rows": rows, "raw": measured},
+        indent=2) + "\n")
+    for row in rows:
+        print(f"{row['operation']}: median {row['median_s']:.2f} s, min {row['min_s']:.2f} s, "
+              f"peak RSS {row['peak_rss_mb']} MB")
+    print(f"merge from S3 / max(download, local merge) = {ratio:.2f} (target <= {TARGET_RATIO})")
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_overlap", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="measured repetitions of each operation (default 3)")
+    parser.add_argument("--data-dir", type=Path, default=REPO / "bench-data",
+                        help="where tools.bench keeps the generated models (default: bench-data/)")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs", help="where the JSON rows go (default: docs/)")
+    parser.add_argument("--measure", choices=sorted(OPERATIONS), help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.root, args.endpoint, args.scratch)))
+        return 0
+    ratio = bench(args.data_dir.resolve(), args.runs, args.docs)
+    return 0 if ratio <= TARGET_RATIO else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
