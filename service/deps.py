@@ -53,7 +53,7 @@ def _dispatcher(settings: Settings) -> Dispatcher:
     return CeleryPublisher(settings)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -69,12 +69,12 @@ def get_principal(services: ServicesDep,
     return services.authenticator.authenticate(credentials.credentials if credentials else None)
 
 
-def _reader(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+async def _reader(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     forbid_unless(principal, Role.read)
     return principal
 
 
-def _submitter(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+async def _submitter(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     forbid_unless(principal, Role.submit)
     return principal
 

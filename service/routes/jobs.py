@@ -31,7 +31,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=problem_responses(401, 403, 404, 422, 503))
-def get_job(job: JobDep) -> JobOut:
+async def get_job(job: JobDep) -> JobOut:
     """Status, progress (updated while running), timings, metrics, error and artifacts of one job."""
     return job_view(job)
 
