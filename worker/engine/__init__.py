@@ -11,6 +11,7 @@ Errors are `MergeError`s whose attributes (`file`, `tensor`, `option`, `input`, 
 see `errors`.
 """
 
+import gc
 from typing import Any
 
 from adapter_merge.worker.engine.errors import (
@@ -47,7 +48,14 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # `merge` needs torch; importing it lazily keeps `plan_merge` usable where torch is not installed.
     if name == "merge":
-        from adapter_merge.worker.engine.pipeline import merge
-
+        # Importing torch creates some 150k objects, none of them garbage, which the collector would scan again
+        # and again: ~2% of the import's instructions (callgrind), ~0.06 s of its CPU time on the reference machine.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            from adapter_merge.worker.engine.pipeline import merge
+        finally:
+            if collecting:
+                gc.enable()
         return merge
     raise AttributeError(name)
