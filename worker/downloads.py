@@ -285,12 +285,15 @@ class Arrivals:
         unique: dict[Path, tuple[PinnedInput, RemoteSource, str]] = {}
         for pinned, source, field in inputs:
             unique.setdefault(self.cache.entry(pinned), (pinned, source, field))
-        missing = sum(pinned.total_bytes for pinned, _, _ in unique.values() if not self.cache.has(pinned))
-        arrived = self._stoppable(self.downloading(missing) if missing else lambda count: None)
+        missing = {entry for entry, (pinned, _, _) in unique.items() if not self.cache.has(pinned)}
+        total = sum(unique[entry][0].total_bytes for entry in missing)
+        arrived = self._stoppable(self.downloading(total) if total else lambda count: None)
         for entry in sorted(unique):
             pinned, source, field = unique[entry]
             found = self.cache.claim(pinned, source, field, self.job_id, arrived)
             if isinstance(found, Fetched):
+                if entry in missing:  # another worker's download, waited for: its bytes are in all the same
+                    arrived(pinned.total_bytes)
                 self.fetched.append(found)
                 self._folders[entry] = found.folder
             else:
