@@ -16,7 +16,9 @@ preloads it does), interleaved `--runs` times after one untimed round, figures a
 Before every run the local base is read once (untimed), so it is in the page cache like moto's copy in its memory.
 
 Target: merge from S3 <= 1.2 x max(download alone, local merge alone). Rows (model, operation, median_s, min_s,
-peak_rss_mb, note) and every run's raw figures go to docs/bench-overlap.json.
+peak_rss_mb, note) and every run's raw figures go to docs/bench-overlap.json. Each run also records the CPU
+seconds it took, of the measured process (`cpu_s`: user + system over the operation) and of the S3 server
+(`server_cpu_s`): overlapping two jobs can only win where the machine has cores to spare for both.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from tools.bench import MODEL_1B, REPO, ensure_models, machine_info
 
@@ -69,7 +73,7 @@ def resharded(data_dir: Path) -> Path:
 
 
 def measure(operation: str, root: Path, endpoint: str, scratch: Path) -> dict[str, float]:
-    """Run `operation` once in this process; its seconds and this process's peak RSS."""
+    """Run `operation` once in this process; its seconds, CPU seconds and this process's peak RSS."""
     from tests.registries.s3 import S3Server
 
     os.environ.update({**S3Server().env, "AWS_ENDPOINT_URL": endpoint})
@@ -89,7 +93,7 @@ def measure(operation: str, root: Path, endpoint: str, scratch: Path) -> dict[st
         base = "base" if operation == "local" else f"s3://{BUCKET}/{PREFIX}"
         request = MergeRequest(base_model=base, adapters=["lora"], reuse=False)
         inputs = pin_request(request, context.sources, None)  # the API's part, at submission
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         if operation == "download":
             DownloadCache(context, worker_identity()).fetch(inputs[0], context.sources.remote("s3"), "base_model",
                                                             "bench", lambda count: None)
@@ -99,22 +103,26 @@ def measure(operation: str, root: Path, endpoint: str, scratch: Path) -> dict[st
             final = JobRunner(context).run(job.id)
             if final is None or final.status is not JobStatus.succeeded:
                 raise SystemExit(f"{operation}: the job did not succeed: {final and final.error}")
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         context.close()
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB}
+    return {"seconds": seconds, "cpu_s": cpu,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB}
 
 
-def run_once(operation: str, root: Path, endpoint: str) -> dict[str, float]:
+def run_once(operation: str, root: Path, endpoint: str, server: psutil.Process) -> dict[str, float]:
     """`operation` in a fresh process, on a fresh data folder (an empty download cache) that is removed after."""
     for path in sorted((root / "base").iterdir()):  # the local base in the page cache (untimed)
         subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
     with tempfile.TemporaryDirectory(prefix="bench-overlap-", dir=root.parent) as scratch:
+        before = server.cpu_times()
         done = subprocess.run([sys.executable, "-m", "tools.bench_overlap", "--measure", operation, "--root",
                                str(root), "--endpoint", endpoint, "--scratch", scratch],
                               check=True, capture_output=True, text=True, cwd=REPO)
+        after = server.cpu_times()
     subprocess.run(["sync"], check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]),
+            "server_cpu_s": after.user + after.system - before.user - before.system}
 
 
 # -- the bench ---------------------------------------------------------------------------------------------------
@@ -137,7 +145,9 @@ def rows_of(runs: dict[str, list[dict[str, float]]], ratio: float) -> list[dict[
     return [{"model": MODEL_1B.label, "operation": OPERATIONS[key],
              "median_s": round(statistics.median(run["seconds"] for run in figures), 3),
              "min_s": round(min(run["seconds"] for run in figures), 3),
-             "peak_rss_mb": round(max(run["peak_rss_mb"] for run in figures)), "note": notes[key]}
+             "peak_rss_mb": round(max(run["peak_rss_mb"] for run in figures)),
+             "note": f"{notes[key]}; CPU s (median): {statistics.median(run['cpu_s'] for run in figures):.2f} "
+                     f"worker, {statistics.median(run['server_cpu_s'] for run in figures):.2f} S3 server"}
             for key, figures in runs.items()]
 
 
@@ -149,12 +159,13 @@ def bench(data_dir: Path, runs: int, docs: Path) -> float:
         assert server.stdout is not None
         endpoint = server.stdout.readline().strip()
         upload(root, endpoint)
+        process = psutil.Process(server.pid)
         for operation in OPERATIONS:  # untimed: page cache and moto warmed up
-            run_once(operation, root, endpoint)
+            run_once(operation, root, endpoint, process)
         measured: dict[str, list[dict[str, float]]] = {operation: [] for operation in OPERATIONS}
         for repetition in range(runs):
             for operation in OPERATIONS:
-                measured[operation].append(run_once(operation, root, endpoint))
+                measured[operation].append(run_once(operation, root, endpoint, process))
                 print(f"run {repetition + 1}/{runs} {operation}: {measured[operation][-1]['seconds']:.2f} s",
                       flush=True)
     finally:
@@ -168,7 +179,7 @@ def bench(data_dir: Path, runs: int, docs: Path) -> float:
         indent=2) + "\n")
     for row in rows:
         print(f"{row['operation']}: median {row['median_s']:.2f} s, min {row['min_s']:.2f} s, "
-              f"peak RSS {row['peak_rss_mb']} MB")
+              f"peak RSS {row['peak_rss_mb']} MB; {row['note']}")
     print(f"merge from S3 / max(download, local merge) = {ratio:.2f} (target <= {TARGET_RATIO})")
     return ratio
 
