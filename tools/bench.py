@@ -28,6 +28,11 @@ How it measures, and why:
   inputs in the page cache even if the machine evicted them in between.
 - Outputs go to a fresh folder each run and are deleted afterwards, followed by `sync` (not timed) so one
   run's write-back does not slow down the next.
+- Writes on the reference VM: memory freed in the guest is reported back to the host (virtio-balloon free
+  page reporting, a couple of seconds after it is freed), so the page cache grows into memory the host must
+  back afresh, at ~0.35 GB/s of kernel CPU time (`dd` of 2.2 GB: ~6 s, against ~0.5 s into pages freed just
+  before, and 1-2 s with O_DIRECT). `cp -r` writes through the page cache and pays this whenever the last
+  run's pages have been reported; our merge writes its shards with O_DIRECT and does not.
 
 Other benchmarks' rows (`make bench-8b`'s `docs/benchmarks-8b.json`, the service benchmark's
 `docs/service-benchmarks.json`) join the page when it is written or rebuilt (`--render`): each such file is a
