@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 INSTALLED := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install demo test lint bench bench-8b clean
+.PHONY: install demo test lint bench bench-8b bench-service clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench-8b: $(INSTALLED)
 .PHONY: bench-overlap
 bench-overlap: $(INSTALLED)
 	$(PY) -m tools.bench_overlap
+
+# Issue #12's service target: the 1.1B merge as a job (embedded, then Celery on a private redis-server) against
+# the CLI with --fsync, quiet and with a CPU hog on core 0; reused requests; GET /jobs/{id} during two merges.
+bench-service: $(INSTALLED)
+	$(PY) -m tools.bench_service --runs $(BENCH_RUNS)
 
 # The MLflow tracking server that tests/registries runs (the fixture runs this target on first use): the full
 # `mlflow` (~850 MB) lives in a venv of its own, so its pins never meet the project's; the project's venv has
