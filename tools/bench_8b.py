@@ -18,7 +18,8 @@ with what the size changes:
   page cache it brings in (its output), not with the base's pages the untimed re-read already cached, which
   stay reclaimable; its peak RSS still counts those it maps, so the RSS can exceed the cgroup's peak.
 
-Raw rows go to `docs/benchmarks-8b.json` and are printed with the targets.
+Raw rows go to `docs/benchmarks-8b.json` (`tools.bench` renders them into the docs) and are printed with the
+targets.
 """
 
 from __future__ import annotations
@@ -112,10 +113,13 @@ def memory_cage(name: str, limit: int) -> Iterator[Cage]:
 
 @dataclass
 class Row:
-    """One line of the table: a result and what its numbers alone do not say."""
+    """One line of the table: a result, what its numbers alone do not say, and where it ran."""
 
     result: Result
     note: str = ""
+    """Empty for a run that finished: `tools.bench`'s headline table reads a note as 'did not finish'."""
+    cgroup: str = ""
+    """PEFT's memory cage: the limit and the peak usage the kernel recorded."""
 
 
 def run_peft(model: BenchModel, c: Contender, limit: int, timeout_s: int, data_dir: Path) -> Row:
@@ -133,16 +137,16 @@ def run_peft(model: BenchModel, c: Contender, limit: int, timeout_s: int, data_d
     status = int(status_file.read_text()) if status_file.exists() else None
     used = f"cgroup v1 memory limit {limit / GIB:.1f} GiB, peak usage {peak / GIB:.1f} GiB"
     if status == 0:
-        note = f"finished; {used}"
+        note = ""
     elif status == KILLED_STATUS and oom_kills:
-        note = f"OUT OF MEMORY: killed by the cgroup's OOM killer after {m.wall_s:.0f} s; {used}"
+        note = f"out of memory: killed by the cgroup's OOM killer after {m.wall_s:.0f} s; {used}"
     elif status == TIMEOUT_STATUS:
-        note = f"TIMEOUT: stopped after {timeout_s} s; {used}"
+        note = f"timeout: stopped after {timeout_s} s; {used}"
     else:
         tail = (log_dir / f"{c.out.name}.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(c.argv)} exited with {status}; log tail:\n{tail}")
-    print(f"{m.wall_s:.2f} s, {m.peak_rss / MB:.0f} MB: {note}", flush=True)
-    return Row(Result(model.label, c.key, c.label, [m]), note)
+    print(f"{m.wall_s:.2f} s, {m.peak_rss / MB:.0f} MB: {note or 'finished'} ({used})", flush=True)
+    return Row(Result(model.label, c.key, c.label, [m]), note, used)
 
 
 def evaluate(model: BenchModel, rows: list[Row]) -> list[Target]:
@@ -174,12 +178,12 @@ def ratios(row: Row, rows: list[Row]) -> dict[str, float]:
 
 
 def write_json(path: Path, rows: list[Row], info: dict[str, object], complete: bool) -> None:
-    """Raw rows for the docs: {model, operation, key, median_s, min_s, peak_rss_mb, ratio_to, note, runs}."""
+    """Raw rows in `tools.bench`'s schema for other benchmarks (see its docstring), plus key, cgroup, runs."""
     data = {**info, "complete": complete, "rows": [
-        {"model": row.result.model, "operation": row.result.label, "key": row.result.key,
+        {"model": row.result.model, "operation": row.result.label,
          "median_s": round(row.result.median_s, 3), "min_s": round(row.result.min_s, 3),
          "peak_rss_mb": round(row.result.peak_rss / MB), "ratio_to": ratios(row, rows), "note": row.note,
-         "runs": [dataclasses.asdict(m) for m in row.result.runs]}
+         "key": row.result.key, "cgroup": row.cgroup, "runs": [dataclasses.asdict(m) for m in row.result.runs]}
         for row in rows]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -188,7 +192,8 @@ def write_json(path: Path, rows: list[Row], info: dict[str, object], complete: b
 def print_report(model: BenchModel, rows: list[Row]) -> None:
     table = table_rows([r.result for r in rows])
     print()
-    print(text_table([[*table[0], "note"], *[[*line, row.note] for line, row in zip(table[1:], rows, strict=True)]]))
+    print(text_table([[*table[0], "note"], *[[*line, row.note or row.cgroup]
+                                             for line, row in zip(table[1:], rows, strict=True)]]))
     print()
     print(text_table(target_rows(evaluate(model, rows))))
 
