@@ -17,9 +17,9 @@ import argparse
 import contextlib
 import logging
 import os
+import select
 import signal
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -36,10 +36,15 @@ from adapter_merge.worker.runner import JobRunner, worker_identity
 log = logging.getLogger("adapter_merge.worker.embedded")
 
 
+IDLE = b"idle"
+"""A merge process's answer to a go when it found no job to claim (another worker's was quicker): it stays ready."""
+
+
 @dataclass
 class MergeProcess:
     """A forked merge process, getting ready or ready: a byte on `go` tells it to claim the oldest queued job
-    (closing `go`, to exit), and it writes the id of the job it ran to `ran`."""
+    (closing `go`, to exit). It answers on `ran`: IDLE if there was none to claim, else, once the job has run,
+    the job's id (nothing if the run was superseded) and it exits."""
 
     pid: int
     go: int
@@ -47,7 +52,7 @@ class MergeProcess:
 
 
 class _Dismissed(Exception):
-    """A merge process told to stop before it had a job."""
+    """A merge process told to stop while it had no job."""
 
 
 class EmbeddedWorker:
@@ -85,8 +90,7 @@ class EmbeddedWorker:
                 if not store.list([JobStatus.queued], limit=1)[1]:
                     self.bell.wait(self.settings.poll_seconds)
                     continue
-                process, ready = ready, None
-                self.run_job(process)
+                ready = self.offer_job(ready)
         finally:
             if ready is not None:
                 self.dismiss(ready)
@@ -108,46 +112,60 @@ class EmbeddedWorker:
         return MergeProcess(pid, go_write, ran_read)
 
     def dismiss(self, process: MergeProcess) -> None:
-        """A merge process that got no job: closing `go` ends it (once it is ready, if it is still loading)."""
+        """A merge process without a job: closing `go` ends it (once it is ready, if it is still loading)."""
         os.close(process.go)
         os.close(process.ran)
         os.waitpid(process.pid, 0)
 
-    def run_job(self, process: MergeProcess) -> None:
-        """Have the merge process run the oldest queued job and wait for it; the run it reports back (its job's
-        id, through a pipe) is observed here, by this long-lived process, so a merge process leaves no metrics
-        files behind."""
+    def offer_job(self, process: MergeProcess) -> MergeProcess | None:
+        """Have the merge process claim the oldest queued job and wait until it has run it; the run it reports
+        back (its job's id) is observed here, by this long-lived process, so a merge process leaves no metrics
+        files behind. Returns the process if it found no job to claim (it is still ready), else None: it has
+        exited."""
         self.child = process.pid
         try:
             with contextlib.suppress(BrokenPipeError):  # it died getting ready: its exit status says how
                 os.write(process.go, b"\0")
-            while True:
-                done, status = os.waitpid(process.pid, os.WNOHANG)
-                if done:
-                    break
-                if self.parent_gone() and not self.stopping.is_set():
-                    self.on_signal(signal.SIGTERM, None)
-                self.presence.beat()
-                time.sleep(0.1)
+            answer = self._answer(process)
+            if answer == IDLE:
+                return process
+            _, status = os.waitpid(process.pid, 0)  # it has answered for good: it is exiting
         finally:
             self.child = None
-            os.close(process.go)
-        with os.fdopen(process.ran, "rb") as pipe:
-            ran = pipe.read().decode()
+        os.close(process.go)
+        os.close(process.ran)
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
             log.error("merge process %d ended with %s; the lease reaper will recover its job, if it had one",
                       process.pid, f"signal {-code}" if code < 0 else f"exit code {code}")
             self.stopping.wait(self.settings.poll_seconds)  # one that fails before claiming must not spin
-        elif ran:
-            self.metrics.observe(self.context.store.get(ran), self.context.layout)
+        elif answer:
+            self.metrics.observe(self.context.store.get(answer.decode()), self.context.layout)
+        return None
+
+    def _answer(self, process: MergeProcess) -> bytes:
+        """What the merge process answers to a go: IDLE, or all it writes until it exits (a job's id, or nothing),
+        while this process goes on beating and watching for its parent."""
+        answer = b""
+        while True:
+            readable, _, _ = select.select([process.ran], [], [], 0.1)
+            if readable:
+                data = os.read(process.ran, 4096)
+                if not data:
+                    return answer
+                answer += data
+                if answer == IDLE:
+                    return answer
+            if self.parent_gone() and not self.stopping.is_set():
+                self.on_signal(signal.SIGTERM, None)
+            self.presence.beat()
 
 
 def _merge_process_main(context: JobContext, go: int, ran: int) -> int:
-    """The forked merge process: gets ready (engine and torch imported, runner built), waits for the worker's
-    go, claims the oldest queued job (none if another worker was quicker) and runs it, then writes the job's
-    id to the pipe `ran` if its run was still the job's at the end. The SQLite store opens a connection per
-    call, so sharing it with the parent is safe."""
+    """The forked merge process: gets ready (engine and torch imported, runner built), then at each of the
+    worker's go claims the oldest queued job: with none (another worker's process was quicker) it answers IDLE
+    and waits for the next go; with one it runs it, writes the job's id to `ran` if its run was still the job's
+    at the end, and exits. The SQLite store opens a connection per call, so sharing it with the parent is safe."""
     waiting = True
     try:
         runner = JobRunner(context)
@@ -160,16 +178,21 @@ def _merge_process_main(context: JobContext, go: int, ran: int) -> int:
         signal.signal(signal.SIGTERM, shutdown)
         signal.signal(signal.SIGINT, shutdown)
         runner.preload()
-        if not os.read(go, 1):  # the worker stops, or is gone
-            return 0
-        waiting = False
-        job = None if runner.shutdown.is_set() else \
-            context.store.claim_next(worker_identity(), context.settings.lease_seconds)
-        if job is not None:
-            with job_logging(job.id):
-                final = runner.execute(job)
-            if final is not None:
-                os.write(ran, final.id.encode())
+        while True:
+            if not os.read(go, 1):  # the worker stops, or is gone
+                return 0
+            waiting = False
+            if runner.shutdown.is_set():
+                return 0
+            job = context.store.claim_next(worker_identity(), context.settings.lease_seconds)
+            if job is not None:
+                break
+            waiting = True
+            os.write(ran, IDLE)
+        with job_logging(job.id):
+            final = runner.execute(job)
+        if final is not None:
+            os.write(ran, final.id.encode())
         return 0
     except _Dismissed:
         return 0

@@ -150,11 +150,11 @@ def torch_loaded(pid: int) -> bool:
         return False
 
 
-def ready_merge_process(proc: Proc, other_than: int | None = None) -> int | None:
-    """A live merge process of `proc`'s tree (a Celery pool process, the embedded worker's) other than
-    `other_than` that has loaded the engine, ready for its job or running it since."""
+def ready_merge_processes(proc: Proc) -> set[int]:
+    """The live merge processes of `proc`'s tree (Celery pool processes, the embedded workers') that have loaded
+    the engine: ready for a job, or running one since."""
     log = proc.log_text()
-    return next((pid for pid in proc.group_pids() if pid != other_than and f"merge process {pid} ready" in log), None)
+    return {pid for pid in proc.group_pids() if f"merge process {pid} ready" in log}
 
 
 def stop_all(procs: Iterable[Proc]) -> list[int]:

@@ -23,7 +23,7 @@ from tests.service.harness import (
     Api,
     Proc,
     launch_server,
-    ready_merge_process,
+    ready_merge_processes,
     service_env,
     start_worker,
     stop_all,
@@ -101,7 +101,7 @@ def test_a_job_stored_without_its_message_runs_after_the_grace_period(cluster: C
     assert cluster.workers, "runs after the test that starts the worker"
     # The process for the next job gets ready (it loads torch) in more than a grace period here: wait for it.
     ran = [int(line.rsplit(":", 1)[1]) for line in cluster.logs().splitlines() if " starts on " in line]
-    wait_for(lambda: ready_merge_process(cluster.workers[0], other_than=ran[-1]), 60, "the next pool process")
+    wait_for(lambda: ready_merge_processes(cluster.workers[0]) - {ran[-1]}, 60, "the next pool process")
     job = JobRecord(id=str(uuid.uuid4()), request=MergeRequest(**small_request))
     cluster.store.create(job)
 

@@ -19,8 +19,7 @@ from adapter_merge.core.dispatch import BELL_NAME, BellListener, StoreQueue
 from tests.service.conftest import ModelSet
 from tests.service.harness import (
     FINISHED,
-    Proc,
-    ready_merge_process,
+    ready_merge_processes,
     running_cluster,
     service_env,
     start_server,
@@ -30,11 +29,6 @@ from tests.service.harness import (
 
 SLOW_POLL = {"MERGE_POLL_SECONDS": "60", "MERGE_LEASE_SECONDS": "240", "MERGE_HEARTBEAT_SECONDS": "10"}
 """Settings under which a job found by polling would wait up to a minute."""
-
-
-def embedded_worker(server: Proc) -> int | None:
-    return next((child.pid for child in psutil.Process(server.pid).children()
-                 if "adapter_merge.worker.embedded" in " ".join(child.cmdline())), None)
 
 
 def test_bell_wakes_a_waiting_worker_and_never_holds_up_a_submission(tmp_path: Path) -> None:
@@ -60,19 +54,25 @@ def test_bell_wakes_a_waiting_worker_and_never_holds_up_a_submission(tmp_path: P
 
 def test_embedded_job_runs_in_a_process_ready_before_it_and_starts_on_submission(
         models: ModelSet, tmp_path: Path, small_request: dict) -> None:
-    """The worker waits on a poll interval of a minute: only the bell can start the job within seconds. The job
-    runs in the merge process that had torch loaded before it was submitted; the next job gets a new one, ready
-    as well (a process per job: its memory goes back to the system)."""
-    proc, api = start_server(service_env(tmp_path / "data", models.root, **SLOW_POLL), tmp_path / "server.log")
+    """Two workers, each waiting on a poll interval of a minute: only the bell can start the job within seconds.
+    The job runs in a merge process that had loaded the engine before it was submitted; the other worker's,
+    told to claim the same job and finding none, stays ready; the worker that ran it gets a new one, ready as
+    well (a process per job: its memory goes back to the system)."""
+    env = service_env(tmp_path / "data", models.root, MERGE_WORKER_CONCURRENCY="2", **SLOW_POLL)
+    proc, api = start_server(env, tmp_path / "server.log")
     try:
-        worker = wait_for(lambda: embedded_worker(proc), 30, "the embedded worker")
-        ready = wait_for(lambda: ready_merge_process(proc), 60, lambda: f"a ready merge process: {proc.tail()}")
+        ready = wait_for(lambda: len(ready_merge_processes(proc)) == 2 and ready_merge_processes(proc), 60,
+                         lambda: f"a ready merge process per worker: {proc.tail()}")
         job = api.wait(api.submit(small_request)["id"], FINISHED, timeout=60)
         assert job["status"] == "succeeded", job["error"]
-        assert job["worker"].endswith(f":{ready}")
+        ran = int(job["worker"].rsplit(":", 1)[1])
+        assert ran in ready
         assert job["timings"]["queued"] < 20, job["timings"]
-        wait_for(lambda: ready_merge_process(proc, other_than=ready), 60, "the next merge process, ready")
-        assert not torch_loaded(worker) and not torch_loaded(proc.pid)
+        after = wait_for(lambda: len(ready_merge_processes(proc) - {ran}) == 2 and ready_merge_processes(proc), 60,
+                         "the next merge process, ready")
+        assert ready - {ran} < after  # the other worker's process is the one it had
+        others = [child.pid for child in psutil.Process(proc.pid).children() if child.pid not in after]
+        assert others and not any(torch_loaded(pid) for pid in (proc.pid, *others))  # workers, preflight
     finally:
         api.close()
         assert proc.stop() == 0, proc.tail()
@@ -85,9 +85,10 @@ def test_celery_job_runs_in_a_pool_process_ready_before_it(models: ModelSet, tmp
     engine before it reports ready, so the job after it does not wait for that either."""
     env = service_env(tmp_path / "data", models.root, **redis_namespace)
     with running_cluster(tmp_path, env, [env]) as (_, api, [worker]):
-        ready = wait_for(lambda: ready_merge_process(worker), 60, lambda: f"a ready pool process: {worker.tail()}")
+        ready = wait_for(lambda: ready_merge_processes(worker), 60, lambda: f"a ready pool process: {worker.tail()}")
         job = api.wait(api.submit(small_request)["id"], FINISHED, timeout=60)
         assert job["status"] == "succeeded", job["error"]
-        assert job["worker"].endswith(f":{ready}")
-        wait_for(lambda: ready_merge_process(worker, other_than=ready), 60, "the next pool process, ready")
+        ran = int(job["worker"].rsplit(":", 1)[1])
+        assert ran in ready
+        wait_for(lambda: ready_merge_processes(worker) - {ran}, 60, "the next pool process, ready")
         assert not torch_loaded(worker.pid)
