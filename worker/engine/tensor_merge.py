@@ -3,6 +3,7 @@ to cache-sized blocks in fp32, check them, and round each block once into the ou
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,8 +17,16 @@ from adapter_merge.worker.engine.operations import OutputTensor
 from adapter_merge.worker.engine.tensor_info import TensorInfo
 from adapter_merge.worker.engine.tensor_io import TORCH_DTYPES, BufferPool, TensorReader
 
-BLOCK_ELEMENTS = 64 * 1024
-"""fp32 elements a block works on (256 KiB): all of a block's steps then run in the CPU's cache."""
+BLOCK_ELEMENTS = 256 * 1024
+"""fp32 elements a block works on (1 MiB, the L2 cache of one core on the reference machine): all of a block's
+steps then run in the CPU's cache. Computing the 1.1B LoRA merge takes ~12% less CPU time (DoRA ~17%) than with
+256 KiB blocks, from fewer calls into torch per byte, provided the allocator keeps its memory (`keep_heap`)."""
+HEAP_KEPT_BYTES = 256 * 1024 * 1024
+"""Freed heap memory glibc keeps for reuse instead of returning it to the system."""
+MMAP_THRESHOLD_BYTES = 64 * 1024 * 1024
+"""Allocations from this size up get pages of their own (glibc's mmap threshold)."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's mallopt parameter numbers (malloc.h)."""
 CHUNK_BYTES = 16 * 1024 * 1024
 """Bytes read or written per chunk: large enough for efficient I/O, small enough to bound memory."""
 
@@ -44,10 +53,24 @@ class ChangeStats:
             self.change_squares += float(torch.dist(merged, base_block)) ** 2
 
 
+def keep_heap() -> None:
+    """Make glibc keep freed heap memory for the next block's temporaries instead of unmapping it.
+
+    By default a block's 1 MiB temporaries are each freed back to the system and their pages faulted in again
+    for the next block: 3x the page faults of the whole merge (perf stat: 65k -> 180-300k), and on a VM whose
+    freed memory goes back to the host every fault is slow. With these settings the faults stay at 65k. The
+    settings are the process's (glibc has no per-thread ones); where mallopt is missing nothing changes."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_TRIM_THRESHOLD, HEAP_KEPT_BYTES)
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 class TensorMerger:
     """Computes the changed output tensors of one merge, reusing its reader, buffers and staging memory."""
 
     def __init__(self, reader: TensorReader, labels: dict[int, str], pool: BufferPool) -> None:
+        keep_heap()
         self.reader = reader
         self.labels = labels
         """Adapter index -> how messages name it."""
