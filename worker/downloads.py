@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 MARKER = ".complete"
 HASH_CHUNK = 8 << 20
 POLL_SECONDS = 0.1
+STAGING_THREADS = 8
 """How often a merge waiting for a file checks whether its run must stop."""
 
 
@@ -181,13 +183,17 @@ class Download:
         for stale in self.entry.glob(".partial-*"):
             if stale != self.partial:
                 shutil.rmtree(stale, ignore_errors=True)
-        for file in self.pinned.files:
+
+        def stage_one(file: PinnedFile) -> None:
             if read_whole(file):
                 self.arrive(file)
-            else:
-                if placeholders:
-                    write_placeholder(self.folder / file.path, file.size, self._header(file))
-                self.pending.append(file)
+            elif placeholders:
+                write_placeholder(self.folder / file.path, file.size, self._header(file))
+
+        # Side by side: each is a request, and a server may take long over the first byte of a big file.
+        with ThreadPoolExecutor(STAGING_THREADS) as pool:
+            list(pool.map(stage_one, self.pinned.files))
+        self.pending = [file for file in self.pinned.files if not read_whole(file)]
         self.pending.sort(key=lambda file: (not file.path.endswith(".safetensors"),
                                             0 if file.path.endswith(".safetensors") else file.size, file.path))
         self.staged = True
@@ -226,7 +232,7 @@ class Download:
         target = self.folder / file.path
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(arriving, target)
-        if file in self.pending:
+        if file in self.pending:  # (a file fetched while staging is not)
             self.pending.remove(file)
 
     @property
