@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 CHUNK_BYTES = 16 * 1024
+SEND_BUFFER_BYTES = 64 * 1024
+"""Kept small, so that what a client has not read yet stays on the server's side of the link."""
 
 
 class ThrottledProxy:
@@ -41,13 +43,14 @@ class ThrottledProxy:
         return self
 
     def send(self, sink: socket.socket, chunk: bytes) -> None:
-        """`chunk` to `sink` once the link has carried it."""
+        """`chunk` to `sink`, then as long as the link takes to carry it. A connection its client does not read
+        stalls in `sendall` (its buffers are small) and takes none of the link meanwhile."""
+        sink.sendall(chunk)
         with self._link:
             now = time.monotonic()
             self._free_at = max(self._free_at, now) + len(chunk) / self.bytes_per_second
             wait = self._free_at - now
         time.sleep(wait)
-        sink.sendall(chunk)
 
     def cut(self) -> None:
         """Break every connection open now, both ways (a link that fails mid-transfer)."""
@@ -74,6 +77,7 @@ class _Server(socketserver.ThreadingTCPServer):
 class _Connection(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         proxy: Any = self.server.proxy  # type: ignore[attr-defined]
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         with socket.create_connection(proxy.upstream) as upstream:
             with proxy._link:
                 proxy._connections |= {self.request, upstream}
