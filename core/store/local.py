@@ -82,7 +82,7 @@ class SQLiteJobStore(JobStore):
         self.path = path
         self.reserve = path.with_name(path.name + ".reserve")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        with self._writing() as db:
             db.executescript(_SCHEMA)  # IF NOT EXISTS: writes nothing to an existing store (a full disk is fine)
             columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             if "tenant" not in columns:  # a data dir from before tenants: its jobs belong to the default tenant
@@ -101,18 +101,26 @@ class SQLiteJobStore(JobStore):
         # A connection per call: cheap for SQLite, and safe across threads and forked processes.
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         try:
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A connection that writes. Only writes set the journal mode: the pragma takes the database's lock, so on
+        a read it would wait a second time behind a commit (whose fsync is slow while merges write their
+        results), for nothing a read needs."""
+        with self._connect() as db:
             # Per connection for a rollback journal. A database left in WAL mode by an older version converts
             # as soon as no other connection has it open ("locked" until then: it keeps working in WAL mode).
             with contextlib.suppress(sqlite3.OperationalError):
                 db.execute("PRAGMA journal_mode=PERSIST")
             db.execute("PRAGMA synchronous=NORMAL")
             yield db
-        finally:
-            db.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
+        with self._writing() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
