@@ -34,12 +34,13 @@ How it measures, and why:
   before, and 1-2 s with O_DIRECT). `cp -r` writes through the page cache and pays this whenever the last
   run's pages have been reported; our merge writes its shards with O_DIRECT and does not.
 
-Other benchmarks' rows (`make bench-8b`'s `docs/benchmarks-8b.json`, the service benchmark's
-`docs/service-benchmarks.json`) join the page when it is written or rebuilt (`--render`): each such file is a
-JSON object whose "rows" is a list of {"model", "operation", "median_s", "min_s", "peak_rss_mb", "ratio_to",
-"note"}: seconds (a difference of times may be negative), MB = 10**6 bytes or null, `ratio_to` an optional
-object of reference name -> this row's median over the reference's (e.g. {"cp": 1.2, "ours": 3.1}), `note` a
-string (may be empty). Other keys (the file's "machine", a row's "runs") are kept but not shown.
+Other benchmarks' rows (`make bench-8b`'s `docs/benchmarks-8b.json`, `make bench-service`'s
+`docs/service-benchmarks.json`, `make bench-overlap`'s `docs/bench-overlap.json`) join the page when it is
+written or rebuilt (`--render`): each such file is a JSON object whose "rows" is a list of {"model",
+"operation", "median_s", "min_s", "peak_rss_mb", "ratio_to", "note"}: seconds (a difference of times may be
+negative), MB = 10**6 bytes or null, `ratio_to` an optional object of reference name -> this row's median over
+the reference's (e.g. {"cp": 1.2, "ours": 3.1}), `note` a string (may be empty). Other keys (the file's
+"machine", a row's "runs") are kept but not shown.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ DORA_LIMIT = 1.1
 RSS_LIMITS_GB = {"1.1B": RSS_LIMIT_GB, "3B": RSS_LIMIT_GB}
 CHART_COLORS = {"cp": "#9e9e9e", "startup": "#9e9e9e", "floor": "#616161", "ours": "#1f77b4", "peft": "#ff7f0e"}
 EXTRA_RESULTS = {"benchmarks-8b.json": "8B class (`make bench-8b`)",
-                 "service-benchmarks.json": "Service on top of the engine (`python -m tools.bench_service`)"}
+                 "service-benchmarks.json": "Service on top of the engine (`make bench-service`)",
+                 "bench-overlap.json": "Fetch and merge overlap (`make bench-overlap`)"}
 """Other benchmarks' raw rows in the docs folder (see the module docstring), and their sections' titles."""
 
 
