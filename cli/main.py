@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from adapter_merge.cli.metrics_dir import use_metrics_dir
 from adapter_merge.cli.plan_args import add_plan_arguments
-from adapter_merge.cli.remote import REMOTE_COMMANDS, add_remote_parsers, run_remote
+from adapter_merge.cli.remote_args import REMOTE_COMMANDS, add_remote_parsers
 
 
 def _add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in REMOTE_COMMANDS:
+        from adapter_merge.cli.remote import run_remote  # httpx and the client: only for these commands
+
         return run_remote(args)
     if args.command == "merge":
         from adapter_merge.cli.merge import run_merge
