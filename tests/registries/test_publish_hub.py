@@ -31,6 +31,7 @@ from adapter_merge.worker.engine.manifest import engine_version
 from tests.registries.fixtures import TinyModels
 from tests.registries.hub import FakeHub
 from tests.registries.publishing import (
+    PACE,
     Cluster,
     Deployment,
     Models,
@@ -340,8 +341,6 @@ def test_the_fake_hub_checks_a_commit_as_the_hub_does(hub: FakeHub) -> None:
 # -- through the service -----------------------------------------------------------------------------------------
 
 SERVICE_BASE = "pub/service-base"
-PACE = 2_000_000
-"""Bytes per second of the killed worker's publish: the ~7.6 MB model takes ~3.8 s."""
 
 
 @pytest.fixture(scope="module")

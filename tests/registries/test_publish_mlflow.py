@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 
 from tests.registries.mlflow_server import MlflowServer
 from tests.registries.publishing import (
+    PACE,
     Cluster,
     Deployment,
     Models,
@@ -45,8 +46,6 @@ from tests.service.checks import problem
 
 ALLOWED = "models:/pub-*"
 EXPERIMENT = "adapter-merge"
-PACE = 2_000_000
-"""Bytes per second of the killed worker's publish: the 7.6 MB model takes ~3.8 s."""
 
 
 @pytest.fixture(scope="module")

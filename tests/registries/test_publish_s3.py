@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.registries.publishing import (
+    PACE,
     Cluster,
     Deployment,
     Models,
@@ -48,8 +49,6 @@ from tests.service.harness import Api
 ALLOWED = "s3://pub-*"
 MANIFEST = "merge_manifest.json"
 LINEAGE = "merge_lineage.json"
-PACE = 2_000_000
-"""Bytes per second of the killed worker's publish: the 7.6 MB model takes ~3.8 s."""
 
 
 @pytest.fixture(scope="module")
