@@ -64,18 +64,18 @@ class WorkerMetrics:
         nor a job deleted since (None) or already running again (handed back at shutdown, claimed anew)."""
         if job is None or job.status is JobStatus.running:
             return
-        self.runs.labels(job.status.value).inc()
         timings = job.timings
         if timings.download is not None:
             self.download_seconds.observe(timings.download)
         if timings.publish is not None:
             self.publish_seconds.observe(timings.publish)
-        if job.status is not JobStatus.succeeded or timings.merge is None:
-            return
-        kind = adapter_kind(layout.result_dir(job.id, job.attempt) / MANIFEST)
-        self.merge_seconds.labels(kind).observe(timings.merge)
-        if job.metrics.bytes_per_second is not None:
-            self.merge_throughput.labels(kind).observe(job.metrics.bytes_per_second)
+        if job.status is JobStatus.succeeded and timings.merge is not None:
+            kind = adapter_kind(layout.result_dir(job.id, job.attempt) / MANIFEST)
+            self.merge_seconds.labels(kind).observe(timings.merge)
+            if job.metrics.bytes_per_second is not None:
+                self.merge_throughput.labels(kind).observe(job.metrics.bytes_per_second)
+        # Counted last: a scrape that sees the run also sees every figure it brought.
+        self.runs.labels(job.status.value).inc()
 
 
 def adapter_kind(manifest: Path) -> str:
