@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 
 import adapter_merge.client.calls as calls
-from adapter_merge.client.errors import JobNotSucceeded, error_for
+from adapter_merge.client.errors import error_for
 from adapter_merge.client.models import Job
-from adapter_merge.client.transfer import CHUNK_BYTES, Transfer
+from adapter_merge.client.transfer import CHUNK_BYTES, transfers
 
 
 class AsyncClient:
@@ -62,14 +62,11 @@ class AsyncClient:
             await asyncio.sleep(poll.pause(current))
 
     async def download(self, job: Job | str, dest: str | Path) -> Sequence[Path]:
-        current = await self.get(job)
-        if current.status != "succeeded":
-            raise JobNotSucceeded(current, f"job {current.id} is {current.status}: nothing to download")
         paths = []
-        for artifact in current.artifacts:
-            transfer = Transfer(artifact, Path(dest))
+        for transfer in transfers(await self.get(job), Path(dest)):
             if not transfer.already_there():
-                async with self.http.stream("GET", artifact.url, headers=transfer.request_headers()) as response:
+                async with self.http.stream("GET", transfer.artifact.url,
+                                            headers=transfer.request_headers()) as response:
                     if not response.is_success:
                         await response.aread()
                         raise error_for(response)

@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 
 import adapter_merge.client.calls as calls
-from adapter_merge.client.errors import JobNotSucceeded, error_for
+from adapter_merge.client.errors import error_for
 from adapter_merge.client.models import Job
-from adapter_merge.client.transfer import CHUNK_BYTES, Transfer
+from adapter_merge.client.transfer import CHUNK_BYTES, transfers
 
 
 class Client:
@@ -69,14 +69,10 @@ class Client:
     def download(self, job: Job | str, dest: str | Path) -> Sequence[Path]:
         """Every artifact of a succeeded job into folder `dest`, each checked against its sha256; a partial
         file left by an interrupted call is resumed. Returns the files' paths."""
-        current = self.get(job)
-        if current.status != "succeeded":
-            raise JobNotSucceeded(current, f"job {current.id} is {current.status}: nothing to download")
         paths = []
-        for artifact in current.artifacts:
-            transfer = Transfer(artifact, Path(dest))
+        for transfer in transfers(self.get(job), Path(dest)):
             if not transfer.already_there():
-                with self.http.stream("GET", artifact.url, headers=transfer.request_headers()) as response:
+                with self.http.stream("GET", transfer.artifact.url, headers=transfer.request_headers()) as response:
                     if not response.is_success:
                         response.read()
                         raise error_for(response)

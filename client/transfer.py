@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from adapter_merge.client.errors import ChecksumMismatch
-from adapter_merge.client.models import Artifact
+from adapter_merge.client.errors import ChecksumMismatch, JobNotSucceeded
+from adapter_merge.client.models import Artifact, Job
 
 CHUNK_BYTES = 1 << 20
 PARTIAL_SUFFIX = ".partial"
@@ -73,3 +73,12 @@ class Transfer:
             self.partial.unlink(missing_ok=True)
             raise ChecksumMismatch(self.artifact.path, self.artifact.sha256, actual)
         os.replace(self.partial, self.final)
+
+
+def transfers(job: Job, dest: Path) -> Iterator[Transfer]:
+    """Every artifact of a succeeded job on its way into `dest`, for both clients (they only move the bytes); any
+    other job has nothing to download. Made one by one as the download reaches them: an artifact whose path leads
+    outside `dest` stops it there."""
+    if job.status != "succeeded":
+        raise JobNotSucceeded(job, f"job {job.id} is {job.status}: nothing to download")
+    return (Transfer(artifact, dest) for artifact in job.artifacts)
