@@ -34,6 +34,7 @@ class Services:
     def open(cls, settings: Settings, on_lease_lost: Callable[[], object] = lambda: None) -> Services:
         authenticator = Authenticator(settings)
         context = JobContext.open(settings)
+        context.store.hold_open()  # the API forks nothing that uses the store (its preflight pool spawns)
         dispatcher = _dispatcher(settings)
         maintenance = MaintenanceThread(context, dispatcher, retention=True, on_lease_lost=on_lease_lost)
         maintenance.start()

@@ -73,9 +73,10 @@ class JobStore(ABC):
         the cursor to go on from, None once there are no more."""
 
     @abstractmethod
-    def update(self, job_id: str, change: Change) -> JobRecord | None:
+    def update(self, job_id: str, change: Change, durable: bool = True) -> JobRecord | None:
         """Apply `change` atomically; return the stored result, or None if the job is gone or `change`
-        declined."""
+        declined. `durable=False`: a change that may be lost to a power cut (a heartbeat), written without
+        waiting for the disk where the store can tell the difference."""
 
     @abstractmethod
     def delete(self, job_id: str, only: Collection[JobStatus] = FINISHED_STATUSES) -> bool:
@@ -139,6 +140,10 @@ class JobStore(ABC):
         if hook is None or hook.state != "pending" or hook.next_attempt_at is None:
             return None
         return hook.next_attempt_at.timestamp()
+
+    def hold_open(self) -> None:  # noqa: B027 - optional hook
+        """Keep what the store needs open until `close`, for a process that uses the store all its life (the
+        API)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -217,7 +222,7 @@ class JobStore(ABC):
                 update["progress"] = progress
             return job.model_copy(update=update)
 
-        return self.update(job_id, change)
+        return self.update(job_id, change, durable=False)
 
     def finish(self, job_id: str, attempt: int, status: JobStatus, **fields: object) -> JobRecord | None:
         """End `attempt` with a final status, or put it back in the queue (status=queued)."""

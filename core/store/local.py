@@ -3,15 +3,23 @@
 SQLite gives durable state (queued jobs survive a restart) and cross-process atomicity (BEGIN IMMEDIATE)
 with nothing to install. It is meant for one machine: keep it off network filesystems.
 
+The database is in WAL mode, so that reads never wait for writes. While merges write their results, the disk's
+queue is full and every fsync takes 0.1-0.5 s; with a rollback journal each commit held the database's
+exclusive lock through its fsync, and the API's reads (GET /jobs/{id}) waited behind the running jobs' progress
+commits: p99 0.45-1.2 s with two merges running. In WAL mode a read sees the last commit and takes no lock a
+writer holds. Writes that record what must survive a power cut (a job created, claimed, finished, cancelled,
+deleted) sync the WAL at commit (`synchronous=FULL`); a running job's heartbeat and progress, and a worker's
+presence, do not (`NORMAL`: a power cut may lose the last of them, never the database).
+
 A full disk must not take the API down, since deleting jobs through it is how space is freed:
 
-- The rollback journal is kept (`journal_mode=PERSIST`), not WAL: a reader then writes nothing at all, whereas
-  in WAL mode every connection that finds no other one open must create and size the `-shm` index
-  (SQLITE_IOERR_SHMSIZE on a full disk: reads, deletes, everything failed). A kept journal also reuses its
-  blocks, so most small writes need no new space.
+- In WAL mode each connection needs the `-shm` index, which the first connection creates and sizes (32 KiB)
+  and the last one deletes on closing. The API keeps one connection open for as long as it runs
+  (`hold_open`), so the index and the WAL stay in place and reads need no new space. The WAL's blocks are
+  reused after each checkpoint, so most small writes need none either.
 - `jobs.sqlite3.reserve` holds `RESERVE_BYTES` that a write which finds the disk full deletes before trying
-  once more (a delete, a cancel, a failed job's outcome); the reserve comes back once there is room again.
-  A write that still finds no space is a 507 storage-full, not a 503.
+  once more (a delete, a cancel, a failed job's outcome), as does the API opening its connection; the reserve
+  comes back once there is room again. A write that still finds no space is a 507 storage-full, not a 503.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import TypeVar
 from adapter_merge.core.jobs import ACTIVE_STATUSES, DEFAULT_TENANT, FINISHED_STATUSES, JobRecord, JobStatus
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.store.base import Change, Cursor, IdempotencyRecord, JobStore, QuotaExceeded
+from adapter_merge.core.store.sqlite_lock import PatientConnection
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -82,7 +91,10 @@ class SQLiteJobStore(JobStore):
         self.path = path
         self.reserve = path.with_name(path.name + ".reserve")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._writing() as db:
+        self._keeper: sqlite3.Connection | None = None
+        with self._writing(durable=True) as db:
+            # Persistent in the file: the first store of a new version converts a database in rollback mode.
+            db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)  # IF NOT EXISTS: writes nothing to an existing store (a full disk is fine)
             columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             if "tenant" not in columns:  # a data dir from before tenants: its jobs belong to the default tenant
@@ -97,30 +109,24 @@ class SQLiteJobStore(JobStore):
         self._restore_reserve()
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self) -> Iterator[PatientConnection]:
         # A connection per call: cheap for SQLite, and safe across threads and forked processes.
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=0, isolation_level=None, factory=PatientConnection)
         try:
             yield db
         finally:
             db.close()
 
     @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        """A connection that writes. Only writes set the journal mode: the pragma takes the database's lock, so on
-        a read it would wait a second time behind a commit (whose fsync is slow while merges write their
-        results), for nothing a read needs."""
+    def _writing(self, durable: bool) -> Iterator[PatientConnection]:
+        """A connection that writes; `durable`: its commits are synced to the disk before they return."""
         with self._connect() as db:
-            # Per connection for a rollback journal. A database left in WAL mode by an older version converts
-            # as soon as no other connection has it open ("locked" until then: it keeps working in WAL mode).
-            with contextlib.suppress(sqlite3.OperationalError):
-                db.execute("PRAGMA journal_mode=PERSIST")
-            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
             yield db
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._writing() as db:
+    def _transaction(self, durable: bool) -> Iterator[sqlite3.Connection]:
+        with self._writing(durable) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -130,16 +136,16 @@ class SQLiteJobStore(JobStore):
                 raise
             db.execute("COMMIT")
 
-    def _write(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _write(self, body: Callable[[sqlite3.Connection], _T], durable: bool = True) -> _T:
         """Run `body` in one write transaction. On a full disk the reserve is given up and the write tried once
         more; if it still finds no space it fails as storage-full."""
         released = False
         while True:
             try:
-                with self._transaction() as db:
+                with self._transaction(durable) as db:
                     result = body(db)
             except sqlite3.OperationalError as error:
-                if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_FULL:
+                if not _out_of_space(error):
                     raise
                 if not released and self._release_reserve():
                     released = True
@@ -148,6 +154,27 @@ class SQLiteJobStore(JobStore):
                               "full; delete finished jobs or add space") from error
             self._restore_reserve()
             return result
+
+    def hold_open(self) -> None:
+        """Keep a connection, and with it the WAL index, open until `close` (see the module's note on a full
+        disk). Only in a process that forks no child using the store: a connection must not cross a fork."""
+        released = False
+        while self._keeper is None:
+            keeper = sqlite3.connect(self.path, timeout=0, isolation_level=None, factory=PatientConnection)
+            try:
+                keeper.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()  # opens the WAL index
+            except sqlite3.OperationalError as error:
+                keeper.close()
+                if not _out_of_space(error) or released or not self._release_reserve():
+                    raise
+                released = True
+                continue
+            self._keeper = keeper
+
+    def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
 
     def _release_reserve(self) -> bool:
         try:
@@ -226,7 +253,7 @@ class SQLiteJobStore(JobStore):
         cursor = (rows[-1][0], rows[-1][1]) if len(rows) == limit else None
         return [JobRecord.from_json(row[2]) for row in rows], cursor
 
-    def update(self, job_id: str, change: Change) -> JobRecord | None:
+    def update(self, job_id: str, change: Change, durable: bool = True) -> JobRecord | None:
         def write(db: sqlite3.Connection) -> JobRecord | None:
             row = db.execute("SELECT doc FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
@@ -238,7 +265,7 @@ class SQLiteJobStore(JobStore):
                        (new.status.value, new.to_json(), self.webhook_due(new), job_id))
             return new
 
-        return self._write(write)
+        return self._write(write, durable)
 
     def delete(self, job_id: str, only: Collection[JobStatus] = FINISHED_STATUSES) -> bool:
         def remove(db: sqlite3.Connection) -> bool:
@@ -312,7 +339,7 @@ class SQLiteJobStore(JobStore):
             db.execute("DELETE FROM workers WHERE expires_at <= ?", (now,))
             db.execute("INSERT OR REPLACE INTO workers (id, expires_at) VALUES (?, ?)", (worker, now + seconds))
 
-        self._write(record)
+        self._write(record, durable=False)
 
     def live_workers(self) -> list[str]:
         with self._connect() as db:
@@ -325,6 +352,12 @@ class SQLiteJobStore(JobStore):
     def ping(self) -> None:
         with self._connect() as db:
             db.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+
+
+def _out_of_space(error: sqlite3.OperationalError) -> bool:
+    """A write that found the disk full, or a connection that could not size the WAL index on it."""
+    code = error.sqlite_errorcode
+    return code & 0xFF == sqlite3.SQLITE_FULL or code == sqlite3.SQLITE_IOERR_SHMSIZE
 
 
 def _where(statuses: Collection[JobStatus] | None, tenant: str | None) -> tuple[str, list[str]]:

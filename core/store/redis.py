@@ -210,7 +210,8 @@ class RedisJobStore(JobStore):
                 except redis.WatchError:
                     continue
 
-    def update(self, job_id: str, change: Change) -> JobRecord | None:
+    def update(self, job_id: str, change: Change, durable: bool = True) -> JobRecord | None:
+        # Every write is as durable as the Redis server's own persistence settings make it.
         def write(pipe: redis.client.Pipeline, old: JobRecord) -> JobRecord | None:
             new = change(old, _seconds(pipe.time()))
             if new is None:
