@@ -15,8 +15,8 @@ A full disk must not take the API down, since deleting jobs through it is how sp
 
 - In WAL mode each connection needs the `-shm` index, which the first connection creates and sizes (32 KiB)
   and the last one deletes on closing. The API keeps one connection open for as long as it runs
-  (`hold_open`), so the index and the WAL stay in place and reads need no new space. The WAL's blocks are
-  reused after each checkpoint, so most small writes need none either.
+  (`hold_open`), so the index and the WAL stay in place and reads need no new space. The WAL is kept small
+  and its blocks are reused after each checkpoint (`WAL_CHECKPOINT_PAGES`), so most writes need none either.
 - `jobs.sqlite3.reserve` holds `RESERVE_BYTES` that a write which finds the disk full deletes before trying
   once more (a delete, a cancel, a failed job's outcome), as does the API opening its connection; the reserve
   comes back once there is room again. A write that still finds no space is a 507 storage-full, not a 503.
@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 RESERVE_BYTES = 4 << 20
 """Far more than the journal of any one write of the store needs."""
+WAL_CHECKPOINT_PAGES = 32
+"""A writer that finds this many pages in the WAL copies them into the database, after which the WAL is
+written again from its start: it stays this size (128 KiB) and keeps its blocks, which a write on a full disk
+then reuses. A job's life (created, claimed, progress, finished) writes more than this, so the WAL has grown
+to its size long before the disk fills; SQLite's default, 1000 pages, would grow it for hours."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -122,6 +127,7 @@ class SQLiteJobStore(JobStore):
         """A connection that writes; `durable`: its commits are synced to the disk before they return."""
         with self._connect() as db:
             db.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             yield db
 
     @contextmanager
