@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.service.harness import FINISHED, Api, Proc, running_cluster, service_env, start_server, start_worker
+from tests.service.harness import FINISHED, Api, Proc, running_cluster, service_env, serving, start_worker
 from tools.synthetic import DEMO, write_llama_base, write_lora_adapter
 
 MANIFEST = "merge_manifest.json"
@@ -74,12 +74,8 @@ class Deployment:
 
 @contextmanager
 def embedded(models: Models, data_dir: Path, env: dict[str, str]) -> Iterator[Deployment]:
-    proc, api = start_server(service_env(data_dir, models.root, **env), data_dir / "server.log")
-    try:
+    with serving(service_env(data_dir, models.root, **env), data_dir / "server.log") as (_, api):
         yield Deployment(api, data_dir)
-    finally:
-        api.close()
-        assert proc.stop() == 0, proc.tail()
 
 
 @dataclass

@@ -57,7 +57,7 @@ from tests.service.harness import (
     Proc,
     running_cluster,
     service_env,
-    start_server,
+    serving,
     start_worker,
 )
 from tools.synthetic import DEMO, write_llama_base, write_lora_adapter
@@ -173,10 +173,8 @@ def embedded(local: LocalModels, hub_server: FakeHub, s3_server: S3Server, mlflo
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     data_dir = tmp_path_factory.mktemp("e2e-embedded")
     env = service_env(data_dir, local.root, **registry_env(hub_server, s3_server, mlflow_server))
-    proc, api = start_server(env, data_dir / "server.log")
-    yield Deployment(api, data_dir)
-    api.close()
-    assert proc.stop() == 0, proc.tail()
+    with serving(env, data_dir / "server.log") as (_, api):
+        yield Deployment(api, data_dir)
 
 
 @dataclass
@@ -442,8 +440,7 @@ def test_bad_references_are_refused_at_submission(embedded: Deployment, publishe
     down = {**registry_env(hub_server, s3_server, mlflow_server), "HF_ENDPOINT": closed_endpoint(),
             "AWS_ENDPOINT_URL": closed_endpoint(), "MLFLOW_TRACKING_URI": closed_endpoint(),
             "MLFLOW_REGISTRY_URI": closed_endpoint()}
-    proc, api = start_server(service_env(data_dir, local.root, **down), data_dir / "server.log")
-    try:
+    with serving(service_env(data_dir, local.root, **down), data_dir / "server.log") as (_, api):
         for body, field in (({"base_model": base, "adapters": ["lora"]}, "base_model"),
                             ({"base_model": "base", "adapters": [published.refs[1]]}, "adapters[0].ref"),
                             ({"base_model": "base", "adapters": [published.refs[2]]}, "adapters[0].ref")):
@@ -451,9 +448,6 @@ def test_bad_references_are_refused_at_submission(embedded: Deployment, publishe
             answer = problem(response, 503, f"{field}: ", "cannot be reached")
             assert answer["type"].endswith(":registry-unavailable") and answer["field"] == field
             assert int(response.headers["retry-after"]) > 0
-    finally:
-        api.close()
-        assert proc.stop() == 0, proc.tail()
 
 
 # -- figures --------------------------------------------------------------------------------------------------------

@@ -264,6 +264,18 @@ def start_server(env: dict[str, str], log: Path) -> tuple[Proc, Api]:
     return proc, api
 
 
+@contextlib.contextmanager
+def serving(env: dict[str, str], log: Path) -> Iterator[tuple[Proc, Api]]:
+    """A started server for the block, stopped after it however the block ends; a server that does not exit
+    cleanly then fails the test with the end of its log (a crash at shutdown is a bug too)."""
+    proc, api = start_server(env, log)
+    try:
+        yield proc, api
+    finally:
+        api.close()
+        assert proc.stop() == 0, proc.tail()
+
+
 def launch_worker(env: dict[str, str], log: Path) -> Proc:
     return Proc(["worker"], env, log)
 

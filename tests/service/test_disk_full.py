@@ -20,7 +20,7 @@ import pytest
 
 from tests.service.checks import assert_no_leftovers, problem
 from tests.service.conftest import ModelSet
-from tests.service.harness import FINISHED, Api, Proc, service_env, start_server
+from tests.service.harness import FINISHED, Api, Proc, service_env, serving
 
 DISK_BYTES = 64 << 20
 MIN_FREE_BYTES = 1 << 20
@@ -58,10 +58,8 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def server(disk: Path, models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Api]]:
     logs = tmp_path_factory.mktemp("small-disk-logs")  # off the small disk: logging must not need its space
     env = service_env(disk, models.root, MERGE_MIN_FREE_BYTES=str(MIN_FREE_BYTES))
-    proc, api = start_server(env, logs / "server.log")
-    yield proc, api
-    api.close()
-    assert proc.stop() == 0, proc.tail()
+    with serving(env, logs / "server.log") as running:
+        yield running
 
 
 def free_bytes(path: Path) -> int:

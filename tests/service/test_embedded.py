@@ -22,7 +22,7 @@ from tests.service.checks import (
     running_with_progress,
 )
 from tests.service.conftest import ModelSet
-from tests.service.harness import FINISHED, Api, Proc, service_env, start_server
+from tests.service.harness import FINISHED, Api, Proc, service_env, serving, start_server
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models: ModelSet, data_dir: Path) -> Iterator[tuple[Proc, Api]]:
-    proc, api = start_server(service_env(data_dir, models.root), data_dir / "server.log")
-    yield proc, api
-    api.close()
-    assert proc.stop() == 0, proc.tail()
+    with serving(service_env(data_dir, models.root), data_dir / "server.log") as running:
+        yield running
 
 
 @pytest.fixture

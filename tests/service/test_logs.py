@@ -11,7 +11,7 @@ from pathlib import Path
 from adapter_merge.core.logs import JsonFormatter, job_logging
 from tests.service.checks import running_with_progress
 from tests.service.conftest import ModelSet
-from tests.service.harness import FINISHED, Api, Proc, running_cluster, service_env, start_server
+from tests.service.harness import FINISHED, Api, Proc, running_cluster, service_env, serving
 
 FIELDS = {"time", "level", "logger", "message"}
 CELERY_SHUTDOWN_NOTICE = "worker: Warm shutdown (MainProcess)"
@@ -46,17 +46,13 @@ def about(entries: list[dict], job_id: str) -> list[str]:
 def test_embedded_server_logs_json_with_job_ids(models: ModelSet, tmp_path: Path, small_request: dict,
                                                 big_request: dict) -> None:
     """A merge, and a merge cancelled while running (its watch thread logs the cancel)."""
-    proc, api = start_server(service_env(tmp_path / "data", models.root, MERGE_LOG_FORMAT="json"),
-                             tmp_path / "server.log")
-    try:
+    with serving(service_env(tmp_path / "data", models.root, MERGE_LOG_FORMAT="json"),
+                 tmp_path / "server.log") as (proc, api):
         job_id = merge_once(api, small_request)
         cancelled = api.submit(big_request)["id"]
         api.wait(cancelled, running_with_progress, timeout=60)
         assert api.http.post(f"/jobs/{cancelled}/cancel").status_code == 202
         assert api.wait(cancelled, FINISHED, timeout=30)["status"] == "cancelled"
-    finally:
-        api.close()
-        assert proc.stop() == 0, proc.tail()
     entries = json_lines(proc)
     messages = about(entries, job_id)
     assert any("attempt 1 starts" in message for message in messages), messages

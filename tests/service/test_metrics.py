@@ -31,7 +31,7 @@ from tests.service.harness import (
     Proc,
     running_cluster,
     service_env,
-    start_server,
+    serving,
     stop_all,
     wait_worker_ready,
 )
@@ -65,10 +65,8 @@ def scrape_until(get: Callable[[], httpx.Response], runs: int) -> Samples:
 @pytest.fixture(scope="module")
 def embedded(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Api]]:
     data_dir = tmp_path_factory.mktemp("metrics-embedded")
-    proc, api = start_server(service_env(data_dir, models.root), data_dir / "server.log")
-    yield proc, api
-    api.close()
-    assert proc.stop() == 0, proc.tail()
+    with serving(service_env(data_dir, models.root), data_dir / "server.log") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +131,7 @@ def test_dashboard_queries_only_metrics_a_real_scrape_has(embedded: tuple[Proc, 
 def test_a_lost_lease_is_counted(models: ModelSet, tmp_path: Path, big_request: dict) -> None:
     """SIGKILL the embedded worker's merge process mid-merge: the API's reaper recovers the job once its lease
     has run out, and counts it; the rerun succeeds."""
-    proc, api = start_server(service_env(tmp_path / "data", models.root), tmp_path / "server.log")
-    try:
+    with serving(service_env(tmp_path / "data", models.root), tmp_path / "server.log") as (proc, api):
         job = api.submit(big_request)
         running = api.wait(job["id"], lambda j: j["status"] == "running" and j["progress"]["tensors_done"] > 0,
                            timeout=60)
@@ -148,9 +145,6 @@ def test_a_lost_lease_is_counted(models: ModelSet, tmp_path: Path, big_request: 
         assert value(samples, "adapter_merge_leases_lost_total") == 1
         assert value(samples, "adapter_merge_job_runs_total", status="succeeded") == 1
         assert value(samples, "adapter_merge_merge_duration_seconds_count", kind="mixed") == 1
-    finally:
-        api.close()
-        assert proc.stop() == 0, proc.tail()
 
 
 def test_celery_worker_serves_its_own_metrics(models: ModelSet, tmp_path: Path, redis_namespace: dict[str, str],

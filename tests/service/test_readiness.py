@@ -14,7 +14,7 @@ import psutil
 from adapter_merge.core.store import JobStore
 from tests.loopback import wait_for
 from tests.service.conftest import ModelSet
-from tests.service.harness import TEST_TIMINGS, Api, Proc, service_env, start_server, start_worker
+from tests.service.harness import TEST_TIMINGS, Api, Proc, service_env, serving, start_server, start_worker
 
 LEASE = float(TEST_TIMINGS["MERGE_LEASE_SECONDS"])
 
@@ -87,8 +87,7 @@ def embedded_worker(server: Proc) -> psutil.Process:
 
 
 def test_embedded_readiness_follows_the_local_worker(models: ModelSet, tmp_path: Path) -> None:
-    server, api = start_server(service_env(tmp_path / "data", models.root), tmp_path / "server.log")
-    try:
+    with serving(service_env(tmp_path / "data", models.root), tmp_path / "server.log") as (server, api):
         wait_readiness(api, True, 10)
         victim = embedded_worker(server)
         os.kill(victim.pid, signal.SIGKILL)
@@ -97,7 +96,4 @@ def test_embedded_readiness_follows_the_local_worker(models: ModelSet, tmp_path:
         assert status == 503 and f"local worker process {victim.pid} exited" in check, check
         print(f"\n[measure] embedded worker restarted, ready again after {wait_readiness(api, True, 15):.2f} s")
         assert embedded_worker(server).pid != victim.pid
-    finally:
-        api.close()
-        assert server.stop() == 0, server.tail()
 

@@ -22,7 +22,7 @@ from tests.service.harness import (
     ready_merge_processes,
     running_cluster,
     service_env,
-    start_server,
+    serving,
     torch_loaded,
     wait_for,
 )
@@ -59,8 +59,7 @@ def test_embedded_job_runs_in_a_process_ready_before_it_and_starts_on_submission
     told to claim the same job and finding none, stays ready; the worker that ran it gets a new one, ready as
     well (a process per job: its memory goes back to the system)."""
     env = service_env(tmp_path / "data", models.root, MERGE_WORKER_CONCURRENCY="2", **SLOW_POLL)
-    proc, api = start_server(env, tmp_path / "server.log")
-    try:
+    with serving(env, tmp_path / "server.log") as (proc, api):
         ready = wait_for(lambda: len(ready_merge_processes(proc)) == 2 and ready_merge_processes(proc), 60,
                          lambda: f"a ready merge process per worker: {proc.tail()}")
         job = api.wait(api.submit(small_request)["id"], FINISHED, timeout=60)
@@ -73,9 +72,6 @@ def test_embedded_job_runs_in_a_process_ready_before_it_and_starts_on_submission
         assert ready - {ran} < after  # the other worker's process is the one it had
         others = [child.pid for child in psutil.Process(proc.pid).children() if child.pid not in after]
         assert others and not any(torch_loaded(pid) for pid in (proc.pid, *others))  # workers, preflight
-    finally:
-        api.close()
-        assert proc.stop() == 0, proc.tail()
 
 
 def test_celery_job_runs_in_a_pool_process_ready_before_it(models: ModelSet, tmp_path: Path,

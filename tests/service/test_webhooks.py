@@ -31,8 +31,9 @@ from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.store import JobStore
 from adapter_merge.core.webhooks import check_callback_url, event_body, pending_delivery, sign
+from tests.loopback import wait_for
 from tests.service.conftest import ModelSet
-from tests.service.harness import FINISHED, REPO, Api, Proc, running_cluster, service_env, start_server, wait_for
+from tests.service.harness import FINISHED, REPO, Api, Proc, running_cluster, service_env, serving, start_server
 
 KEY = secrets.token_bytes(32)
 SECRET = "whsec_" + base64.b64encode(KEY).decode()
@@ -378,10 +379,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models: ModelSet, data_dir: Path) -> Iterator[tuple[Proc, Api]]:
-    proc, api = start_server(service_env(data_dir, models.root, **WEBHOOKS), data_dir / "server.log")
-    yield proc, api
-    api.close()
-    assert proc.stop() == 0, proc.tail()
+    with serving(service_env(data_dir, models.root, **WEBHOOKS), data_dir / "server.log") as running:
+        yield running
 
 
 @pytest.fixture
@@ -481,8 +480,7 @@ def test_refused_callbacks_over_the_wire(models: ModelSet, tmp_path: Path, small
     names resolving to them, at submission, and malformed URLs too: 422 callback-refused naming callback_url;
     nothing is queued."""
     env = service_env(tmp_path / "data", models.root, **{**WEBHOOKS, "MERGE_WEBHOOK_ALLOWED_HOSTS": "*"})
-    proc, api = start_server(env, tmp_path / "server.log")
-    try:
+    with serving(env, tmp_path / "server.log") as (_, api):
         for url in ("http://127.0.0.1:8080/hook", "http://10.0.0.7/hook", "http://169.254.169.254/latest",
                     "http://[::1]:8080/hook", "http://localhost:8080/hook", "http://[::1/hook", "ftp://x/hook"):
             response = api.http.post("/merge", json={**small_request, "callback_url": url})
@@ -491,9 +489,6 @@ def test_refused_callbacks_over_the_wire(models: ModelSet, tmp_path: Path, small
             body = response.json()
             assert body["type"].endswith(":callback-refused") and body["field"] == "callback_url", body
         assert api.http.get("/jobs").json()["total"] == 0
-    finally:
-        api.close()
-        assert proc.stop() == 0, proc.tail()
 
 
 def test_a_server_killed_mid_delivery(models: ModelSet, tmp_path: Path, receiver: Receiver,
