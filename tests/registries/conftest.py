@@ -7,6 +7,10 @@
     s3             function  the same, request log emptied first
     s3_bucket      function  the name of a new versioned bucket
     mlflow_server  session   MlflowServer: `mlflow server` (SQLite + proxied artifacts)
+
+and the publishing tests' models (tests/registries/publishing.py):
+
+    models         module    Models: a Llama-shaped base and two LoRA adapters, the root the services merge from
 """
 
 from tests.registries.fixtures import (
@@ -19,5 +23,7 @@ from tests.registries.fixtures import (
     s3_server,
     tiny_models,
 )
+from tests.registries.publishing import models
 
-__all__ = ["TinyModels", "hub", "hub_server", "mlflow_server", "s3", "s3_bucket", "s3_server", "tiny_models"]
+__all__ = ["TinyModels", "hub", "hub_server", "mlflow_server", "models", "s3", "s3_bucket", "s3_server",
+           "tiny_models"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.service.harness import FINISHED, Api, Proc, running_cluster, service_env, serving, start_worker
 from tools.synthetic import DEMO, write_llama_base, write_lora_adapter
 
@@ -41,6 +43,12 @@ def write_models(root: Path) -> Models:
     write_lora_adapter(base, root / "lora", r=8)
     write_lora_adapter(base, root / "lora2", r=8, seed=3)
     return Models(root)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    """`write_models` once per publishing module, so each module's services merge from a model root of its own."""
+    return write_models(tmp_path_factory.mktemp("publish-models"))
 
 
 def merge_request(to: str, *, alias: str | None = None, weight: float = 1.0, adapter: str = "lora",

@@ -45,7 +45,6 @@ from tests.registries.publishing import (
     merge_request,
     publish_env,
     unique,
-    write_models,
 )
 from tests.registries.test_sources_common import closed_endpoint, problem_of, settings_for, use_env, use_hub
 
@@ -341,11 +340,6 @@ def test_the_fake_hub_checks_a_commit_as_the_hub_does(hub: FakeHub) -> None:
 # -- through the service -----------------------------------------------------------------------------------------
 
 SERVICE_BASE = "pub/service-base"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    return write_models(tmp_path_factory.mktemp("publish-hub-models"))
 
 
 @pytest.fixture(scope="module")

@@ -39,18 +39,12 @@ from tests.registries.publishing import (
     publish_env,
     sha256,
     unique,
-    write_models,
 )
 from tests.registries.test_sources_common import closed_endpoint
 from tests.service.checks import problem
 
 ALLOWED = "models:/pub-*"
 EXPERIMENT = "adapter-merge"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    return write_models(tmp_path_factory.mktemp("publish-mlflow-models"))
 
 
 @pytest.fixture(scope="module")

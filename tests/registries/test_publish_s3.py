@@ -40,7 +40,6 @@ from tests.registries.publishing import (
     publish_env,
     sha256,
     unique,
-    write_models,
 )
 from tests.registries.s3 import S3Server, sha256_base64
 from tests.service.checks import problem
@@ -49,11 +48,6 @@ from tests.service.harness import Api
 ALLOWED = "s3://pub-*"
 MANIFEST = "merge_manifest.json"
 LINEAGE = "merge_lineage.json"
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    return write_models(tmp_path_factory.mktemp("publish-s3-models"))
 
 
 @pytest.fixture(scope="module")
