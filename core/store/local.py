@@ -8,8 +8,9 @@ queue is full and every fsync takes 0.1-0.5 s; with a rollback journal each comm
 exclusive lock through its fsync, and the API's reads (GET /jobs/{id}) waited behind the running jobs' progress
 commits: p99 0.45-1.2 s with two merges running. In WAL mode a read sees the last commit and takes no lock a
 writer holds. Writes that record what must survive a power cut (a job created, claimed, finished, cancelled,
-deleted) sync the WAL at commit (`synchronous=FULL`); a running job's heartbeat and progress, and a worker's
-presence, do not (`NORMAL`: a power cut may lose the last of them, never the database).
+deleted) sync the WAL at commit (`synchronous=FULL`); a running job's heartbeat and progress, a worker's
+presence and the named locks do not (`NORMAL`: a power cut may lose the last of them, never the database;
+it also ends every process that held a lock).
 
 A full disk must not take the API down, since deleting jobs through it is how space is freed:
 
@@ -333,10 +334,11 @@ class SQLiteJobStore(JobStore):
                        (name, owner, now + seconds))
             return True
 
-        return self._write(take)
+        return self._write(take, durable=False)  # a power cut ends every holder, and with them their locks
 
     def release_lock(self, name: str, owner: str) -> None:
-        self._write(lambda db: db.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner)))
+        self._write(lambda db: db.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner)),
+                    durable=False)
 
     def worker_seen(self, worker: str, seconds: float) -> None:
         now = self.now()
