@@ -24,6 +24,8 @@ from tools.synthetic import DEMO, write_llama_base, write_lora_adapter
 
 BIG_SHAPE = {"hidden": 1024, "intermediate": 2816, "layers": 12, "heads": 8, "kv_heads": 2, "vocab": 8000,
              "max_shard_bytes": 150_000_000}
+SMALL_REQUEST = {"base_model": "small/base", "adapters": ["small/lora", {"ref": "small/dora", "weight": 0.5}]}
+"""Both adapter spellings (bare ref and {ref, weight}), two adapters, one weighted: the models of `write_small`."""
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,29 @@ def cli_merge(base: Path, adapters: list[tuple[Path, float]], out: Path, dtype: 
     return out
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory: pytest.TempPathFactory) -> ModelSet:
-    root = tmp_path_factory.mktemp("models")
+def write_small(root: Path) -> None:
+    """SMALL_REQUEST's models under `root/small`: the demo-sized base (~7 MB, a merge of about a second) with a LoRA
+    and a DoRA adapter. The browser tests write the same into their own model root."""
     base = write_llama_base(root / "small/base", **DEMO)
     write_lora_adapter(base, root / "small/lora", r=8)
     write_lora_adapter(base, root / "small/dora", r=8, dora=True, seed=2)
+
+
+def long_request(root: Path, name: str, shape: dict[str, int]) -> dict:
+    """A merge of a few seconds under `root/name` (written the first time): a base of `shape`, a DoRA and a LoRA
+    adapter, float32 output. The service tests use BIG_SHAPE, the browser tests a larger one."""
+    folder = root / name
+    if not folder.exists():
+        base = write_llama_base(folder / "base", **shape)
+        write_lora_adapter(base, folder / "dora", r=16, dora=True, seed=3)
+        write_lora_adapter(base, folder / "lora", r=16, seed=4)
+    return {"base_model": f"{name}/base", "adapters": [f"{name}/dora", f"{name}/lora"], "output_dtype": "float32"}
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> ModelSet:
+    root = tmp_path_factory.mktemp("models")
+    write_small(root)
     # An adapter trained for a differently shaped model: valid on its own, but it does not fit small/base.
     other = write_llama_base(root / "other/base", hidden=128, intermediate=344, layers=2, heads=4, kv_heads=2,
                              vocab=512)
@@ -60,8 +79,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> ModelSet:
 
 @pytest.fixture(scope="session")
 def small_request() -> dict:
-    """Both adapter spellings (bare ref and {ref, weight}), two adapters, one weighted."""
-    return {"base_model": "small/base", "adapters": ["small/lora", {"ref": "small/dora", "weight": 0.5}]}
+    return SMALL_REQUEST
 
 
 @pytest.fixture(scope="session")
@@ -74,12 +92,7 @@ def small_reference(models: ModelSet, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def big_request(models: ModelSet) -> dict:
     """A merge of a few seconds: ~0.3 GB base, a DoRA and a LoRA adapter, 0.6 GB of float32 output."""
-    root = models.root / "big"
-    if not root.exists():
-        base = write_llama_base(root / "base", **BIG_SHAPE)
-        write_lora_adapter(base, root / "dora", r=16, dora=True, seed=3)
-        write_lora_adapter(base, root / "lora", r=16, seed=4)
-    return {"base_model": "big/base", "adapters": ["big/dora", "big/lora"], "output_dtype": "float32"}
+    return long_request(models.root, "big", BIG_SHAPE)
 
 
 @pytest.fixture(scope="session")

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
-from tools.synthetic import DEMO, write_llama_base, write_lora_adapter
+from tests.service.conftest import BIG_SHAPE, SMALL_REQUEST, long_request, write_small
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SLOW_SHAPE = {"hidden": 2048, "intermediate": 5632, "layers": 12, "heads": 8, "kv_heads": 2, "vocab": 8000,
-              "max_shard_bytes": 150_000_000}
-"""~1.2 GB of bf16, merged into 2.4 GB of float32: a few seconds, long enough to watch the bar move."""
+SLOW_SHAPE = {**BIG_SHAPE, "hidden": 2048, "intermediate": 5632}
+"""The service tests' big model twice as wide: ~1.2 GB of bf16, merged into 2.4 GB of float32, a few seconds, long
+enough to watch the bar move."""
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,8 @@ class WebModels:
 @pytest.fixture(scope="session")
 def web_models(tmp_path_factory: pytest.TempPathFactory) -> WebModels:
     root = tmp_path_factory.mktemp("web-models")
-    small = write_llama_base(root / "small/base", **DEMO)
-    write_lora_adapter(small, root / "small/lora", r=8)
-    write_lora_adapter(small, root / "small/dora", r=8, dora=True, seed=2)
-    slow = write_llama_base(root / "slow/base", **SLOW_SHAPE)
-    write_lora_adapter(slow, root / "slow/dora", r=16, dora=True, seed=3)
-    write_lora_adapter(slow, root / "slow/lora", r=16, seed=4)
-    return WebModels(
-        root,
-        small={"base_model": "small/base", "adapters": ["small/lora", {"ref": "small/dora", "weight": 0.5}]},
-        slow={"base_model": "slow/base", "adapters": ["slow/dora", "slow/lora"], "output_dtype": "float32"},
-    )
+    write_small(root)
+    return WebModels(root, small=SMALL_REQUEST, slow=long_request(root, "slow", SLOW_SHAPE))
 
 
 @pytest.fixture(scope="module")
