@@ -25,7 +25,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Route, e
 
 from adapter_merge.service.routes.pages import PAGE_POLICY, REDOC_POLICY
 from tests.loopback import wait_for
-from tests.service.harness import FINISHED, REPO, Api, Proc, service_env, start_server
+from tests.service.harness import FINISHED, REPO, Api, service_env, serving
 from tests.web.conftest import WebModels
 
 SCREENSHOTS = os.environ.get("UPDATE_SCREENSHOTS") == "1"
@@ -84,14 +84,8 @@ def watch(browser: Browser) -> Watched:
 def server(web_models: WebModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """One embedded server (authentication off, one worker) for the module's tests, in order."""
     data = tmp_path_factory.mktemp("web-data")
-    proc, api = start_server(service_env(data, web_models.root), data / "server.log")
-    yield api
-    stop(proc, api)
-
-
-def stop(proc: Proc, api: Api) -> None:
-    api.close()
-    assert proc.stop() == 0, proc.tail()
+    with serving(service_env(data, web_models.root), data / "server.log") as (_, api):
+        yield api
 
 
 @pytest.fixture
@@ -262,50 +256,49 @@ def test_with_api_keys_the_page_asks_for_one(browser: Browser, web_models: WebMo
     (tmp_path / "keys.json").write_text(json.dumps({"keys": entries}))
     env = service_env(tmp_path / "data", web_models.root, MERGE_AUTH="required",
                       MERGE_API_KEYS_FILE=str(tmp_path / "keys.json"))
-    proc, api = start_server(env, tmp_path / "server.log")
-    watched = watch(browser)
-    ui = watched.page
-    sent: list[tuple[str, str | None]] = []
+    with serving(env, tmp_path / "server.log") as (_, api):
+        watched = watch(browser)
+        ui = watched.page
+        sent: list[tuple[str, str | None]] = []
 
-    def record(request: Request) -> None:
-        if re.match(r"/(jobs|merge)", urlsplit(request.url).path):
-            sent.append((urlsplit(request.url).path, request.headers.get("authorization")))
+        def record(request: Request) -> None:
+            if re.match(r"/(jobs|merge)", urlsplit(request.url).path):
+                sent.append((urlsplit(request.url).path, request.headers.get("authorization")))
 
-    ui.on("request", record)
-    try:
-        ui.goto(api.base_url + "/")
-        expect(ui.locator("#login")).to_be_visible()
-        expect(ui.locator("#live")).to_have_text("sign-in needed")
-        ui.fill("#token", "not-a-key")
-        ui.click("#login button[type=submit]")
-        expect(ui.locator("#login-reason")).to_contain_text("refused (401)")
+        ui.on("request", record)
+        try:
+            ui.goto(api.base_url + "/")
+            expect(ui.locator("#login")).to_be_visible()
+            expect(ui.locator("#live")).to_have_text("sign-in needed")
+            ui.fill("#token", "not-a-key")
+            ui.click("#login button[type=submit]")
+            expect(ui.locator("#login-reason")).to_contain_text("refused (401)")
 
-        ui.fill("#token", "read-key-0123")
-        ui.click("#login button[type=submit]")
-        expect(ui.locator("#login")).to_be_hidden()
-        expect(ui.locator("#empty")).to_be_visible()
-        ui.click("#new-merge summary")
-        ui.fill("input[name=base_model]", "small/base")
-        ui.fill("textarea[name=adapters]", "small/lora")
-        ui.click("#submit-form button[type=submit]")
-        expect(ui.locator("#submit-status")).to_contain_text("(403): role 'read' may not do this")
+            ui.fill("#token", "read-key-0123")
+            ui.click("#login button[type=submit]")
+            expect(ui.locator("#login")).to_be_hidden()
+            expect(ui.locator("#empty")).to_be_visible()
+            ui.click("#new-merge summary")
+            ui.fill("input[name=base_model]", "small/base")
+            ui.fill("textarea[name=adapters]", "small/lora")
+            ui.click("#submit-form button[type=submit]")
+            expect(ui.locator("#submit-status")).to_contain_text("(403): role 'read' may not do this")
 
-        ui.click("#forget")
-        expect(ui.locator("#login")).to_be_visible()
-        ui.fill("#token", "submit-key-4567")
-        ui.click("#login button[type=submit]")
-        expect(ui.locator("#login")).to_be_hidden()
-        sent.clear()
-        job_id = submit_through_form(ui, "small/base", "small/lora")
-        follow(ui, job_id, lambda state: state["status"] == "succeeded")
-        api.http.headers["authorization"] = "Bearer submit-key-4567"
-        artifact = largest_weights(api.job(job_id))
-        assert hashlib.sha256(download_artifact(ui, job_id, artifact["path"])).hexdigest() == artifact["sha256"]
-        assert ui.evaluate("sessionStorage.getItem('adapter-merge.token')") == "submit-key-4567"
-        assert sent and {header for _, header in sent} == {"Bearer submit-key-4567"}, sent
-        assert any(path.startswith(f"/jobs/{job_id}/artifacts/") for path, _ in sent)
-        # Refused requests show up in the console as failed loads; nothing else may.
-        watched.check(allowed_errors=r"status of (401|403)")
-    finally:
-        ui.context.close()
-        stop(proc, api)
+            ui.click("#forget")
+            expect(ui.locator("#login")).to_be_visible()
+            ui.fill("#token", "submit-key-4567")
+            ui.click("#login button[type=submit]")
+            expect(ui.locator("#login")).to_be_hidden()
+            sent.clear()
+            job_id = submit_through_form(ui, "small/base", "small/lora")
+            follow(ui, job_id, lambda state: state["status"] == "succeeded")
+            api.http.headers["authorization"] = "Bearer submit-key-4567"
+            artifact = largest_weights(api.job(job_id))
+            assert hashlib.sha256(download_artifact(ui, job_id, artifact["path"])).hexdigest() == artifact["sha256"]
+            assert ui.evaluate("sessionStorage.getItem('adapter-merge.token')") == "submit-key-4567"
+            assert sent and {header for _, header in sent} == {"Bearer submit-key-4567"}, sent
+            assert any(path.startswith(f"/jobs/{job_id}/artifacts/") for path, _ in sent)
+            # Refused requests show up in the console as failed loads; nothing else may.
+            watched.check(allowed_errors=r"status of (401|403)")
+        finally:
+            ui.context.close()
