@@ -97,7 +97,7 @@ class SQLiteJobStore(JobStore):
         self.path = path
         self.reserve = path.with_name(path.name + ".reserve")
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._keeper: sqlite3.Connection | None = None
+        self._keeper: PatientConnection | None = None
         with self._writing(durable=True) as db:
             # Persistent in the file: the first store of a new version converts a database in rollback mode.
             db.execute("PRAGMA journal_mode=WAL")
@@ -114,10 +114,13 @@ class SQLiteJobStore(JobStore):
             db.execute(_WEBHOOK_INDEX)
         self._restore_reserve()
 
+    def _open(self) -> PatientConnection:
+        return sqlite3.connect(self.path, timeout=0, isolation_level=None, factory=PatientConnection)
+
     @contextmanager
     def _connect(self) -> Iterator[PatientConnection]:
         # A connection per call: cheap for SQLite, and safe across threads and forked processes.
-        db = sqlite3.connect(self.path, timeout=0, isolation_level=None, factory=PatientConnection)
+        db = self._open()
         try:
             yield db
         finally:
@@ -167,7 +170,7 @@ class SQLiteJobStore(JobStore):
         disk). Only in a process that forks no child using the store: a connection must not cross a fork."""
         released = False
         while self._keeper is None:
-            keeper = sqlite3.connect(self.path, timeout=0, isolation_level=None, factory=PatientConnection)
+            keeper = self._open()
             try:
                 keeper.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()  # opens the WAL index
             except sqlite3.OperationalError as error:
