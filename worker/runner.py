@@ -57,11 +57,9 @@ class JobRunner:
         """Set to stop the current merge and put its job back in the queue (worker shutting down)."""
 
     def preload(self) -> None:
-        """Get this merge process ready before any job is claimed, once: lower its CPU priority
-        (`MERGE_WORKER_NICE`), so that requests to an API on the same cores wait for no merge (GET /jobs/{id}
-        p99 with two merges running was 30-45 ms at equal priority), and import the engine, and with it torch
-        (about a second): a merge process started ahead of its job (a Celery pool process, the embedded
-        worker's) is then ready when it comes."""
+        """Get this merge process ready before any job is claimed, once: take its CPU priority
+        (`MERGE_WORKER_NICE`), and import the engine, and with it torch (about a second): a merge process started
+        ahead of its job (a Celery pool process, the embedded worker's) is then ready when it comes."""
         os.nice(self.settings.worker_nice)
         started = time.perf_counter()
         importlib.import_module("adapter_merge.worker.engine.pipeline")
