@@ -183,6 +183,22 @@ def test_side_files_and_manifest(workspace: Workspace, case_name: str) -> None:
     assert manifest["skipped"] == []
 
 
+@pytest.mark.parametrize("case_name", ["llama_lora", "llama_dora", "llama_stacked", "gpt2_dora", "vit_conv_dora",
+                                       "llama_embedding_dora", "llama_tied_lm_head"])
+def test_manifest_relative_change_matches_the_oracle(workspace: Workspace, case_name: str) -> None:
+    """The manifest's per-tensor change, ||W - W0|| / ||W0|| before rounding, for every tensor the merge changed:
+    computed in closed form from a plain LoRA's factors, measured block by block otherwise (DoRA, stacks)."""
+    case = CASES[case_name]
+    exact, base = workspace.oracle(case), workspace.base_tensors(case)
+    recorded = read_json(workspace.merged(case) / "merge_manifest.json")["tensors"]["relative_change"]
+    changed = {name for name in exact if not _is_untouched(base, name, exact[name])}
+    assert set(recorded) == changed
+    for name, value in recorded.items():
+        before = _before(base, name, exact[name])
+        want = float((exact[name] - before).norm() / before.norm())
+        assert value == pytest.approx(want, rel=1e-3), name
+
+
 def _files(entries: list[dict]) -> dict[str, str]:
     """{relative path: sha256} from a manifest file list, whose entries are a path, a size and a sha256."""
     assert entries, "empty file list"
