@@ -30,6 +30,8 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 CHUNK_BYTES = 16 * 1024 * 1024
 """Bytes read or written per chunk: large enough for efficient I/O, small enough to bound memory."""
 
+# The smallest magnitude that rounds to infinity in each 16-bit dtype (max finite + half an ulp).
+OVERFLOW_AT = {torch.float16: 65520.0, torch.bfloat16: (2 - 2**-8) * 2.0**127}
 
 
 @dataclass
@@ -102,9 +104,9 @@ class TensorMerger:
                 start = chunk_start + offset
                 base_block = source[offset:end].to(compute)
                 merged = _merge_block(ops, base_block, start)
+                self._check(tensor, ops, merged, base_block, out_dtype, start)
                 stats.add_block(base_block, merged if measure else None)
                 out[offset:end].copy_(merged)
-                self._check(tensor, ops, out[offset:end], merged, base_block, start)
             yield out, release
 
     def _read_rows(self, info: TensorInfo, start: int, stop: int, rows: int) -> torch.Tensor:
@@ -124,21 +126,18 @@ class TensorMerger:
             for op in pending:
                 op.add_column_squares(source, start)
 
-    def _check(self, tensor: OutputTensor, ops: list[LoadedOp], rounded: torch.Tensor, merged: torch.Tensor,
-               base_block: torch.Tensor, start: int) -> None:
-        """NaN, inf and 16-bit overflow are errors. A value that overflows the output dtype rounds to inf, so one
-        min/max reduction of the rounded block finds all three, reading half the bytes of the fp32 block for a
-        16-bit output; only a block that fails is looked at again, to tell overflow from a non-finite value."""
-        if rounded.numel() == 0:
-            return
-        low, high = (float(v) for v in torch.aminmax(rounded))
-        if math.isfinite(low) and math.isfinite(high):
+    def _check(self, tensor: OutputTensor, ops: list[LoadedOp], merged: torch.Tensor,
+               base_block: torch.Tensor, out_dtype: torch.dtype, start: int) -> None:
+        """NaN, inf and 16-bit overflow are errors; one min/max reduction finds all three."""
+        if merged.numel() == 0:
             return
         low, high = (float(v) for v in torch.aminmax(merged))
         if not (math.isfinite(low) and math.isfinite(high)):
             raise self._non_finite_error(tensor, ops, base_block, start)
-        raise NumericError(f"tensor {tensor.name!r}: merged value {max(-low, high):.6g} overflows "
-                           f"{tensor.dtype}; choose a wider output dtype", tensor=tensor.name, option="dtype")
+        largest = max(-low, high)
+        if largest >= OVERFLOW_AT.get(out_dtype, math.inf):
+            raise NumericError(f"tensor {tensor.name!r}: merged value {largest:.6g} overflows "
+                               f"{tensor.dtype}; choose a wider output dtype", tensor=tensor.name, option="dtype")
 
     @staticmethod
     def _non_finite_error(tensor: OutputTensor, ops: list[LoadedOp], base_block: torch.Tensor,
