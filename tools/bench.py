@@ -16,9 +16,11 @@ How it measures, and why:
   the benchmark before exec, so the benchmark process never imports torch (its ~20 MB is the floor).
   MB = 10**6 bytes, GB = 10**9 bytes.
 - Page cache: the models fit in RAM, so after one warm-up round every contender reads from the page cache.
-  Contenders are interleaved within each repetition (cp, ours LoRA, ours DoRA, PEFT LoRA, PEFT DoRA, repeat)
-  so they all see the same cache state and the same background noise; figures are medians over `--runs`
-  repetitions and the ratios are computed from medians of the same run.
+  Contenders are interleaved within each repetition, the order rotated by one from each repetition to the
+  next, so they all see the same cache state and the same background noise, and none always follows the same
+  neighbour (a run after `cp -r`, whose freed page cache the VM hands back to the host, faults its memory in
+  slowly: our LoRA, always run right after `cp -r` and `import torch`, was up to 1.8 s slower than our DoRA);
+  figures are medians over `--runs` repetitions and the ratios are computed from medians of the same run.
 - The floor is what no merge in Python can skip: starting Python with torch, and hashing every output byte
   for the manifest (`hashlib.sha256`, about 1.1 GB/s on one core here). `python -c 'import torch'` alone is
   measured too, to show how much of it start-up is.
@@ -282,13 +284,14 @@ def run_contender(c: Contender, log_dir: Path) -> Measurement:
 
 
 def bench_model(model: BenchModel, items: list[Contender], runs: int, data_dir: Path) -> list[Result]:
-    """One warm-up round, then `runs` interleaved rounds of every contender."""
+    """One warm-up round, then `runs` interleaved rounds of every contender, each round's order rotated."""
     log_dir = data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     results = [Result(model.label, c.key, c.label) for c in items]
     for rnd in range(runs + 1):
         what = "warm-up" if rnd == 0 else f"run {rnd}/{runs}"
-        for c, result in zip(items, results, strict=True):
+        turn = rnd % len(items)
+        for c, result in zip(items[turn:] + items[:turn], results[turn:] + results[:turn], strict=True):
             print(f"  {model.label} {what}: {c.label} ...", end=" ", flush=True)
             prewarm(model.folder(data_dir))
             m = run_contender(c, log_dir)
