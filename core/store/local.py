@@ -16,8 +16,9 @@ A full disk must not take the API down, since deleting jobs through it is how sp
 
 - In WAL mode each connection needs the `-shm` index, which the first connection creates and sizes (32 KiB)
   and the last one deletes on closing. The API keeps one connection open for as long as it runs
-  (`hold_open`), so the index and the WAL stay in place and reads need no new space. The WAL is kept small
-  and its blocks are reused after each checkpoint (`WAL_CHECKPOINT_PAGES`), so most writes need none either.
+  (`hold_open`), so the index and the WAL stay in place and reads need no new space. The WAL is kept small,
+  given all the blocks it will use when the API starts, and reused after each checkpoint
+  (`WAL_CHECKPOINT_PAGES`), so writes need no new space for it either.
 - `jobs.sqlite3.reserve` holds `RESERVE_BYTES` that a write which finds the disk full deletes before trying
   once more (a delete, a cancel, a failed job's outcome), as does the API opening its connection; the reserve
   comes back once there is room again. A write that still finds no space is a 507 storage-full, not a 503.
@@ -48,9 +49,8 @@ RESERVE_BYTES = 4 << 20
 """Far more than the journal of any one write of the store needs."""
 WAL_CHECKPOINT_PAGES = 32
 """A writer that finds this many pages in the WAL copies them into the database, after which the WAL is
-written again from its start: it stays this size (128 KiB) and keeps its blocks, which a write on a full disk
-then reuses. A job's life (created, claimed, progress, finished) writes more than this, so the WAL has grown
-to its size long before the disk fills; SQLite's default, 1000 pages, would grow it for hours."""
+written again from its start: it stays small (128 KiB and a transaction) and keeps its blocks, which a write
+on a full disk then reuses (`_grow_wal` gives it them when the API starts)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -180,6 +180,19 @@ class SQLiteJobStore(JobStore):
                 released = True
                 continue
             self._keeper = keeper
+        self._grow_wal()
+
+    def _grow_wal(self) -> None:
+        """Grow the WAL to twice its working size now, while the disk has room: a write of 2 x
+        `WAL_CHECKPOINT_PAGES` pages, taken back in a second one. Between two checkpoints the WAL then never
+        outgrows blocks it already has, so no later write needs new space for it."""
+        def fill(db: sqlite3.Connection) -> None:
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute("CREATE TABLE IF NOT EXISTS wal_room (filler BLOB)")
+            db.execute("INSERT INTO wal_room VALUES (zeroblob(?))", (2 * WAL_CHECKPOINT_PAGES * page,))
+
+        self._write(fill, durable=False)
+        self._write(lambda db: db.execute("DELETE FROM wal_room"), durable=False)
 
     def close(self) -> None:
         if self._keeper is not None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from adapter_merge.core.jobs import JobStatus
-from adapter_merge.core.store.local import SQLiteJobStore
+from adapter_merge.core.store.local import WAL_CHECKPOINT_PAGES, SQLiteJobStore
 from adapter_merge.core.store.sqlite_lock import PatientConnection
 from tests.service.test_store import new_job
 
@@ -73,8 +73,13 @@ def test_the_api_connection_keeps_the_wal_and_its_index(tmp_path: Path) -> None:
     assert not wal.exists() and not index.exists()
     store.hold_open()
     try:
-        store.create(new_job())
-        assert len(store.list()[0]) == 2
+        # Grown at once to all the blocks it will use, so that a full disk later costs it nothing.
+        assert wal.stat().st_size >= 2 * WAL_CHECKPOINT_PAGES * 4096
+        before = wal.stat().st_size
+        for _ in range(100):
+            store.create(new_job())
+        assert wal.stat().st_size == before
+        assert store.list()[1] == 101
         assert wal.exists() and index.exists()
     finally:
         store.close()
