@@ -43,13 +43,16 @@ def running_twin(store: JobStore, job: JobRecord) -> JobRecord | None:
 
 def share_result(store: JobStore, layout: DataLayout, job: JobRecord) -> JobRecord | None:
     """`job` (not stored yet) with the result of the newest job of its tenant and digest that merged (it succeeded,
-    or only its publishing failed) and whose files are all still on disk, linked into `job`'s own folder
-    (attempt 0); None when there is none.
+    or only its publishing failed; a job that merged itself before one that shared) and whose files are all still
+    on disk, linked into `job`'s own folder (attempt 0); None when there is none.
 
     Without `publish` the job is done: succeeded at once. With it the job still has to publish, so it is
     queued with `reused_from` set and its result in place; its run must not merge (see `DataLayout.share`)."""
     assert job.request_digest is not None
-    for earlier in store.with_digest(job.tenant, job.request_digest, [JobStatus.succeeded, JobStatus.failed]):
+    earlier_jobs = store.with_digest(job.tenant, job.request_digest, [JobStatus.succeeded, JobStatus.failed])
+    # The job that merged first, then the ones sharing its result (newest first within each): identical requests
+    # all name the merge while it is kept, a share once it is gone.
+    for earlier in sorted(earlier_jobs, key=lambda candidate: candidate.reused_from is not None):
         if not _merged(earlier) or not _result_on_disk(layout, earlier):
             continue
         try:
