@@ -191,8 +191,11 @@ class SQLiteJobStore(JobStore):
             db.execute("CREATE TABLE IF NOT EXISTS wal_room (filler BLOB)")
             db.execute("INSERT INTO wal_room VALUES (zeroblob(?))", (2 * WAL_CHECKPOINT_PAGES * page,))
 
-        self._write(fill, durable=False)
-        self._write(lambda db: db.execute("DELETE FROM wal_room"), durable=False)
+        try:
+            self._write(fill, durable=False)
+            self._write(lambda db: db.execute("DELETE FROM wal_room"), durable=False)
+        except Problem as problem:  # started on a full disk: reads and deletes must still work
+            log.warning("could not grow the job store's WAL ahead of time: %s", problem)
 
     def close(self) -> None:
         if self._keeper is not None:
