@@ -111,5 +111,8 @@ def test_a_job_stored_without_its_message_runs_after_the_grace_period(cluster: C
     record = cluster.store.get(job.id)
     waited = (record.started_at - record.created_at).total_seconds()
     print(f"\n[measure] stored without a message -> started after {waited:.1f} s (grace {GRACE_SECONDS:.0f} s)")
-    assert GRACE_SECONDS <= waited <= GRACE_SECONDS + REAP_SECONDS + 5
+    # Not before the grace period, and soon after it: a reap pass, a Celery delivery and a claim (5.2 s of them
+    # once on a loaded CI host, so the slack is generous; the lower bound and the single republishing below are
+    # what show the reaper ran it).
+    assert GRACE_SECONDS <= waited <= GRACE_SECONDS + REAP_SECONDS + 15
     assert republished(cluster, job.id) == 1  # the server's and the worker's reapers: one message between them
