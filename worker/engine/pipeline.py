@@ -1,9 +1,10 @@
 """Run a merge plan: stream every output tensor into its shard, then the side files and the manifest.
 
-The calling thread reads and computes; a hasher thread checksums what it produced and a writer thread
-writes it, in order; another thread checksums the inputs. Changed tensors are computed a cache-sized block
-at a time and handed over in chunks, so memory stays at a few chunks whatever the model size. On any
-failure or cancellation the temporary output folder is removed: the target appears complete or not at all.
+A reader thread reads the inputs a few chunks ahead; the calling thread computes; a hasher thread checksums
+what it produced and a writer thread writes it, in order; another thread checksums the inputs. Changed
+tensors are computed a cache-sized block at a time and handed over in chunks, so memory stays at a few
+chunks whatever the model size. On any failure or cancellation the temporary output folder is removed:
+the target appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ from adapter_merge.worker.engine.checksums import ChecksumCache, describe_files
 from adapter_merge.worker.engine.errors import MergeCancelled
 from adapter_merge.worker.engine.folder_survey import MANIFEST_FILE
 from adapter_merge.worker.engine.manifest import build_manifest, hash_inputs_in_background
+from adapter_merge.worker.engine.operations import OutputTensor
 from adapter_merge.worker.engine.plan import MergePlan, plan_merge
+from adapter_merge.worker.engine.read_ahead import ReadAhead
 from adapter_merge.worker.engine.side_files import write_json, write_side_files
 from adapter_merge.worker.engine.spec import (
     AdapterSpec,
@@ -32,9 +35,12 @@ from adapter_merge.worker.engine.spec import (
     ProgressCallback,
     StopCheck,
 )
-from adapter_merge.worker.engine.tensor_io import BufferPool, TensorReader, tensor_bytes
-from adapter_merge.worker.engine.tensor_merge import CHUNK_BYTES, ChangeStats, TensorMerger
+from adapter_merge.worker.engine.tensor_io import BufferPool, ByteRange, TensorReader, chunk_ranges, tensor_bytes
+from adapter_merge.worker.engine.tensor_merge import CHUNK_BYTES, ChangeStats, TensorMerger, source_ranges
 from adapter_merge.worker.engine.writer import QUEUED_CHUNKS, OutputFolder, ShardSink, storage_errors
+
+READ_AHEAD_CHUNKS = 2
+"""Chunks the reader thread may have read before the compute thread takes them."""
 
 
 def merge(
@@ -94,6 +100,17 @@ def merge(
     )
 
 
+def planned_reads(shards: Iterable[list[OutputTensor]]) -> Iterator[ByteRange]:
+    """Every read of the inputs' bytes the merge of `shards` makes, in the order it makes them (the read-ahead's
+    schedule): verbatim tensors in chunks, changed ones by the merger's chunks of rows."""
+    for tensors in shards:
+        for tensor in tensors:
+            if tensor.verbatim_bytes is not None:
+                yield from chunk_ranges(tensor.source, CHUNK_BYTES)
+            else:
+                yield from source_ranges(tensor)
+
+
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Run with `count` torch threads, restoring the caller's setting afterwards.
@@ -118,16 +135,21 @@ def _write_shards(
     changes: dict[str, float] = {}
     sink = ShardSink(fsync=plan.options.fsync)
     pool = BufferPool(CHUNK_BYTES, QUEUED_CHUNKS + 2)
+    read_pool = BufferPool(CHUNK_BYTES, READ_AHEAD_CHUNKS + 2)
     try:
-        with TensorReader(plan.files) as reader:
-            merger = TensorMerger(reader, labels, pool)
+        with (
+            TensorReader(plan.files) as reader,
+            ReadAhead(reader, planned_reads(plan.shards.values()), read_pool, READ_AHEAD_CHUNKS) as read_ahead,
+        ):
+            merger = TensorMerger(reader, labels, pool, read_ahead)
             for shard_name, tensors in plan.shards.items():
                 sink.open_shard(folder / shard_name, tensors)
                 for tensor in tensors:
                     if should_stop is not None and should_stop():
                         raise MergeCancelled("merge cancelled")
-                    if (stored := tensor.verbatim_bytes) is not None:
-                        for raw, release in reader.raw_chunks(tensor.source, stored, pool):
+                    if tensor.verbatim_bytes is not None:
+                        for chunk_range in chunk_ranges(tensor.source, CHUNK_BYTES):
+                            raw, release = read_ahead.take(chunk_range)
                             sink.write(tensor_bytes(raw), release)
                     else:
                         stats = ChangeStats()

@@ -2,8 +2,8 @@
 
 Reads use `os.preadv` into a buffer torch then views without a copy, so any thread may read any file and
 a row block costs exactly its own bytes. A verbatim tensor is never converted or computed: its byte range
-is read in pooled chunks that go as they are to the writer thread, which hashes and writes them (the bytes
-pass through memory because the output's sha256 needs them anyway).
+is read in pooled chunks (`ByteRange`s) that go as they are to the writer thread, which hashes and writes
+them (the bytes pass through memory because the output's sha256 needs them anyway).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,11 +56,12 @@ class BufferPool:
         for _ in range(count):
             self._free.put(torch.empty(nbytes, dtype=torch.uint8))
 
-    def acquire(self, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
-        """A buffer of exactly `nbytes` and the callback that returns it; oversized requests are not pooled."""
+    def acquire(self, nbytes: int, timeout: float | None = None) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A buffer of exactly `nbytes` and the callback that returns it; oversized requests are not pooled.
+        Raises `queue.Empty` if none is returned within `timeout` seconds (None: wait as long as it takes)."""
         if nbytes > self.nbytes:
             return torch.empty(nbytes, dtype=torch.uint8), _nothing
-        buffer = self._free.get()
+        buffer = self._free.get(timeout=timeout)
         return buffer[:nbytes], lambda: self._free.put(buffer)
 
 
@@ -66,12 +69,34 @@ def _nothing() -> None:
     pass
 
 
+@dataclass(frozen=True)
+class ByteRange:
+    """Bytes [start, start + nbytes) of a tensor stored in a safetensors file: one chunk the merge reads."""
+
+    info: TensorInfo
+    start: int
+    nbytes: int
+
+
+def chunk_ranges(info: TensorInfo, chunk_bytes: int) -> list[ByteRange]:
+    """A verbatim tensor's bytes as the chunks it is copied in."""
+    return [ByteRange(info, start, min(chunk_bytes, info.nbytes - start))
+            for start in range(0, info.nbytes, chunk_bytes)]
+
+
+def rows_of(info: TensorInfo, buffer: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """The bytes in `buffer` as a (rows, columns) matrix of the tensor's stored dtype, without a copy."""
+    return buffer.view(TORCH_DTYPES[info.dtype]).reshape(rows, columns)
+
+
 class TensorReader:
-    """Reads tensors (whole, or a range of rows) from the files of one merge; keeps files open until closed."""
+    """Reads tensors (whole, or a range of rows) from the files of one merge; keeps files open until closed.
+    Any thread may read."""
 
     def __init__(self, files: InputFiles) -> None:
         self.files = files
         self._open: dict[Path, BinaryIO] = {}
+        self._opening = threading.Lock()
         self._legacy: dict[Path, dict[str, torch.Tensor]] = {}
 
     def close(self) -> None:
@@ -87,9 +112,10 @@ class TensorReader:
         self.close()
 
     def _fd(self, info: TensorInfo) -> int:
-        if info.file not in self._open:
-            self._open[info.file] = self.files.open(info.file, info.input)
-        return self._open[info.file].fileno()
+        with self._opening:
+            if info.file not in self._open:
+                self._open[info.file] = self.files.open(info.file, info.input)
+            return self._open[info.file].fileno()
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         return self.read_rows(info, 0, info.shape[0] if info.shape else 1)
@@ -111,13 +137,11 @@ class TensorReader:
                 shape = (stop - start, *info.shape[1:]) if info.shape else ()
                 return buffer.view(TORCH_DTYPES[info.dtype]).reshape(shape)
 
-    def raw_chunks(self, info: TensorInfo, stored: SafetensorsBytes,
-                   pool: BufferPool) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
-        """The stored bytes of `info` in pooled chunks, for verbatim copies; each comes with its release callback."""
-        for start in range(0, info.nbytes, pool.nbytes):
-            buffer, release = pool.acquire(min(pool.nbytes, info.nbytes - start))
-            self._read_exact(info, tensor_bytes(buffer), stored.offset + start)
-            yield buffer, release
+    def read_range(self, chunk: ByteRange, buffer: torch.Tensor) -> None:
+        """Fill `buffer` (exactly `chunk.nbytes` long) with the chunk's bytes."""
+        location = chunk.info.location
+        assert isinstance(location, SafetensorsBytes) and buffer.numel() == chunk.nbytes
+        self._read_exact(chunk.info, tensor_bytes(buffer), location.offset + chunk.start)
 
     def _legacy_tensor(self, path: Path, info: TensorInfo) -> torch.Tensor:
         """The tensor from its legacy file (loaded whole, once), as planned: a file changed since is refused."""

@@ -14,8 +14,9 @@ from adapter_merge.worker.engine.errors import NumericError
 from adapter_merge.worker.engine.loaded_ops import AdapterTensors, DoraByColumns, LoadedOp, load_op
 from adapter_merge.worker.engine.merge_math import LowRank, as_matrix, lowrank_change_squares, rows_per_block
 from adapter_merge.worker.engine.operations import OutputTensor
-from adapter_merge.worker.engine.tensor_info import TensorInfo
-from adapter_merge.worker.engine.tensor_io import TORCH_DTYPES, BufferPool, TensorReader
+from adapter_merge.worker.engine.read_ahead import Chunk, ReadAhead
+from adapter_merge.worker.engine.tensor_info import SafetensorsBytes, TensorInfo
+from adapter_merge.worker.engine.tensor_io import TORCH_DTYPES, BufferPool, ByteRange, TensorReader, rows_of
 
 BLOCK_ELEMENTS = 256 * 1024
 """fp32 elements a block works on (1 MiB, the L2 cache of one core on the reference machine): all of a block's
@@ -66,17 +67,47 @@ def keep_heap() -> None:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
+@dataclass(frozen=True)
+class RowChunks:
+    """How a changed tensor is computed: its (rows, columns) matrix view, a chunk of rows at a time."""
+
+    rows: int
+    columns: int
+    bounds: list[tuple[int, int]]
+    """[start, stop) rows of each chunk, in order."""
+
+    @staticmethod
+    def of(tensor: OutputTensor) -> RowChunks:
+        rows, columns = as_matrix(torch.empty(tensor.shape, device="meta")).shape
+        widest = max(TORCH_DTYPES[tensor.dtype].itemsize, TORCH_DTYPES[tensor.source.dtype].itemsize)
+        step = rows_per_block(columns * widest, CHUNK_BYTES)
+        return RowChunks(rows, columns, [(start, min(start + step, rows)) for start in range(0, rows, step)])
+
+
+def source_ranges(tensor: OutputTensor) -> list[ByteRange]:
+    """The reads a changed tensor's chunks make of its source, in order: what a `ReadAhead` may do first. None
+    for a source in a legacy pickle, which only loads whole, or without rows."""
+    chunks = RowChunks.of(tensor)
+    if not isinstance(tensor.source.location, SafetensorsBytes) or not chunks.rows:
+        return []
+    row_bytes = tensor.source.nbytes // chunks.rows
+    return [ByteRange(tensor.source, start * row_bytes, (stop - start) * row_bytes) for start, stop in chunks.bounds]
+
+
 class TensorMerger:
     """Computes the changed output tensors of one merge, reusing its reader, buffers and staging memory."""
 
-    def __init__(self, reader: TensorReader, labels: dict[int, str], pool: BufferPool) -> None:
+    def __init__(self, reader: TensorReader, labels: dict[int, str], pool: BufferPool,
+                 read_ahead: ReadAhead | None = None) -> None:
         keep_heap()
         self.reader = reader
         self.labels = labels
         """Adapter index -> how messages name it."""
         self.pool = pool
-        self._staging = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
-        """Source rows are read here, one chunk at a time; reused so its pages are touched only once."""
+        self.read_ahead = read_ahead
+        """Where the source chunks of `source_ranges` come from, already read; None: read them here."""
+        self._staging: torch.Tensor | None = None
+        """Source rows read here are read into this buffer, reused so its pages are touched only once."""
 
     def chunks(self, tensor: OutputTensor, stats: ChangeStats) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
         """The output tensor as consecutive chunks of rows in the output dtype, each in a pooled buffer
@@ -85,18 +116,16 @@ class TensorMerger:
         out_dtype = TORCH_DTYPES[tensor.dtype]
         adapter_tensors = AdapterTensors(self.reader, self.labels, compute)
         ops = [load_op(op, adapter_tensors) for op in tensor.ops]
-        rows, columns = as_matrix(torch.empty(tensor.shape, device="meta")).shape
+        layout = RowChunks.of(tensor)
+        rows, columns = layout.rows, layout.columns
         self._column_pass(tensor, ops, rows, columns, compute)
         deltas = _closed_form(tensor, ops)
         if deltas is not None:
             stats.change_squares = lowrank_change_squares(deltas)
         measure = tensor.changed and deltas is None
         block = rows_per_block(columns, BLOCK_ELEMENTS)
-        widest = max(out_dtype.itemsize, TORCH_DTYPES[tensor.source.dtype].itemsize)
-        chunk_rows = rows_per_block(columns * widest, CHUNK_BYTES)
-        for chunk_start in range(0, rows, chunk_rows):
-            chunk_stop = min(chunk_start + chunk_rows, rows)
-            source = as_matrix(self._read_rows(tensor.source, chunk_start, chunk_stop, rows))
+        sources = self._sources(tensor, layout)
+        for (chunk_start, chunk_stop), (source, done) in zip(layout.bounds, sources, strict=True):
             buffer, release = self.pool.acquire((chunk_stop - chunk_start) * columns * out_dtype.itemsize)
             out = buffer.view(out_dtype).reshape(chunk_stop - chunk_start, columns)
             for offset in range(0, chunk_stop - chunk_start, block):
@@ -107,9 +136,24 @@ class TensorMerger:
                 self._check(tensor, ops, merged, base_block, out_dtype, start)
                 stats.add_block(base_block, merged if measure else None)
                 out[offset:end].copy_(merged)
+            done()
             yield out, release
 
+    def _sources(self, tensor: OutputTensor, layout: RowChunks) -> Iterator[Chunk]:
+        """Each chunk's source rows as a matrix, with the callback to run once it has been used."""
+        ranges = source_ranges(tensor) if self.read_ahead is not None else []
+        if ranges:
+            assert self.read_ahead is not None
+            for (start, stop), chunk_range in zip(layout.bounds, ranges, strict=True):
+                buffer, done = self.read_ahead.take(chunk_range)
+                yield rows_of(tensor.source, buffer, stop - start, layout.columns), done
+            return
+        for start, stop in layout.bounds:
+            yield as_matrix(self._read_rows(tensor.source, start, stop, layout.rows)), _nothing
+
     def _read_rows(self, info: TensorInfo, start: int, stop: int, rows: int) -> torch.Tensor:
+        if self._staging is None:
+            self._staging = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
         if info.shape and rows == info.shape[0]:
             return self.reader.read_rows(info, start, stop, self._staging)
         return self.reader.read(info)  # a vector or scalar is a single row
@@ -152,6 +196,10 @@ class TensorMerger:
             return NumericError(message, file=tensor.source.file, tensor=tensor.name, input=tensor.source.input)
         adapters = {op.adapter for op in tensor.ops}
         return NumericError(message, tensor=tensor.name, input=adapters.pop() if len(adapters) == 1 else None)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _merge_block(ops: list[LoadedOp], base_block: torch.Tensor, start: int) -> torch.Tensor:
