@@ -147,6 +147,12 @@ class Authenticator:
         self.oidc = OidcTokens(settings.oidc_issuer, settings.oidc_audience or "", settings.oidc_tenant_claim,
                                settings.oidc_roles_claim) if settings.oidc_issuer else None
 
+    @property
+    def may_wait(self) -> bool:
+        """Whether `authenticate` may wait on the network (for an OIDC issuer's keys); API keys are a hash and a
+        file that is re-read only when it changes."""
+        return self.oidc is not None
+
     def authenticate(self, token: str | None) -> Principal:
         if self.disabled:
             return ANONYMOUS
