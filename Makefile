@@ -46,6 +46,11 @@ bench-8b: $(INSTALLED)
 bench-overlap: $(INSTALLED)
 	$(PY) -m tools.bench_overlap
 
+# The same with the S3 server behind a 50 MB/s link (tests/registries/throttle.py), as a registry across a network.
+.PHONY: bench-overlap-link
+bench-overlap-link: $(INSTALLED)
+	$(PY) -m tools.bench_overlap --link-mb-per-s 50
+
 # Issue #12's service target: the 1.1B merge as a job (embedded, then Celery on a private redis-server) against
 # the CLI with --fsync, quiet and with a CPU hog on core 0; reused requests; GET /jobs/{id} during two merges.
 bench-service: $(INSTALLED)

@@ -84,7 +84,8 @@ RSS_LIMITS_GB = {"1.1B": RSS_LIMIT_GB, "3B": RSS_LIMIT_GB}
 CHART_COLORS = {"cp": "#9e9e9e", "startup": "#9e9e9e", "floor": "#616161", "ours": "#1f77b4", "peft": "#ff7f0e"}
 EXTRA_RESULTS = {"benchmarks-8b.json": "8B class (`make bench-8b`)",
                  "service-benchmarks.json": "Service on top of the engine (`make bench-service`)",
-                 "bench-overlap.json": "Fetch and merge overlap (`make bench-overlap`)"}
+                 "bench-overlap.json": "Fetch and merge overlap (`make bench-overlap`)",
+                 "bench-overlap-link.json": "Fetch and merge overlap over a throttled link (`make bench-overlap-link`)"}
 """Other benchmarks' raw rows in the docs folder (see the module docstring), and their sections' titles."""
 
 

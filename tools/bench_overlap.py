@@ -17,14 +17,23 @@ Before every run the local base is read once (untimed), so it is in the page cac
 
 Target: merge from S3 <= 1.2 x max(download alone, local merge alone). Rows in tools.bench's schema for other
 benchmarks (model, operation, median_s, min_s, peak_rss_mb, ratio_to, note) and every run's raw figures go to
-docs/bench-overlap.json. Each run also records the CPU
-seconds it took, of the measured process (`cpu_s`: user + system over the operation) and of the S3 server
-(`server_cpu_s`): overlapping two jobs can only win where the machine has cores to spare for both.
+docs/bench-overlap.json.
+
+On loopback the download is not limited by a link but by CPU and memory: moto answers a GET by materialising
+the whole object, so the merge's staging, which keeps each shard's request open after reading its header, has
+moto hold every shard at once. `--link-mb-per-s` (`make bench-overlap-link`) puts the S3 server behind the tests'
+throttling proxy (tests/registries/throttle.py: one link shared by all connections) for the download and the
+merge from S3, as a registry across a network would be; its rows go to docs/bench-overlap-link.json.
+
+Each run also records the CPU seconds it took, of the measured process (`cpu_s`: user + system over the
+operation) and of the S3 server (`server_cpu_s`): overlapping two jobs can only win where the machine has cores
+to spare for both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -40,7 +49,8 @@ from typing import Any
 
 import psutil
 
-from tools.bench import MODEL_1B, REPO, ensure_models, machine_info
+from tests.registries.throttle import ThrottledProxy
+from tools.bench import MB, MODEL_1B, REPO, ensure_models, machine_info
 
 BUCKET = "bench-overlap"
 PREFIX = "tinyllama-1.1b-500mb"
@@ -48,7 +58,6 @@ SHARD_SIZE = "500MB"
 OPERATIONS = {"download": "download alone (S3 -> cache)", "local": "local merge alone",
               "overlap": "merge from S3 (overlapping its download)"}
 TARGET_RATIO = 1.2
-MB = 10**6
 S3_SERVER = ("import sys; from tests.registries.s3 import S3Server; server = S3Server().start(); "
              "print(server.endpoint_url, flush=True); sys.stdin.read(); server.stop()")
 """moto's S3 as the tests run it, in a process of its own until its stdin closes."""
@@ -138,12 +147,12 @@ def upload(root: Path, endpoint: str) -> None:
     server.upload_folder(root / "base", BUCKET, PREFIX)
 
 
-def rows_of(runs: dict[str, list[dict[str, float]]], ratio: float) -> list[dict[str, Any]]:
+def rows_of(runs: dict[str, list[dict[str, float]]], ratio: float, link: str) -> list[dict[str, Any]]:
     notes = {"download": "DownloadCache.fetch of the base, every file checked",
              "local": "JobRunner.run, claim until succeeded",
              "overlap": f"JobRunner.run; target <= {TARGET_RATIO}x max(download, local merge): "
                         f"{'PASS' if ratio <= TARGET_RATIO else 'MISS'}"}
-    return [{"model": MODEL_1B.label, "operation": OPERATIONS[key],
+    return [{"model": MODEL_1B.label, "operation": OPERATIONS[key] + ("" if key == "local" else link),
              "median_s": round(statistics.median(run["seconds"] for run in figures), 3),
              "min_s": round(min(run["seconds"] for run in figures), 3),
              "peak_rss_mb": round(max(run["peak_rss_mb"] for run in figures)),
@@ -153,32 +162,36 @@ def rows_of(runs: dict[str, list[dict[str, float]]], ratio: float) -> list[dict[
             for key, figures in runs.items()]
 
 
-def bench(data_dir: Path, runs: int, docs: Path) -> float:
+def bench(data_dir: Path, runs: int, docs: Path, link_mb_per_s: float | None) -> float:
     root = resharded(data_dir)
+    link = f" through a link capped at {link_mb_per_s:g} MB/s" if link_mb_per_s else ""
     server = subprocess.Popen([sys.executable, "-c", S3_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, cwd=REPO)
-    try:
-        assert server.stdout is not None
-        endpoint = server.stdout.readline().strip()
-        upload(root, endpoint)
-        process = psutil.Process(server.pid)
-        for operation in OPERATIONS:  # untimed: page cache and moto warmed up
-            run_once(operation, root, endpoint, process)
-        measured: dict[str, list[dict[str, float]]] = {operation: [] for operation in OPERATIONS}
-        for repetition in range(runs):
-            for operation in OPERATIONS:
-                measured[operation].append(run_once(operation, root, endpoint, process))
-                print(f"run {repetition + 1}/{runs} {operation}: {measured[operation][-1]['seconds']:.2f} s",
-                      flush=True)
-    finally:
-        server.communicate("")
+    with contextlib.ExitStack() as stack:
+        try:
+            assert server.stdout is not None
+            endpoint = server.stdout.readline().strip()
+            upload(root, endpoint)
+            if link_mb_per_s:  # the uploads above went straight to the server
+                endpoint = stack.enter_context(ThrottledProxy(endpoint, int(link_mb_per_s * MB))).endpoint_url
+            process = psutil.Process(server.pid)
+            for operation in OPERATIONS:  # untimed: page cache and moto warmed up
+                run_once(operation, root, endpoint, process)
+            measured: dict[str, list[dict[str, float]]] = {operation: [] for operation in OPERATIONS}
+            for repetition in range(runs):
+                for operation in OPERATIONS:
+                    measured[operation].append(run_once(operation, root, endpoint, process))
+                    print(f"run {repetition + 1}/{runs} {operation}: {measured[operation][-1]['seconds']:.2f} s",
+                          flush=True)
+        finally:
+            server.communicate("")
     median = {key: statistics.median(run["seconds"] for run in figures) for key, figures in measured.items()}
     ratio = median["overlap"] / max(median["download"], median["local"])
-    rows = rows_of(measured, ratio)
+    rows = rows_of(measured, ratio, link)
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "bench-overlap.json").write_text(json.dumps(
-        {"machine": machine_info(), "runs": runs, "shards": SHARD_SIZE, "rows": rows, "raw": measured},
-        indent=2) + "\n")
+    (docs / ("bench-overlap-link.json" if link_mb_per_s else "bench-overlap.json")).write_text(json.dumps(
+        {"machine": machine_info(), "runs": runs, "shards": SHARD_SIZE, "link_mb_per_s": link_mb_per_s,
+         "rows": rows, "raw": measured}, indent=2) + "\n")
     for row in rows:
         print(f"{row['operation']}: median {row['median_s']:.2f} s, min {row['min_s']:.2f} s, "
               f"peak RSS {row['peak_rss_mb']} MB; {row['note']}")
@@ -192,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO / "bench-data",
                         help="where tools.bench keeps the generated models (default: bench-data/)")
     parser.add_argument("--docs", type=Path, default=REPO / "docs", help="where the JSON rows go (default: docs/)")
+    parser.add_argument("--link-mb-per-s", type=float, default=None,
+                        help="serve S3 through a link of this many MB/s (default: loopback, unlimited)")
     parser.add_argument("--measure", choices=sorted(OPERATIONS), help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
@@ -200,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         print(json.dumps(measure(args.measure, args.root, args.endpoint, args.scratch)))
         return 0
-    ratio = bench(args.data_dir.resolve(), args.runs, args.docs)
+    ratio = bench(args.data_dir.resolve(), args.runs, args.docs, args.link_mb_per_s)
     return 0 if ratio <= TARGET_RATIO else 1
 
 
