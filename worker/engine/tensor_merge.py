@@ -85,7 +85,7 @@ class RowChunks:
 
 
 def source_ranges(tensor: OutputTensor) -> list[ByteRange]:
-    """The reads a changed tensor's chunks make of its source, in order: what a `ReadAhead` may do first. None
+    """The reads a changed tensor's chunks make of its source, in order: what a `ReadAhead` may do first. Empty
     for a source in a legacy pickle, which only loads whole, or without rows."""
     chunks = RowChunks.of(tensor)
     if not isinstance(tensor.source.location, SafetensorsBytes) or not chunks.rows:
