@@ -60,13 +60,13 @@ class BufferPool:
         """A buffer of exactly `nbytes` and the callback that returns it; oversized requests are not pooled.
         Raises `queue.Empty` if none is returned within `timeout` seconds (None: wait as long as it takes)."""
         if nbytes > self.nbytes:
-            return torch.empty(nbytes, dtype=torch.uint8), _nothing
+            return torch.empty(nbytes, dtype=torch.uint8), no_release
         buffer = self._free.get(timeout=timeout)
         return buffer[:nbytes], lambda: self._free.put(buffer)
 
 
-def _nothing() -> None:
-    pass
+def no_release() -> None:
+    """The release callback of a buffer that belongs to no pool."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,14 @@ from adapter_merge.worker.engine.merge_math import LowRank, as_matrix, lowrank_c
 from adapter_merge.worker.engine.operations import OutputTensor
 from adapter_merge.worker.engine.read_ahead import Chunk, ReadAhead
 from adapter_merge.worker.engine.tensor_info import SafetensorsBytes, TensorInfo
-from adapter_merge.worker.engine.tensor_io import TORCH_DTYPES, BufferPool, ByteRange, TensorReader, rows_of
+from adapter_merge.worker.engine.tensor_io import (
+    TORCH_DTYPES,
+    BufferPool,
+    ByteRange,
+    TensorReader,
+    no_release,
+    rows_of,
+)
 
 BLOCK_ELEMENTS = 256 * 1024
 """fp32 elements a block works on (1 MiB, the L2 cache of one core on the reference machine): all of a block's
@@ -149,7 +156,7 @@ class TensorMerger:
                 yield rows_of(tensor.source, buffer, stop - start, layout.columns), done
             return
         for start, stop in layout.bounds:
-            yield as_matrix(self._read_rows(tensor.source, start, stop, layout.rows)), _nothing
+            yield as_matrix(self._read_rows(tensor.source, start, stop, layout.rows)), no_release
 
     def _read_rows(self, info: TensorInfo, start: int, stop: int, rows: int) -> torch.Tensor:
         if self._staging is None:
@@ -196,10 +203,6 @@ class TensorMerger:
             return NumericError(message, file=tensor.source.file, tensor=tensor.name, input=tensor.source.input)
         adapters = {op.adapter for op in tensor.ops}
         return NumericError(message, tensor=tensor.name, input=adapters.pop() if len(adapters) == 1 else None)
-
-
-def _nothing() -> None:
-    pass
 
 
 def _merge_block(ops: list[LoadedOp], base_block: torch.Tensor, start: int) -> torch.Tensor:
