@@ -38,9 +38,10 @@ class Settings(BaseSettings):
                                  "outside at your proxy); otherwise it needs an admin token.")
 
     worker_concurrency: int = Field(1, ge=1, description="Merges at once per worker (each is CPU/RAM-heavy).")
-    worker_nice: int = Field(0, ge=0, le=19, description="Niceness of the processes that merge (the embedded "
-                             "worker's, Celery's pool): above 0, whatever else runs on their cores (an API, other "
-                             "services) is scheduled first, and merges take longer on a busy machine.")
+    worker_nice: int = Field(10, ge=0, le=19, description="Niceness of the processes that merge (the embedded "
+                             "worker's, Celery's pool): whatever else runs on their cores (the API, the worker's "
+                             "own heartbeats, other services) is scheduled first; merges are batch work and take "
+                             "longer only on a machine busy with other work. 0 treats them as any other process.")
     worker_max_tasks_per_child: int = Field(
         1, ge=0, description="Recycle a Celery pool process after this many jobs to hand its memory back; 0 never."
     )
