@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from adapter_merge.core.jobs import JobRecord, Phase, Progress
+from adapter_merge.core.jobs import JobRecord, Progress
 from adapter_merge.core.settings import Settings
 from adapter_merge.core.store import JobStore
 from adapter_merge.worker.engine import MergeCancelled
@@ -30,11 +30,12 @@ class JobWatch:
         self.cancel_requested = job.cancel_requested
         self.lost = False
         self._recording = False
-        self._latest: Progress | None = None
         self._sent: Progress | None = None
         self._merged: MergeProgress | None = None
         self._download: list[int] | None = None
         """Bytes arrived and bytes to fetch, while the run downloads inputs."""
+        self._upload: list[int] | None = None
+        """Bytes sent and bytes to send, while the run publishes its result."""
         self._shown = threading.Lock()
         self._done = threading.Event()
         # In the runner's context, so its lines name the job as the runner's own do (core/logs.py).
@@ -56,7 +57,6 @@ class JobWatch:
         """The engine's report after a tensor."""
         with self._shown:
             self._merged = progress
-            self._show()
 
     def downloading(self, bytes_total: int) -> Callable[[int], None]:
         """Start showing a download of `bytes_total` bytes; returns what to tell as bytes arrive (from any
@@ -64,32 +64,15 @@ class JobWatch:
         shows the download, with the tensors merged meanwhile; then the merge."""
         with self._shown:
             self._download = [0, bytes_total]
-            self._show()
-
-        def arrived(count: int) -> None:
-            with self._shown:
-                assert self._download is not None
-                self._download[0] += count
-                self._show()
-
-        return arrived
-
-    def _show(self) -> None:
-        merged, download = self._merged, self._download
-        if download is not None and (download[0] < download[1] or merged is None):
-            self._latest = Progress(phase="downloading", bytes_done=download[0], bytes_total=download[1],
-                                    tensors_done=merged.tensors_done if merged else 0,
-                                    tensors_total=merged.tensors_total if merged else self.job.progress.tensors_total)
-        elif merged is not None:
-            self._latest = Progress(phase="merging", tensors_done=merged.tensors_done,
-                                    tensors_total=merged.tensors_total, bytes_done=merged.bytes_done,
-                                    bytes_total=merged.bytes_total)
+        return self._counter(self._download)
 
     def publishing(self, bytes_total: int) -> Callable[[int], None]:
         """Start showing the upload of the result (`bytes_total` bytes) to its publish target; returns what to
         tell as bytes go out, which raises `MergeCancelled` once the run must stop (cancelled, worker shutting
         down, job lost), so that the target stops uploading."""
-        count = self._counting("publishing", bytes_total)
+        with self._shown:
+            self._upload = [0, bytes_total]
+        count = self._counter(self._upload)
 
         def sent(bytes_sent: int) -> None:
             count(bytes_sent)
@@ -98,15 +81,12 @@ class JobWatch:
 
         return sent
 
-    def _counting(self, phase: Phase, bytes_total: int) -> Callable[[int], None]:
-        done = 0
-        self._latest = Progress(phase=phase, bytes_total=bytes_total, tensors_total=self.job.progress.tensors_total)
-
+    def _counter(self, done_and_total: list[int]) -> Callable[[int], None]:
+        """Adds to `done_and_total[0]`: a sum under a lock, called for every chunk of a transfer, where building
+        the job's `Progress` each time cost a download a tenth of its thread's time."""
         def counted(count: int) -> None:
-            nonlocal done
-            done += count
-            assert self._latest is not None
-            self._latest = self._latest.model_copy(update={"bytes_done": done})
+            with self._shown:
+                done_and_total[0] += count
 
         return counted
 
@@ -120,7 +100,20 @@ class JobWatch:
 
     @property
     def latest(self) -> Progress | None:
-        return self._latest
+        """The run's progress as the job shows it, built from the counts when asked (at the store's pace)."""
+        with self._shown:
+            merged, download, upload = self._merged, self._download, self._upload
+            tensors_total = merged.tensors_total if merged else self.job.progress.tensors_total
+            if upload is not None:
+                return Progress(phase="publishing", bytes_done=upload[0], bytes_total=upload[1],
+                                tensors_total=self.job.progress.tensors_total)
+            if download is not None and (download[0] < download[1] or merged is None):
+                return Progress(phase="downloading", bytes_done=download[0], bytes_total=download[1],
+                                tensors_done=merged.tensors_done if merged else 0, tensors_total=tensors_total)
+            if merged is not None:
+                return Progress(phase="merging", tensors_done=merged.tensors_done, tensors_total=tensors_total,
+                                bytes_done=merged.bytes_done, bytes_total=merged.bytes_total)
+            return None
 
     # -- the thread --------------------------------------------------------------------------------------
 
@@ -145,7 +138,7 @@ class JobWatch:
                 next_renewal = time.monotonic() + self.settings.heartbeat_seconds
 
     def _beat(self, renew: bool) -> None:
-        latest = self._latest
+        latest = self.latest
         progress = latest if latest is not None and latest != self._sent else None
         if renew or progress is not None:
             lease = self.settings.lease_seconds if renew else None
