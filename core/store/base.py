@@ -11,7 +11,6 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import ClassVar
 
 from adapter_merge.core.jobs import FINISHED_STATUSES, JobRecord, JobStatus, Progress, utcnow
 from adapter_merge.core.problems import Problem, Problems
@@ -49,10 +48,6 @@ class IdempotencyRecord:
 
 class JobStore(ABC):
     """Where jobs live. All methods are safe to call from several processes and hosts at once."""
-
-    reads_wait_on_network: ClassVar[bool] = True
-    """A read may wait on another host (a store server): callers on an event loop make it on a thread. A store
-    on the local disk reads in about 0.1 ms and says False."""
 
     @abstractmethod
     def create(self, job: JobRecord, max_active: int | None = None) -> None:

@@ -93,8 +93,6 @@ _WEBHOOK_INDEX = "CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_d
 
 
 class SQLiteJobStore(JobStore):
-    reads_wait_on_network = False
-
     def __init__(self, path: Path) -> None:
         self.path = path
         self.reserve = path.with_name(path.name + ".reserve")
