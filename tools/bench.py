@@ -472,6 +472,14 @@ def extra_results(docs: Path) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
+def measured_when(docs: Path, title: str) -> str:
+    """When and at which commit a section's own bench ran: the host of a shared machine can be twice as fast one
+    hour as the next, so a section measured on another day is only comparable within itself."""
+    name = next(name for name, known in EXTRA_RESULTS.items() if known == title)
+    machine = json.loads((docs / name).read_text()).get("machine") or {}
+    return f"Measured {machine.get('date', 'at an unrecorded time')}, commit {machine.get('commit', 'unrecorded')}."
+
+
 def extra_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     table = [["model", "operation", "median s", "min s", "peak RSS MB", "ratios", "note"]]
     for row in rows:
@@ -542,7 +550,7 @@ def write_docs(results: list[Result], targets: list[Target], notes: list[str], i
         *[f"- {n}" for n in notes],
         "",
         *[line for title, rows in extras.items() for line in (
-            f"## {title}", "", markdown_table(extra_table(rows)), "")],
+            f"## {title}", "", measured_when(docs, title), "", markdown_table(extra_table(rows)), "")],
         "## Headline (the README's Performance table)",
         "",
         markdown_table(headline_rows(results, extras)),
