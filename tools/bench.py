@@ -419,7 +419,7 @@ def machine_info() -> dict[str, str]:
     }
 
 
-def write_chart(results: list[Result], extras: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def write_chart(results: list[Result], extras: dict[str, dict[str, Any]], path: Path) -> None:
     """Time and peak-RSS bars from the same numbers as the tables: this run's, then each other benchmark's."""
     import matplotlib
 
@@ -430,7 +430,7 @@ def write_chart(results: list[Result], extras: dict[str, list[dict[str, Any]]], 
     groups = [(f"median of {len(results[0].runs)} runs", [
         {"model": r.model, "operation": r.label, "key": r.key, "median_s": r.median_s,
          "peak_rss_mb": r.peak_rss / MB} for r in results])]
-    groups += [(title, rows) for title, rows in extras.items() if rows]
+    groups += [(title, found["rows"]) for title, found in extras.items() if found["rows"]]
     heights = [0.55 * len(rows) + 1.2 for _, rows in groups]
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, sum(heights) + 0.6), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
@@ -463,20 +463,16 @@ def write_chart(results: list[Result], extras: dict[str, list[dict[str, Any]]], 
     plt.close(fig)
 
 
-def extra_results(docs: Path) -> dict[str, list[dict[str, Any]]]:
-    """Other benchmarks' rows found in `docs` (see the module docstring), by section title."""
-    found = {}
-    for name, title in EXTRA_RESULTS.items():
-        if (docs / name).is_file():
-            found[title] = json.loads((docs / name).read_text())["rows"]
-    return found
+def extra_results(docs: Path) -> dict[str, dict[str, Any]]:
+    """Other benchmarks' results found in `docs` (see the module docstring: "rows", "machine"), by section title."""
+    return {title: json.loads((docs / name).read_text()) for name, title in EXTRA_RESULTS.items()
+            if (docs / name).is_file()}
 
 
-def measured_when(docs: Path, title: str) -> str:
+def measured_when(found: dict[str, Any]) -> str:
     """When and at which commit a section's own bench ran: the host of a shared machine can be twice as fast one
-    hour as the next, so a section measured on another day is only comparable within itself."""
-    name = next(name for name, known in EXTRA_RESULTS.items() if known == title)
-    machine = json.loads((docs / name).read_text()).get("machine") or {}
+    hour as the next, so a section measured at another time is only comparable within itself."""
+    machine = found.get("machine") or {}
     return f"Measured {machine.get('date', 'at an unrecorded time')}, commit {machine.get('commit', 'unrecorded')}."
 
 
@@ -490,11 +486,12 @@ def extra_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     return table
 
 
-def headline_rows(results: list[Result], extras: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
+def headline_rows(results: list[Result], extras: dict[str, dict[str, Any]]) -> list[list[str]]:
     """The README's performance table: per model, ours and PEFT (time, peak RSS) and PEFT's time over ours."""
     rows = [{"model": r.model, "key": r.key, "median_s": r.median_s, "peak_rss_mb": r.peak_rss / MB,
              "note": ""} for r in results]
-    rows += [row for title, found in extras.items() if title.startswith("8B") for row in found if "key" in row]
+    rows += [row for title, found in extras.items() if title.startswith("8B") for row in found["rows"]
+             if "key" in row]
     table = [["model", "merge", "ours: time, peak RSS", "PEFT: time, peak RSS", "PEFT time / ours"]]
     for model in dict.fromkeys(row["model"] for row in rows):
         for kind in ("lora", "dora"):
@@ -549,8 +546,8 @@ def write_docs(results: list[Result], targets: list[Target], notes: list[str], i
         "",
         *[f"- {n}" for n in notes],
         "",
-        *[line for title, rows in extras.items() for line in (
-            f"## {title}", "", measured_when(docs, title), "", markdown_table(extra_table(rows)), "")],
+        *[line for title, found in extras.items() for line in (
+            f"## {title}", "", measured_when(found), "", markdown_table(extra_table(found["rows"])), "")],
         "## Headline (the README's Performance table)",
         "",
         markdown_table(headline_rows(results, extras)),
