@@ -17,6 +17,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, Counter
+
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.dispatch import Dispatcher
 from adapter_merge.core.jobs import FINISHED_STATUSES, JobStatus, utcnow
@@ -24,6 +26,12 @@ from adapter_merge.core.notify import Notifier
 from adapter_merge.core.store import STORE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
+
+
+def leases_lost_counter(registry: CollectorRegistry) -> Counter:
+    """The metric that counts `on_lease_lost`, under one name and help text in the API and in the workers."""
+    return Counter("adapter_merge_leases_lost", "Running jobs this process's reaper found with an expired lease "
+                   "(their worker died) and recovered.", registry=registry)
 
 
 class Maintenance:

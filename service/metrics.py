@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter_merge.core.access import Role
 from adapter_merge.core.jobs import JobStatus
+from adapter_merge.core.maintenance import leases_lost_counter
 from adapter_merge.core.store import STORE_UNAVAILABLE, JobStore
 from adapter_merge.service.auth import forbid_unless
 from adapter_merge.service.deps import ServicesDep
@@ -43,8 +44,7 @@ class ApiMetrics:
         self.latency = Histogram("adapter_merge_http_request_duration_seconds", "Time from a request's arrival "
                                  "until its response was sent, by method and route template.", ["method", "route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.leases_lost = Counter("adapter_merge_leases_lost", "Running jobs this process's reaper found with an "
-                                   "expired lease (their worker died) and recovered.", registry=self.registry)
+        self.leases_lost = leases_lost_counter(self.registry)
 
     def exposition(self, store: JobStore) -> bytes:
         """The text a scrape gets: every process of this tree (or this process alone, when not started by the

@@ -28,6 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from adapter_merge.core.jobs import JobRecord, JobStatus
 from adapter_merge.core.layout import DataLayout
+from adapter_merge.core.maintenance import leases_lost_counter
 
 log = logging.getLogger(__name__)
 MANIFEST = "merge_manifest.json"
@@ -56,8 +57,7 @@ class WorkerMetrics:
             "(timings.publish).", buckets=TRANSFER_BUCKETS, registry=self.registry)
         self.runs = Counter("adapter_merge_job_runs", "Runs of jobs that ended in this worker, by the job's status "
                             "afterwards (queued: handed back at shutdown).", ["status"], registry=self.registry)
-        self.leases_lost = Counter("adapter_merge_leases_lost", "Running jobs this process's reaper found with an "
-                                   "expired lease (their worker died) and recovered.", registry=self.registry)
+        self.leases_lost = leases_lost_counter(self.registry)
 
     def observe(self, job: JobRecord | None, layout: DataLayout) -> None:
         """Record a run's outcome. Not a run that was superseded (None: its job belongs to another run now),
