@@ -18,7 +18,7 @@ from adapter_merge.core.publish.registry import PublishTargets
 from adapter_merge.core.refs import check_kind
 from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.sources.base import PinnedInput
-from adapter_merge.core.sources.registry import Sources
+from adapter_merge.core.sources.registry import LOCAL_SCHEME, Sources
 from adapter_merge.core.sources.replica import build_replica
 from adapter_merge.core.webhooks import check_callback_url
 from adapter_merge.worker.engine import AdapterSpec, MergeError, MergeOptions, MergePlan, plan_merge
@@ -63,8 +63,11 @@ def resolve_request(request: MergeRequest, inputs: list[PinnedInput], folder_of:
         check_kind(path, adapter.ref, field, adapter=True)
         names.setdefault(path, adapter.ref)
         adapters.append(AdapterSpec(path, adapter.weight))
+    folders = [base, *(spec.path for spec in adapters)]
+    downloaded = {folder for folder, pinned in zip(folders, inputs, strict=True) if pinned.scheme != LOCAL_SCHEME}
     options = MergeOptions(dtype=request.output_dtype, max_shard_size=request.max_shard_size,
-                           allowed_roots=allowed_roots)
+                           allowed_roots=allowed_roots,
+                           input_names={path: name for path, name in names.items() if path in downloaded})
     return ResolvedMerge(base, adapters, options, names, inputs)
 
 

@@ -11,6 +11,7 @@ runner in this process, moto's S3 behind a throttling proxy, tests/registries/th
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -115,6 +116,10 @@ def test_the_merge_starts_on_the_first_shard_while_the_rest_downloads(context: J
     assert sorted(path.name for path in (entry / "files").iterdir()) == sorted(file.path for file in pinned.files)
     for file in pinned.files:
         assert (entry / "files" / file.path).read_bytes() == (tiny_models.base / file.path).read_bytes()
+    # The manifest names the inputs as the request did, not by the download's folder, which moved since.
+    manifest = json.loads((context.layout.result_dir(job.id, job.attempt) / "merge_manifest.json").read_text())
+    assert manifest["base"]["path"] == request_body.base_model
+    assert [adapter["path"] for adapter in manifest["adapters"]] == [request_body.adapters[0].ref]
 
 
 def test_a_shard_lost_mid_merge_fails_the_job_and_leaves_nothing(context: JobContext, request_body: MergeRequest,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from io import BufferedReader
 from pathlib import Path
 from typing import Any
@@ -37,10 +37,13 @@ def unreadable(path: Path, input: InputRef, error: OSError) -> InputError:
 class InputFiles:
     """Opens input files for one merge; `roots` None means no restriction (the command line)."""
 
-    def __init__(self, roots: tuple[Path, ...] | None, await_file: Callable[[Path], None] | None = None) -> None:
+    def __init__(self, roots: tuple[Path, ...] | None, await_file: Callable[[Path], None] | None = None,
+                 names: Mapping[Path, str] | None = None) -> None:
         self.roots = None if roots is None else tuple(Path(os.path.realpath(root)) for root in roots)
         self.await_file = await_file
         """`MergeOptions.await_file`."""
+        self.names = names or {}
+        """`MergeOptions.input_names`."""
 
     def _inside(self, real: Path) -> bool:
         return self.roots is None or any(real == root or real.is_relative_to(root) for root in self.roots)
@@ -118,7 +121,9 @@ class InputFiles:
 
     def shown(self, folder: Path) -> str:
         """How the manifest names an input folder: relative to the root it lies in when there are roots (the
-        server's own paths are none of the reader's business), as given otherwise."""
+        server's own paths are none of the reader's business), as given otherwise; by its name if it has one."""
+        if folder in self.names:
+            return self.names[folder]
         if self.roots is None:
             return str(folder)
         real = Path(os.path.realpath(folder))

@@ -100,7 +100,7 @@ def plan_merge(
     options = options or MergeOptions()
     if not adapters:
         raise InputError("adapters: at least one adapter is required", option="adapters")
-    files = InputFiles(options.allowed_roots, options.await_file)
+    files = InputFiles(options.allowed_roots, options.await_file, options.input_names)
     base = load_base_model(Path(base_dir), files)
     for info in base.tensors.values():
         if info.dtype in FP8_DTYPES:

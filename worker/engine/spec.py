@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +42,9 @@ class MergeOptions:
     before planning reads a safetensors header: returns once the file is complete, or raises to stop the
     merge. For a caller that starts merging while inputs still download (the service's worker); the engine's
     only hook for it, kept this small on purpose."""
+    input_names: Mapping[Path, str] = field(default_factory=dict, hash=False)
+    """How the manifest names the input folders given here, instead of by their path: the service names a
+    downloaded input by the reference its client sent (`s3://...`), not by the cache folder it was read from."""
 
     def __post_init__(self) -> None:
         if self.allowed_roots is not None:
