@@ -164,7 +164,7 @@ class Notifier:
             return Outcome(None, f"refused: {error}", retry=False)
         except OSError as error:
             return Outcome(None, f"the host does not resolve ({error.strerror or error})", retry=True)
-        body = event_body(job)
+        body = event_body(job, self.settings.public_url)
         headers = signed_headers(self.key, job.webhook.id, int(time.time()), body)
         request = self.http.build_request(
             "POST", target.url.copy_with(host=str(target.address)), content=body,

@@ -10,6 +10,7 @@ import base64
 import binascii
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -129,6 +130,10 @@ class Settings(BaseSettings):
                                          "job ended is given up (`failed`).")
     webhook_concurrency: int = Field(4, ge=1, description="Callbacks one process sends at once: a receiver that "
                                      "does not answer holds up one sender for its timeouts, not every callback.")
+    public_url: str | None = Field(None, description="The API's address as its clients reach it "
+                                   "(`https://merge.example.com`, behind any proxy; a path prefix may follow): the "
+                                   "links in job callbacks are absolute URLs under it. Unset: they are paths on the "
+                                   "API (`/jobs/<id>`), which a receiver must know the API's address to follow.")
 
     @field_validator("model_roots", mode="before")
     @classmethod
@@ -138,7 +143,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("redis_url", "api_keys_file", "tls_certfile", "tls_keyfile", "oidc_issuer", "oidc_audience",
-                     "tenant_max_artifact_bytes", "webhook_secret", mode="before")
+                     "tenant_max_artifact_bytes", "webhook_secret", "public_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -158,6 +163,17 @@ class Settings(BaseSettings):
         if value is not None:
             _webhook_key(value.get_secret_value())
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_a_base(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"MERGE_PUBLIC_URL {value!r}: give the API's http(s) address, e.g. "
+                             "https://merge.example.com, with no query or fragment")
+        return value.strip().rstrip("/")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

@@ -47,10 +47,10 @@ def signed_headers(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> 
             "webhook-signature": sign(key, webhook_id, timestamp, body), "content-type": "application/json"}
 
 
-def event_body(job: JobRecord) -> bytes:
+def event_body(job: JobRecord, public_url: str | None = None) -> bytes:
     """The POST body, the same bytes on every attempt: built from the finished job, which no longer changes.
-    Links are paths on the API that accepted the job."""
-    link = f"/jobs/{job.id}"
+    Links are absolute under the API's `public_url` (`MERGE_PUBLIC_URL`), else paths on the API."""
+    link = f"{public_url or ''}/jobs/{job.id}"
     succeeded = job.status is JobStatus.succeeded
     ended = job.finished_at or (job.webhook.created_at if job.webhook else None)
     data = {

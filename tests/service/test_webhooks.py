@@ -25,7 +25,7 @@ import pytest
 from pydantic import ValidationError
 from standardwebhooks import Webhook
 
-from adapter_merge.core.jobs import JobRecord, JobStatus
+from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus
 from adapter_merge.core.problems import Problem, Problems
 from adapter_merge.core.request import MergeRequest
 from adapter_merge.core.settings import Settings
@@ -89,6 +89,22 @@ def test_the_readme_receiver_verifies_and_rejects() -> None:
     with pytest.raises(ValueError):
         verify(SECRET, headers, body.replace(b"succeeded", b"failed"))
 
+
+
+def test_links_are_absolute_under_the_public_url() -> None:
+    """A receiver follows the event's links without knowing the API's address when MERGE_PUBLIC_URL is set."""
+    job = finished_job(JobStatus.succeeded).model_copy(update={"artifacts": [
+        Artifact(path="model.safetensors", size=2, sha256="0" * 64)]})
+    public_url = Settings(public_url=" https://merge.example.com/api/ ").public_url
+    assert public_url == "https://merge.example.com/api"
+    data = json.loads(event_body(job, public_url))["data"]
+    link = f"https://merge.example.com/api/jobs/{job.id}"
+    assert data["links"] == {"job": link, "archive": f"{link}/archive"}
+    assert [item["url"] for item in data["artifacts"]] == [f"{link}/artifacts/model.safetensors"]
+    assert json.loads(event_body(job))["data"]["links"]["job"] == f"/jobs/{job.id}"  # unset: paths on the API
+    for bad in ("merge.example.com", "ftp://merge.example.com", "https://merge.example.com/?tenant=a"):
+        with pytest.raises(ValidationError, match="MERGE_PUBLIC_URL"):
+            Settings(public_url=bad)
 
 # --- URL rules at submission ------------------------------------------------------------------------------
 
