@@ -90,7 +90,6 @@ def test_the_readme_receiver_verifies_and_rejects() -> None:
         verify(SECRET, headers, body.replace(b"succeeded", b"failed"))
 
 
-
 def test_links_are_absolute_under_the_public_url() -> None:
     """A receiver follows the event's links without knowing the API's address when MERGE_PUBLIC_URL is set."""
     job = finished_job(JobStatus.succeeded).model_copy(update={"artifacts": [
@@ -105,6 +104,7 @@ def test_links_are_absolute_under_the_public_url() -> None:
     for bad in ("merge.example.com", "ftp://merge.example.com", "https://merge.example.com/?tenant=a"):
         with pytest.raises(ValidationError, match="MERGE_PUBLIC_URL"):
             Settings(public_url=bad)
+
 
 # --- URL rules at submission ------------------------------------------------------------------------------
 
