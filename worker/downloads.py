@@ -42,12 +42,11 @@ from pathlib import Path
 from adapter_merge.core.context import JobContext
 from adapter_merge.core.jobs import JobStatus
 from adapter_merge.core.problems import Problem, Problems
-from adapter_merge.core.settings import Settings
 from adapter_merge.core.sources.base import ByteCounter, PinnedFile, PinnedInput, RegistryUnavailable, RemoteSource
 from adapter_merge.core.sources.replica import header_bytes, read_whole, write_placeholder
 from adapter_merge.core.sources.transfer import OpenedDownload, StreamedSource, fetch_failed
-from adapter_merge.core.store import JobStore
 from adapter_merge.worker.engine import MergeCancelled
+from adapter_merge.worker.locks import LockKeeper
 
 log = logging.getLogger(__name__)
 MARKER = ".complete"
@@ -171,8 +170,17 @@ class Download:
         self.staged = self.committed = False
         self._opened: dict[str, OpenedDownload] = {}
         """Pending files whose download request was made to read their header."""
-        self._keeper = _LockKeeper(cache.store, lock, cache.owner, cache.settings)
-        self._progress = self._keeper.checked(progress)
+        self._keeper = LockKeeper(cache.store, lock, cache.owner, cache.settings)
+        self._progress = self._checked(progress)
+
+    def _checked(self, progress: ByteCounter) -> ByteCounter:
+        """`progress`, stopping the download at its next bytes once its lock went to another worker."""
+        def arrived(count: int) -> None:
+            if self._keeper.lost:
+                raise _taken_over(None)
+            progress(count)
+
+        return arrived
 
     def stage(self, *, placeholders: bool = True) -> None:
         """Remove what a crashed download left; fetch the files planning reads whole, and unless the merge waits
@@ -384,39 +392,6 @@ class Arrivals:
                 log.warning("could not keep the download of %s", download.pinned.ref, exc_info=True)
             finally:
                 download.close()
-
-
-class _LockKeeper:
-    """Renews a download lock every heartbeat interval from a thread of its own, however slowly bytes arrive;
-    a download that lost its lock (the store gave it to another worker) stops at its next bytes."""
-
-    def __init__(self, store: JobStore, lock: str, owner: str, settings: Settings) -> None:
-        self.store, self.lock, self.owner, self.settings = store, lock, owner, settings
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"keep-{lock}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_seconds):
-            try:
-                if not self.store.acquire_lock(self.lock, self.owner, self.settings.lease_seconds):
-                    self.lost = True
-                    return
-            except Exception:  # the store is out of reach: try again next beat, the lock outlasts a few
-                log.warning("could not renew download lock %s; retrying", self.lock, exc_info=True)
-
-    def checked(self, progress: ByteCounter) -> ByteCounter:
-        def arrived(count: int) -> None:
-            if self.lost:
-                raise _taken_over(None)
-            progress(count)
-
-        return arrived
 
 
 def _taken_over(field: str | None) -> Problem:
