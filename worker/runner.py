@@ -37,6 +37,7 @@ from adapter_merge.core.sources.registry import LOCAL_SCHEME
 from adapter_merge.core.store import STORE_UNAVAILABLE
 from adapter_merge.worker.downloads import Arrivals, DownloadCache, Fetched
 from adapter_merge.worker.engine import MergeCancelled, MergeError, MergeReport
+from adapter_merge.worker.locks import held
 from adapter_merge.worker.watch import JobWatch
 
 log = logging.getLogger(__name__)
@@ -187,12 +188,16 @@ class JobRunner:
         sent = watch.publishing(total)
         try:
             target = self.context.publish_targets.target(spec)
-            published = target.find(spec, lineage)
-            if published is None:
-                published = target.publish(spec, result, lineage,
-                                           _paced(sent, self.settings.publish_bytes_per_second, watch))
-            else:  # all of it is there already
-                sent(total)
+            # One publish per target at a time, across workers: two models raced for one S3 prefix, each
+            # overwriting the other's files before one manifest won.
+            with held(self.store, f"publish:{spec.to.rstrip('/')}", f"{worker_identity()}:{job.id}:{job.attempt}",
+                      self.settings, lambda: _stop_waiting(watch)):
+                published = target.find(spec, lineage)
+                if published is None:
+                    published = target.publish(spec, result, lineage,
+                                               _paced(sent, self.settings.publish_bytes_per_second, watch))
+                else:  # all of it is there already
+                    sent(total)
         except MergeCancelled:
             _remove_quietly(result)
             raise
@@ -265,6 +270,12 @@ class _PublishFailed(Exception):
         super().__init__(str(error))
         self.error, self.artifacts = error, artifacts
         self.notes = [*notes, "merged, but publishing failed: the merged files are kept with the job"]
+
+
+def _stop_waiting(watch: JobWatch) -> None:
+    """A run waiting for its publish target stops as it would mid-publish (cancelled, superseded, shut down)."""
+    if watch.should_stop():
+        raise MergeCancelled("stopped while waiting for another publish to the same target")
 
 
 def _paced(sent: ByteCounter, bytes_per_second: int | None, watch: JobWatch) -> ByteCounter:

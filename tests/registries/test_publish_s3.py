@@ -9,6 +9,8 @@ from moto's S3 server (tests/registries/fixtures.py):
     - the lineage names a registry input (an S3 adapter) as given, as pinned and by every object's sha256;
     - another model for the same prefix fails the job with publish-conflict, a missing bucket with publish-failed,
       and both keep their merged files;
+    - two different models publishing to one empty prefix at the same time: one publishes, the other fails with
+      publish-conflict having written nothing there;
     - a worker SIGKILLed mid-publish (a multipart upload open, no manifest yet): the lease rerun aborts the orphaned
       upload and publishes exactly one manifest; a job cancelled mid-publish aborts its upload and writes no manifest;
     - targets the service may not publish to are refused at submission (422 naming the field).
@@ -43,7 +45,7 @@ from tests.registries.publishing import (
 )
 from tests.registries.s3 import S3Server, sha256_base64
 from tests.service.checks import problem
-from tests.service.harness import Api
+from tests.service.harness import FINISHED, Api
 
 ALLOWED = "s3://pub-*"
 MANIFEST = "merge_manifest.json"
@@ -74,6 +76,14 @@ def distributed(models: Models, s3_server: S3Server, redis_namespace: dict[str, 
     env = publish_env(s3_server.env, ALLOWED, pace=PACE)
     with cluster(models, tmp_path_factory.mktemp("publish-s3-cluster"), env, redis_namespace) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def racing(models: Models, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """Two merges at once, each publishing slowly enough to overlap the other's publish."""
+    env = {**publish_env(s3_server.env, ALLOWED, pace=PACE), "MERGE_WORKER_CONCURRENCY": "2"}
+    with embedded(models, tmp_path_factory.mktemp("publish-s3-racing"), env) as deployment:
+        yield deployment
 
 
 def objects(s3: S3Server, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
@@ -145,6 +155,25 @@ def test_another_model_at_the_prefix_fails_the_job_and_keeps_its_merge(service: 
     assert_kept(service, other)
     assert manifest_versions(s3, bucket, prefix) == [first["published"]["version"]]
     assert objects(s3, bucket, prefix)[MANIFEST]["Metadata"]["request-digest"] == digest_of(first)
+
+
+def test_two_models_racing_for_one_prefix_leave_one_whole_model(racing: Deployment, s3: S3Server,
+                                                                bucket: str) -> None:
+    """Two different requests for one empty prefix, publishing at the same time: one publishes, and the other fails
+    with publish-conflict without having written an object there (every version under the prefix is the winner's)."""
+    api, prefix = racing.api, unique("models/raced")
+    ids = [api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=weight))["id"] for weight in (1.0, 0.5)]
+    jobs = [api.wait(job_id, FINISHED, 120) for job_id in ids]
+    assert sorted(job["status"] for job in jobs) == ["failed", "succeeded"], [job["error"] for job in jobs]
+    (winner,) = [job for job in jobs if job["status"] == "succeeded"]
+    (loser,) = [job for job in jobs if job["status"] == "failed"]
+    assert loser["error"]["type"].rsplit(":", 1)[1] == "publish-conflict", loser["error"]
+    assert_published(s3, bucket, prefix, winner)
+    client = s3.client()
+    versions = client.list_object_versions(Bucket=bucket, Prefix=f"{prefix}/").get("Versions", [])
+    writers = {client.head_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])["Metadata"]
+               ["job-id"] for version in versions}
+    assert writers == {winner["id"]}
 
 
 def test_a_worker_killed_mid_publish_leaves_no_manifest_and_the_rerun_one_with_no_open_upload(
