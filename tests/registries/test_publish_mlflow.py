@@ -4,7 +4,8 @@ back with MLflow's own client from a real `mlflow server` (tests/registries/fixt
     - `models:/NAME` gets version 1 (the registered model created), READY, from `runs:/<run>/model`, with the lineage
       as version and run tags, `merge_lineage.json` beside the model, every file with the job's sha256 (downloaded
       and hashed), and the alias on it; another request moves the alias to its version 2;
-    - an identical request publishes nothing again: it answers with the version it made;
+    - an identical request publishes nothing again: it answers with the version it made; two at the same time
+      (neither reusing the other's merge) make one version and one run;
     - the lineage names a registry input (an MLflow adapter by alias) by its version and run;
     - a registry out of reach fails the job with registry-unavailable (503), its merge kept;
     - a worker SIGKILLed mid-publish: the lease rerun ends with exactly one version and one run of the digest;
@@ -63,6 +64,15 @@ def distributed(models: Models, mlflow_server: MlflowServer, redis_namespace: di
         yield running
 
 
+@pytest.fixture(scope="module")
+def racing(models: Models, mlflow_server: MlflowServer,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """Two merges at once, each publishing slowly enough to overlap the other's publish."""
+    env = {**publish_env(mlflow_server.env, ALLOWED, pace=PACE), "MERGE_WORKER_CONCURRENCY": "2"}
+    with embedded(models, tmp_path_factory.mktemp("publish-mlflow-racing"), env) as deployment:
+        yield deployment
+
+
 def runs_of(client: MlflowClient, digest: str) -> list[Any]:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert experiment is not None
@@ -111,6 +121,16 @@ def test_a_new_version_with_lineage_and_the_alias_moved_once_ready(service: Depl
     assert again["request_digest"] == first["request_digest"] and again["published"] == first["published"]
     assert sorted(version.version for version in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
     assert len(runs_of(client, digest_of(first))) == 1
+
+
+def test_identical_requests_publishing_at_once_make_one_version_and_one_run(racing: Deployment,
+                                                                           mlflow_server: MlflowServer) -> None:
+    api, client, name = racing.api, mlflow_server.client(), unique("pub-twins")
+    ids = [api.submit(merge_request(f"models:/{name}", reuse=False))["id"] for _ in range(2)]
+    jobs = [finished(api, job_id) for job_id in ids]
+    assert [job["published"]["version"] for job in jobs] == ["1", "1"]
+    assert [version.version for version in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    assert len(runs_of(client, digest_of(jobs[0]))) == 1
 
 
 def test_a_worker_killed_mid_publish_ends_with_one_version_and_one_run(
