@@ -413,6 +413,22 @@ def test_fp16_overflow_is_specific_to_fp16(inputs: Inputs, capsys: pytest.Captur
     assert torch.isfinite(merged).all() and merged.abs().max() > 65504
 
 
+def test_large_finite_fp16_values_are_not_an_overflow(inputs: Inputs, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every value of a block near fp16's largest: their sum, the merge's quick finiteness check, overflows, and
+    the exact check behind it must find nothing wrong."""
+    def near_fp16_max(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[f"{Q_PROJ}.weight"].fill_(60000.0)
+
+    _edit_tensors(inputs.base / BASE_FILE, near_fp16_max)
+    code, stderr = run_main([inputs.base, inputs.lora, "--dtype", "float16"], inputs.out, capsys)
+    assert code == 0, stderr
+    merged = load_dir_tensors(inputs.out)[f"{Q_PROJ}.weight"]
+    base = load_file(inputs.base / BASE_FILE)[f"{Q_PROJ}.weight"].float()
+    assert merged.dtype == torch.float16 and torch.isfinite(merged).all()
+    assert not math.isfinite(float(merged.sum()))
+    assert float((merged.float() - base).abs().max()) <= 64  # the adapter's small change, in steps of 32
+
+
 def test_existing_out_is_left_alone(inputs: Inputs, capsys: pytest.CaptureFixture[str]) -> None:
     inputs.out.mkdir()
     sentinel = inputs.out / "keep.txt"
