@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -16,11 +18,15 @@ from adapter_merge.worker.engine.errors import NumericError
 from adapter_merge.worker.engine.merge_math import (
     LowRank,
     add_bias,
+    add_delta,
     base_plus_delta,
     column_squares,
+    lowrank_row_squares,
     replace_rows,
     rescale_columns,
     rescale_rows,
+    rescaled_change_squares,
+    row_dots_with_delta,
     row_norms,
     with_delta,
 )
@@ -121,6 +127,28 @@ class LoadedDora(LoadedOp):
                             file=self.op.lora_a.file, tensor=tensor, input=self.op.adapter)
 
 
+@dataclass(frozen=True)
+class RowsSeen:
+    """Per row of a tensor merged in place by a DoRA: what its change is computed from."""
+
+    a_columns: torch.Tensor
+    """The delta's Aᵀ, contiguous: the thin product reads it ~7% faster than the transposed view."""
+    projections: torch.Tensor
+    """W₀ᵢ·Aᵀ (rows by rank)."""
+    norms: torch.Tensor
+    """Nᵢ = ‖W₀ᵢ + Dᵢ‖."""
+    factors: torch.Tensor
+    """The DoRA factor cᵢ = mᵢ/Nᵢ each row was scaled by."""
+
+    @staticmethod
+    def of(delta: LowRank) -> RowsSeen:
+        """Empty, in the compute dtype (the delta's)."""
+        rows, rank = delta.b.shape
+        dtype = delta.a.dtype
+        return RowsSeen(delta.a.T.contiguous(), torch.empty(rows, rank, dtype=dtype), torch.empty(rows, dtype=dtype),
+                        torch.empty(rows, dtype=dtype))
+
+
 class DoraByRows(LoadedDora):
     """Linear and ConvNd: an output unit is a row, so each block has its rows' norms itself."""
 
@@ -130,6 +158,31 @@ class DoraByRows(LoadedDora):
         norms = row_norms(current if own else base_plus_delta(base_block, self.delta, start))
         rescale_rows(current, self.magnitude[start : start + current.shape[0]], norms)
         return current
+
+    def apply_in_place(self, block: torch.Tensor, start: int) -> None:
+        """This operation alone, applied to W₀ in place. What the change needs of W₀ is kept per row (W₀ᵢ·Aᵀ,
+        from one thin product, and the norm Nᵢ taken anyway), so W₀ need not outlive the block: no copy of it,
+        and no second pass to subtract it. `measured_squares` sums the change once every block is done."""
+        rows = self._rows
+        stop = start + block.shape[0]
+        torch.mm(block, rows.a_columns, out=rows.projections[start:stop])
+        add_delta(block, self.delta, start)
+        norms = row_norms(block, out=rows.norms[start:stop])
+        rescale_rows(block, self.magnitude[start:stop], norms, factors=rows.factors[start:stop])
+
+    def measured_squares(self) -> tuple[float, float]:
+        """(ΣW₀², Σ(W' - W₀)²) over the tensor, after `apply_in_place` has seen all its rows. ‖W₀ᵢ‖² is
+        Nᵢ² - 2⟨W₀ᵢ,Dᵢ⟩ - ‖Dᵢ‖²: the difference is close to Nᵢ², so it keeps Nᵢ²'s relative accuracy."""
+        rows = self._rows
+        dots = row_dots_with_delta(rows.projections, self.delta)
+        delta_squares = lowrank_row_squares(self.delta)
+        base_squares = rows.norms.double().square() - 2 * dots - delta_squares
+        change = rescaled_change_squares(base_squares, dots, delta_squares, rows.factors.double())
+        return float(base_squares.sum()), change
+
+    @cached_property
+    def _rows(self) -> RowsSeen:
+        return RowsSeen.of(self.delta)
 
     def _zero_norm_in(self, base_block: torch.Tensor, start: int) -> bool:
         return bool((row_norms(base_plus_delta(base_block, self.delta, start)) == 0).any())

@@ -65,6 +65,29 @@ def lowrank_change_squares(deltas: list[LowRank]) -> float:
     return max(total, 0.0)
 
 
+def lowrank_row_squares(delta: LowRank) -> torch.Tensor:
+    """‖Dᵢ‖² of every row of a rows-layout delta, in float64, from its factors alone: s²·bᵢ(AAᵀ)bᵢᵀ."""
+    b, a = delta.b.double(), delta.a.double()
+    return delta.scale**2 * ((b @ (a @ a.T)) * b).sum(dim=1)
+
+
+def row_dots_with_delta(projections: torch.Tensor, delta: LowRank) -> torch.Tensor:
+    """⟨Wᵢ, Dᵢ⟩ of every row, in float64, from the rows' products with the delta's A (W·Aᵀ, rows by rank)
+    without forming D: s·Σₖ bᵢₖ(W·Aᵀ)ᵢₖ."""
+    return delta.scale * (projections.double() * delta.b.double()).sum(dim=1)
+
+
+def rescaled_change_squares(base_squares: torch.Tensor, dots: torch.Tensor, delta_squares: torch.Tensor,
+                            factors: torch.Tensor) -> float:
+    """Σᵢ‖cᵢ(W₀ᵢ + Dᵢ) - W₀ᵢ‖² from each row's ‖W₀ᵢ‖², ⟨W₀ᵢ,Dᵢ⟩, ‖Dᵢ‖² and factor cᵢ (float64 vectors):
+    (cᵢ-1)²‖W₀ᵢ‖² + 2cᵢ(cᵢ-1)⟨W₀ᵢ,Dᵢ⟩ + cᵢ²‖Dᵢ‖². ⟨W₀ᵢ,Dᵢ⟩ is computed, not recovered as ‖W₀ᵢ+Dᵢ‖² minus the
+    other two: that difference of near-equal numbers would cost its error of ~1e-7·‖W₀ᵢ‖² over a change that
+    may be a thousand times smaller."""
+    less_one = factors - 1
+    squares = less_one.square() * base_squares + 2 * factors * less_one * dots + factors.square() * delta_squares
+    return float(squares.sum().clamp(min=0))
+
+
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     """The 2D view every operation works on: (shape[0], rest); a vector is one row."""
     if tensor.dim() == 0:
@@ -74,9 +97,9 @@ def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 
 
-def row_norms(merged: torch.Tensor) -> torch.Tensor:
-    """‖W₀ + D‖ of each row of a block: DoRA's norm in the rows layout."""
-    return torch.linalg.vector_norm(merged, dim=1)
+def row_norms(merged: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """‖W₀ + D‖ of each row of a block: DoRA's norm in the rows layout (into `out` when given)."""
+    return torch.linalg.vector_norm(merged, dim=1, out=out)
 
 
 def column_squares(base_block: torch.Tensor, delta: LowRank, start: int) -> torch.Tensor:
@@ -84,11 +107,13 @@ def column_squares(base_block: torch.Tensor, delta: LowRank, start: int) -> torc
     return base_plus_delta(base_block, delta, start).square().sum(dim=0, dtype=torch.float64)
 
 
-def rescale_rows(current: torch.Tensor, magnitude: torch.Tensor, norms: torch.Tensor) -> None:
-    """DoRA in the rows layout: row i times mᵢ/Nᵢ, in place (`magnitude` and `norms` for this block's rows).
+def rescale_rows(current: torch.Tensor, magnitude: torch.Tensor, norms: torch.Tensor,
+                 factors: torch.Tensor | None = None) -> None:
+    """DoRA in the rows layout: row i times cᵢ = mᵢ/Nᵢ, in place (`magnitude` and `norms` for this block's
+    rows); `factors`, when given, receives the cᵢ.
 
     A zero norm is not checked here: it makes the block non-finite, which the caller detects."""
-    current.mul_((magnitude / norms).unsqueeze(1))
+    current.mul_(torch.div(magnitude, norms, out=factors).unsqueeze(1))
 
 
 def rescale_columns(current: torch.Tensor, magnitude: torch.Tensor, norms: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from adapter_merge.worker.engine.block_merge import ChangeStats
 from adapter_merge.worker.engine.checksums import ChecksumCache, describe_files
 from adapter_merge.worker.engine.errors import MergeCancelled
 from adapter_merge.worker.engine.folder_survey import MANIFEST_FILE
@@ -36,7 +37,7 @@ from adapter_merge.worker.engine.spec import (
     StopCheck,
 )
 from adapter_merge.worker.engine.tensor_io import BufferPool, ByteRange, TensorReader, chunk_ranges, tensor_bytes
-from adapter_merge.worker.engine.tensor_merge import CHUNK_BYTES, ChangeStats, TensorMerger, source_ranges
+from adapter_merge.worker.engine.tensor_merge import CHUNK_BYTES, TensorMerger, source_ranges
 from adapter_merge.worker.engine.writer import QUEUED_CHUNKS, OutputFolder, ShardSink, storage_errors
 
 READ_AHEAD_CHUNKS = 2
