@@ -172,6 +172,22 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def copy_bytes(target: memoryview, source: memoryview) -> None:
+    """target[:len(source)] = source, without holding the GIL while the bytes move.
+
+    A memoryview slice assignment copies under the GIL: a megabyte holds it for ~0.1 ms, and the compute
+    thread, whose steps on a block take about as long, waits for it at every return from torch. ctypes
+    releases the GIL around its calls. A read-only source (a shard header: bytes) is small and copied as is."""
+    if source.readonly or not source:
+        target[: len(source)] = source
+        return
+    ctypes.memmove(_address(target), _address(source), len(source))
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a contiguous CPU tensor, without a copy; valid while `tensor` lives."""
     if tensor.numel() == 0:

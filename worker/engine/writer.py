@@ -28,14 +28,29 @@ from pathlib import Path
 from adapter_merge.worker.engine.errors import DISK_FULL_ERRNOS, InputError, OutputExistsError, StorageError
 from adapter_merge.worker.engine.operations import OutputTensor
 from adapter_merge.worker.engine.safetensors_format import build_header
-from adapter_merge.worker.engine.tensor_io import write_all
+from adapter_merge.worker.engine.tensor_io import copy_bytes, write_all
 
 SAFETENSORS_METADATA = {"format": "pt"}
 QUEUED_CHUNKS = 4
+HASH_PIECE_BYTES = 1024 * 1024
+"""Bytes copied at a time into the hasher's scratch buffer: well inside a core's 2 MiB L2."""
 STAGE_BYTES = 8 * 1024 * 1024
 """Bytes per direct write."""
 DIRECT_ALIGNMENT = 4096
 """O_DIRECT needs buffer addresses, lengths and file offsets aligned to the logical block size (at most 4 KiB)."""
+
+
+def hash_through_cache(digest: hashlib._Hash, data: memoryview, scratch: memoryview) -> None:
+    """digest.update(data), a piece at a time copied into `scratch` first.
+
+    The SHA extensions hash one 64-byte block after another; reading them from memory they stall (1.1 GB/s
+    here), while a copy fetches many lines at once and leaves the piece in the core's cache, where hashing
+    runs at full speed: copy and hash together ran at 1.35-1.48 GB/s on 16 MiB buffers."""
+    size = len(scratch)
+    for start in range(0, len(data), size):
+        piece = data[start : start + size]
+        copy_bytes(scratch, piece)
+        digest.update(scratch[: len(piece)])
 
 
 def storage_error(error: OSError, path: Path) -> StorageError:
@@ -145,7 +160,7 @@ class _DirectFile:
     def write(self, view: memoryview) -> None:
         while view and self.direct:
             count = min(len(view), len(self._stage) - self._filled)
-            self._stage[self._filled : self._filled + count] = view[:count]
+            copy_bytes(self._stage[self._filled : self._filled + count], view[:count])
             self._filled += count
             view = view[count:]
             if self._filled == len(self._stage):
@@ -259,6 +274,7 @@ class ShardSink:
     def _hash(self) -> None:
         """Hash every shard's bytes and pass each item on to the writer; a "close" carries the digest."""
         digest = hashlib.sha256()
+        scratch = memoryview(bytearray(HASH_PIECE_BYTES))
         while True:
             kind, item, on_written = self._to_hash.get()
             try:
@@ -267,7 +283,7 @@ class ShardSink:
                         assert isinstance(item, _Shard)
                         digest = hashlib.sha256(item.header)
                     elif kind == "data":
-                        digest.update(item)  # type: ignore[arg-type]
+                        hash_through_cache(digest, memoryview(item).cast("B"), scratch)  # type: ignore[arg-type]
                     elif kind == "close":
                         item = digest.hexdigest()
             except BaseException as error:  # handed to the producer thread, which owns error handling
