@@ -288,6 +288,17 @@ def _blow_up_down_proj(tensors: dict[str, torch.Tensor]) -> None:
     tensors[_lora_key("model.layers.0.mlp.down_proj", "lora_B.weight")] *= 1e6
 
 
+def dora_fp16_overflow(i: Inputs) -> Refusal:
+    """A DoRA magnitude of ~1e5 scales its rows past fp16's range: the merged block is in bounds as far as
+    its norms tell only below the overflow, so here its values are checked and the output dtype is at fault."""
+    def blow_up_magnitude(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[_lora_key("model.layers.0.mlp.down_proj", "lora_magnitude_vector")] *= 1e6
+
+    _edit_tensors(i.dora / ADAPTER_FILE, blow_up_magnitude)
+    return Refusal([i.base, i.dora, "--dtype", "float16"], ("model.layers.0.mlp.down_proj",), NumericError, "merge",
+                   {"option": "dtype", "tensor": "model.layers.0.mlp.down_proj.weight"})
+
+
 def dora_zero_norm_row(i: Inputs) -> Refusal:
     """Row 0 of W + D is zero: PEFT would divide by a zero norm and write NaN."""
     def zero_base_row(tensors: dict[str, torch.Tensor]) -> None:
@@ -365,7 +376,7 @@ BAD_INPUTS: list[Callable[[Inputs], Refusal]] = [
     missing_base, empty_base, missing_adapter_config, missing_adapter_weights,
     truncate_base, truncate_adapter, header_length_past_eof, header_not_json, data_offsets_past_eof,
     module_not_in_base, wrong_shape_lora_b, rank_differs_from_config, magnitude_without_use_dora,
-    nan_in_adapter, nan_in_base, fp16_overflow, dora_zero_norm_row,
+    nan_in_adapter, nan_in_base, fp16_overflow, dora_fp16_overflow, dora_zero_norm_row,
     adapter_config_nested_deep, alpha_beyond_float32, pattern_with_lookahead, legacy_adapter_zip_bomb,
     unsupported("init_lora_weights", "pissa"),
     unsupported("layer_replication", [[0, 2], [1, 2]]),

@@ -163,7 +163,7 @@ class DoraByRows(LoadedDora):
         """This operation alone, applied to W₀ in place. What the change needs of W₀ is kept per row (W₀ᵢ·Aᵀ,
         from one thin product, and the norm Nᵢ taken anyway), so W₀ need not outlive the block: no copy of it,
         and no second pass to subtract it. `measured_squares` sums the change once every block is done."""
-        rows = self._rows
+        rows = self.rows
         stop = start + block.shape[0]
         torch.mm(block, rows.a_columns, out=rows.projections[start:stop])
         add_delta(block, self.delta, start)
@@ -173,7 +173,7 @@ class DoraByRows(LoadedDora):
     def measured_squares(self) -> tuple[float, float]:
         """(ΣW₀², Σ(W' - W₀)²) over the tensor, after `apply_in_place` has seen all its rows. ‖W₀ᵢ‖² is
         Nᵢ² - 2⟨W₀ᵢ,Dᵢ⟩ - ‖Dᵢ‖²: the difference is close to Nᵢ², so it keeps Nᵢ²'s relative accuracy."""
-        rows = self._rows
+        rows = self.rows
         dots = row_dots_with_delta(rows.projections, self.delta)
         delta_squares = lowrank_row_squares(self.delta)
         base_squares = rows.norms.double().square() - 2 * dots - delta_squares
@@ -181,7 +181,7 @@ class DoraByRows(LoadedDora):
         return float(base_squares.sum()), change
 
     @cached_property
-    def _rows(self) -> RowsSeen:
+    def rows(self) -> RowsSeen:
         return RowsSeen.of(self.delta)
 
     def _zero_norm_in(self, base_block: torch.Tensor, start: int) -> bool:

@@ -65,6 +65,16 @@ def lowrank_change_squares(deltas: list[LowRank]) -> float:
     return max(total, 0.0)
 
 
+def lowrank_peak(delta: LowRank) -> float:
+    """An upper bound on |D| over every element, from the factors (Cauchy-Schwarz on each element's sum over
+    the rank): |s| · the largest norm of a row of B · the largest norm of a column of A."""
+    b_rows = torch.linalg.vector_norm(delta.b.double(), dim=1)
+    a_columns = torch.linalg.vector_norm(delta.a.double(), dim=0)
+    if not b_rows.numel() or not a_columns.numel():
+        return 0.0
+    return abs(delta.scale) * float(b_rows.max()) * float(a_columns.max())
+
+
 def lowrank_row_squares(delta: LowRank) -> torch.Tensor:
     """‖Dᵢ‖² of every row of a rows-layout delta, in float64, from its factors alone: s²·bᵢ(AAᵀ)bᵢᵀ."""
     b, a = delta.b.double(), delta.a.double()

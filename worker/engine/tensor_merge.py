@@ -111,6 +111,7 @@ class TensorMerger:
         rows, columns = layout.rows, layout.columns
         self._column_pass(tensor, ops, rows, columns, compute)
         block_merge = BlockMerge.of(tensor, ops, stats)
+        safe_peak = OVERFLOW_AT.get(out_dtype, math.inf) / 2  # a wide margin for the rounding in any bound
         block = rows_per_block(columns, BLOCK_ELEMENTS)
         sources = self._sources(tensor, layout)
         for (chunk_start, chunk_stop), (source, done) in zip(layout.bounds, sources, strict=True):
@@ -123,7 +124,8 @@ class TensorMerger:
                 merged = block_merge.merge(base_block, start)
                 written = out[offset:end]
                 written.copy_(merged)
-                self._check(tensor, ops, written, merged, source[offset:end], start)
+                if not block_merge.peak() < safe_peak:
+                    self._check(tensor, ops, written, merged, source[offset:end], start)
             done()
             yield out, release
         block_merge.finish()
