@@ -4,6 +4,10 @@ Generates a small Llama-shaped base model and two adapters (LoRA and DoRA) with 
 `adapter-merge serve` on a free port (embedded mode, data under demo-data/), submits a merge, shows its
 progress, downloads every artifact, checks sizes, sha256 and the safetensors headers, prints the timings and
 stops the server. Exit status 0 only if every check passed.
+
+Each run starts the service afresh (its job store and results, demo-data/service, are removed first; the
+generated models are kept): with the previous run's store the identical request would be answered with the
+earlier job's result, merging nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,7 +147,8 @@ def check_tensors(folder: Path, expected: int) -> list[str]:
 
 def print_report(job: dict[str, Any]) -> None:
     timings, metrics = job["timings"], job["metrics"]
-    phases = "  ".join(f"{phase} {timings[phase]:.2f}" for phase in ("queued", "resolve", "merge", "write", "total"))
+    phases = "  ".join(f"{phase} {'-' if timings[phase] is None else f'{timings[phase]:.2f}'}"
+                       for phase in ("queued", "resolve", "merge", "write", "total"))
     print(f"timings (s): {phases}")
     print(f"metrics: peak RSS {metrics['peak_rss_bytes'] / 2**20:.0f} MiB, "
           f"{metrics['bytes_per_second'] / 1e6:.1f} MB/s written, {metrics['bytes_written']:,} bytes, "
@@ -159,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     DATA.mkdir(exist_ok=True)
+    shutil.rmtree(DATA / "service", ignore_errors=True)
     request = generate_models(DATA / "models", args.preset)
     port = args.port or free_port()
     log = DATA / "server.log"
