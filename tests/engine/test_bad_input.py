@@ -289,8 +289,8 @@ def _blow_up_down_proj(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def dora_fp16_overflow(i: Inputs) -> Refusal:
-    """A DoRA magnitude of ~1e5 scales its rows past fp16's range: the merged block is in bounds as far as
-    its norms tell only below the overflow, so here its values are checked and the output dtype is at fault."""
+    """A DoRA magnitude of ~1e5 scales its rows past fp16's range. The block's bound (its largest magnitude)
+    is then past the overflow, so its values are checked, and the output dtype is at fault."""
     def blow_up_magnitude(tensors: dict[str, torch.Tensor]) -> None:
         tensors[_lora_key("model.layers.0.mlp.down_proj", "lora_magnitude_vector")] *= 1e6
 
