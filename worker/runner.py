@@ -31,13 +31,13 @@ from adapter_merge.core.context import JobContext
 from adapter_merge.core.jobs import Artifact, JobRecord, JobStatus, Metrics, Published, Timings, utcnow
 from adapter_merge.core.preflight import FolderOf, adapter_field, merge_problem, pin_request, resolve_request
 from adapter_merge.core.problems import DISK_FULL_ERRNOS, Problem, Problems, storage_detail
-from adapter_merge.core.publish.base import ByteCounter, lineage_of
+from adapter_merge.core.publish.base import TO_FIELD, ByteCounter, lineage_of
 from adapter_merge.core.sources.base import PinnedInput
 from adapter_merge.core.sources.registry import LOCAL_SCHEME
 from adapter_merge.core.store import STORE_UNAVAILABLE
 from adapter_merge.worker.downloads import Arrivals, DownloadCache, Fetched
 from adapter_merge.worker.engine import MergeCancelled, MergeError, MergeReport
-from adapter_merge.worker.locks import held
+from adapter_merge.worker.locks import LockKeeper, held
 from adapter_merge.worker.watch import JobWatch
 
 log = logging.getLogger(__name__)
@@ -191,11 +191,12 @@ class JobRunner:
             # One publish per target at a time, across workers: two models raced for one S3 prefix, each
             # overwriting the other's files before one manifest won.
             with held(self.store, f"publish:{spec.to.rstrip('/')}", f"{worker_identity()}:{job.id}:{job.attempt}",
-                      self.settings, lambda: _stop_waiting(watch)):
+                      self.settings, lambda: _stop_waiting(watch)) as keeper:
                 published = target.find(spec, lineage)
                 if published is None:
+                    guarded = _while_held(sent, keeper, spec.to, self.settings.lease_seconds)
                     published = target.publish(spec, result, lineage,
-                                               _paced(sent, self.settings.publish_bytes_per_second, watch))
+                                               _paced(guarded, self.settings.publish_bytes_per_second, watch))
                 else:  # all of it is there already
                     sent(total)
         except MergeCancelled:
@@ -276,6 +277,21 @@ def _stop_waiting(watch: JobWatch) -> None:
     """A run waiting for its publish target stops as it would mid-publish (cancelled, superseded, shut down)."""
     if watch.should_stop():
         raise MergeCancelled("stopped while waiting for another publish to the same target")
+
+
+def _while_held(sent: ByteCounter, keeper: LockKeeper, to: str, lease_seconds: float) -> ByteCounter:
+    """`sent`, raising a publish-failed problem once the target's publish lock was lost (the store could not be
+    told for a lease, and another run took the target): the target stops at its next chunk, leaving nothing a
+    reader would trust, rather than interleave its files with the new holder's. The merged files stay with the job
+    for a retry."""
+    def guarded(count: int) -> None:
+        if keeper.lost:
+            raise Problem(Problems.PUBLISH_FAILED, f"{TO_FIELD}: {to!r} could not be published: this run lost the "
+                          "target's publish lock (its renewals did not reach the job store within the "
+                          f"{lease_seconds:g} s lease, and another run took the target)", field=TO_FIELD, ref=to)
+        sent(count)
+
+    return guarded
 
 
 def _paced(sent: ByteCounter, bytes_per_second: int | None, watch: JobWatch) -> ByteCounter:

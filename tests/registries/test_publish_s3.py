@@ -13,6 +13,8 @@ from moto's S3 server (tests/registries/fixtures.py):
       publish-conflict having written nothing there;
     - a worker SIGKILLed mid-publish (a multipart upload open, no manifest yet): the lease rerun aborts the orphaned
       upload and publishes exactly one manifest; a job cancelled mid-publish aborts its upload and writes no manifest;
+    - a run whose publish lock another run took (its renewals missed the lease) stops the same way and fails with
+      publish-failed, keeping its merged files;
     - targets the service may not publish to are refused at submission (422 naming the field).
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.registries.publishing import (
     PACE,
@@ -254,6 +257,34 @@ def test_a_job_cancelled_while_publishing_stops_and_leaves_nothing_a_reader_trus
     assert MANIFEST not in objects(s3, bucket, prefix) and open_uploads(s3, bucket, prefix) == []
     assert not (distributed.data_dir / "artifacts" / job_id).exists() or not any(
         (distributed.data_dir / "artifacts" / job_id).iterdir())
+
+
+def test_a_run_that_loses_the_publish_lock_stops_publishing_and_keeps_its_merge(
+        distributed: Cluster, s3: S3Server, bucket: str) -> None:
+    """The store gives the target's lock to another run mid-upload (as it does once the holder's renewals miss a
+    lease): the publish stops at its next chunk, aborts its upload and writes no manifest; the job fails with
+    publish-failed, naming the target, and keeps its merged files for a retry."""
+    prefix = unique("models/lost-lock")
+    to = f"s3://{bucket}/{prefix}"
+    job_id = distributed.api.submit(merge_request(to, weight=0.7))["id"]
+    distributed.api.wait(job_id, lambda job: job["progress"]["phase"] == "publishing"
+                         and bool(open_uploads(s3, bucket, prefix)), timeout=60)
+    store = redis.Redis.from_url(distributed.env["MERGE_REDIS_URL"])
+    lock = f"{distributed.env['MERGE_REDIS_PREFIX']}:lock:publish:{to}"
+    try:
+        assert store.get(lock) is not None, "the running publish holds its target's lock"
+        store.set(lock, "another-worker:another-job:1", px=60_000)
+        job = finished(distributed.api, job_id, "failed", timeout=10)
+    finally:
+        store.delete(lock)
+        store.close()
+    error = job["error"]
+    assert (error["type"].rsplit(":", 1)[1], error["status"], error["field"]) == ("publish-failed", 502,
+                                                                                 "publish.to")
+    assert "lost the target's publish lock" in error["detail"] and to in error["detail"]
+    assert job["progress"]["bytes_done"] < job["progress"]["bytes_total"] and job["published"] is None
+    assert MANIFEST not in objects(s3, bucket, prefix) and open_uploads(s3, bucket, prefix) == []
+    assert_kept(distributed, job)
 
 
 @pytest.mark.parametrize(("publish", "status", "slug", "field"), [
