@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import quote
 
 import httpx2
 from huggingface_hub import (
@@ -40,6 +41,7 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HfHubHTTPError, HfUriError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import ModelInfo
+from huggingface_hub.utils import build_hf_headers, paginate
 
 from adapter_merge.core.jobs import Published
 from adapter_merge.core.problems import Problem, Problems
@@ -152,13 +154,16 @@ class HubTarget:
         return info()
 
     def _find_in_history(self, spec: PublishSpec, repo: str, branch: str, lineage: Lineage) -> Published | None:
-        """The newest commit of the branch whose message has this request's digest trailer (the client pages the
-        history, retrying on its own)."""
+        """The newest commit of the branch whose message has this request's digest trailer.
+
+        The history is walked newest first, a page at a time, and the walk stops at the commit: a rerun finds its
+        publish in the first page however long the history. (`list_repo_commits` would fetch every page before
+        answering.) The client's paging retries on its own and takes the configured timeout."""
         marker = f"{DIGEST_TRAILER}: {lineage.request_digest}"
-        self._bound_session()
-        for commit in self.api.list_repo_commits(repo, revision=branch):
-            if marker in f"{commit.title}\n{commit.message}".splitlines():
-                return self._published(spec, repo, commit.commit_id)
+        commits = f"{self.endpoint}/api/models/{repo}/commits/{quote(branch, safe='')}"
+        for commit in paginate(commits, params={}, headers=build_hf_headers(), timeout=self.timeout):
+            if marker in f"{commit['title']}\n{commit['message']}".splitlines():
+                return self._published(spec, repo, commit["id"])
         return None
 
     def _published(self, spec: PublishSpec, repo: str, sha: str) -> Published:
@@ -175,8 +180,8 @@ class HubTarget:
         return retrying(attempt, self.retries, transient)
 
     def _bound_session(self) -> None:
-        """Requests with the configured timeout: the client's shared session has none, and create_commit and
-        list_repo_commits take none, so a stalled hub would hold the job forever. Set before each request, since
+        """Requests with the configured timeout: the client's shared session has none, and create_commit takes
+        none, so a stalled hub would hold the job forever. Set before each request, since
         the client replaces its session after a connection error (one replaced inside the client's own retries
         goes without until the next request); a session configured with a timeout of its own is left alone."""
         session = get_session()

@@ -144,16 +144,22 @@ def test_the_same_request_published_again_finds_its_commit(hub_env: FakeHub, mer
 
 def test_a_publish_deep_in_the_history_is_found(hub_env: FakeHub, merged: Path, base_on_hub: str,
                                                tmp_path: Path) -> None:
-    """Sixty commits later (the hub pages the history 50 at a time), the rerun still finds its commit."""
+    """Sixty commits later (the hub pages the history 50 at a time), the rerun still finds its commit; a publish
+    near the head is found in the first page, the rest of the history never asked for."""
     settings = settings_for(tmp_path)
     lineage = lineage_of(merged, settings, "5" * 64)
     first = publish(HubTarget(settings), "hf://pub/deep", merged, lineage)
     for number in range(60):
         hub_env.commit("pub/deep", files={"NOTES.md": f"edit {number}".encode()})
+    recent = lineage_of(merged, settings, "6" * 64, job_id="job-2")
+    latest = publish(HubTarget(settings), "hf://pub/deep", merged, recent)
     hub_env.requests.clear()
 
     assert HubTarget(settings).find(PublishSpec(to="hf://pub/deep"), lineage) == first
     assert hub_env.requests.count(kind="commits") == 2
+    hub_env.requests.clear()
+    assert HubTarget(settings).find(PublishSpec(to="hf://pub/deep"), recent) == latest
+    assert hub_env.requests.count(kind="commits") == 1
 
 
 def test_a_commit_whose_answer_was_lost_is_found_not_repeated(hub_env: FakeHub, merged: Path, base_on_hub: str,
