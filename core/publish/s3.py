@@ -6,11 +6,18 @@ that the prefix is taken (by this request's model: that publish is the result; b
 `merge_lineage.json` (the whole lineage) goes up just before it; every object carries the request digest, job id,
 engine version and its own sha256 as metadata.
 
+Before it writes anything into the prefix, a publish claims it: `PREFIX/.merge-publishing.json`, written with
+`If-None-Match: *` and naming the request digest, so that publishers sharing no lock (two deployments, whose job
+stores each keep one publish per target) cannot interleave two models' files. Another request's claim is a
+`publish-conflict`; this request's (an attempt that died, or an identical request elsewhere) is taken over. The
+claim is deleted when the publish ends; one left by a publisher that died keeps other models out until its own
+request is published again or someone deletes it.
+
 Every object is sent with a SHA256 checksum that S3 verifies on receipt (per part for a multipart upload, whose
 object checksum is then one of the part checksums, `...-N`), computed from the bytes as they are read and compared
 with the job's sha256 of the file, so what S3 stores is what the merge wrote. A crashed earlier attempt may have
-left multipart uploads open under the prefix: they are aborted first; objects it completed with the same sha256
-and request digest are not sent again.
+left multipart uploads open under the prefix: they are aborted once the claim is taken; objects it completed with
+the same sha256 and request digest are not sent again.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +48,10 @@ from adapter_merge.worker.engine.folder_survey import MANIFEST_FILE
 
 MAX_PARTS = 10_000
 """S3's limit of parts per upload: a file too large for the configured part size gets larger parts."""
+CLAIM_FILE = ".merge-publishing.json"
+"""Under the prefix while a publish writes into it: the request that claimed it (see `S3Target._claim`)."""
+CLAIM_ATTEMPTS = 3
+"""Claims tried while other publishers' claims keep appearing and going away before ours is taken."""
 DIGEST = "request-digest"
 SHA256 = "sha256"
 """Object metadata keys (sent as x-amz-meta-*)."""
@@ -93,20 +105,13 @@ class S3Target:
                     "engine-version": lineage.engine_version, "lineage": LINEAGE_FILE}
         lineage_json = lineage.model_dump_json(indent=2).encode()
         try:
-            self._abort_open_uploads(bucket, prefix)
-            for path, sha256 in sorted(lineage.manifest_sha256.items()):
-                if path != MANIFEST_FILE:
-                    with open(folder / path, "rb") as source:
-                        self._upload(bucket, f"{prefix}/{path}", source, sha256, metadata, progress)
-            self._upload(bucket, f"{prefix}/{LINEAGE_FILE}", io.BytesIO(lineage_json),  # not a merged file:
-                         hashlib.sha256(lineage_json).hexdigest(), metadata, lambda count: None)  # not counted
-            with open(folder / MANIFEST_FILE, "rb") as source:
-                try:
-                    self._upload(bucket, f"{prefix}/{MANIFEST_FILE}", source, lineage.manifest_sha256[MANIFEST_FILE],
-                                 metadata, progress, IfNoneMatch="*")
-                except ClientError as error:
-                    if error_code(error)[1] != 412:
-                        raise
+            self._claim(spec, bucket, prefix, metadata)
+            self._abort_open_uploads(bucket, prefix)  # only once the prefix is ours: they may be another's
+            try:
+                self._upload_all(bucket, prefix, folder, lineage, lineage_json, metadata, progress)
+            finally:  # a crash keeps the claim, which the request's rerun takes over
+                with suppress(BotoCoreError, ClientError):
+                    self.client.delete_object(Bucket=bucket, Key=f"{prefix}/{CLAIM_FILE}")
         except (BotoCoreError, ClientError) as error:
             raise _problem(error, spec) from None
         found = self.find(spec, lineage)  # ours, or an earlier identical publish's (412): raises on another model
@@ -114,6 +119,52 @@ class S3Target:
             raise Problem(Problems.PUBLISH_FAILED, f"{TO_FIELD}: {spec.to!r}: the manifest vanished right after it "
                           "was written (deleted meanwhile?)", field=TO_FIELD, ref=spec.to)
         return found
+
+    def _claim(self, spec: PublishSpec, bucket: str, prefix: str, metadata: dict[str, str]) -> None:
+        """Claim the prefix for this request before writing into it, with a conditional write S3 decides, so that
+        publishers that share no lock (two deployments) cannot interleave two models' files: a claim with another
+        request digest is a `publish-conflict`; one with this digest (a crashed attempt's, or an identical
+        request's elsewhere) is taken over, since the files it leads to are the same."""
+        key = f"{prefix}/{CLAIM_FILE}"
+        body = json.dumps({"request_digest": metadata[DIGEST], "job_id": metadata["job-id"]}).encode()
+        for _ in range(CLAIM_ATTEMPTS):
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=body, Metadata=metadata, IfNoneMatch="*")
+                return
+            except ClientError as error:
+                if error_code(error)[1] != 412:
+                    raise
+            try:
+                holder = self.client.head_object(Bucket=bucket, Key=key).get("Metadata", {})
+            except ClientError as error:
+                if error_code(error)[1] != 404:
+                    raise
+                continue  # released between the two requests: claim it again
+            if holder.get(DIGEST) == metadata[DIGEST]:
+                return
+            raise Problem(Problems.PUBLISH_CONFLICT, f"{TO_FIELD}: {spec.to!r} is being published by another request "
+                          f"(digest {holder.get(DIGEST) or 'unknown'}, job {holder.get('job-id') or 'unknown'}); if "
+                          f"that publish died, delete {key!r} to free the prefix", field=TO_FIELD, ref=spec.to)
+        raise Problem(Problems.PUBLISH_FAILED, f"{TO_FIELD}: {spec.to!r} could not be claimed: its claim {key!r} "
+                      f"came and went {CLAIM_ATTEMPTS} times (other publishers keep taking it)", field=TO_FIELD,
+                      ref=spec.to)
+
+    def _upload_all(self, bucket: str, prefix: str, folder: Path, lineage: Lineage, lineage_json: bytes,
+                    metadata: dict[str, str], progress: ByteCounter) -> None:
+        """The merged files, then the lineage, then the manifest (first publish to complete wins)."""
+        for path, sha256 in sorted(lineage.manifest_sha256.items()):
+            if path != MANIFEST_FILE:
+                with open(folder / path, "rb") as source:
+                    self._upload(bucket, f"{prefix}/{path}", source, sha256, metadata, progress)
+        self._upload(bucket, f"{prefix}/{LINEAGE_FILE}", io.BytesIO(lineage_json),  # not a merged file:
+                     hashlib.sha256(lineage_json).hexdigest(), metadata, lambda count: None)  # not counted
+        with open(folder / MANIFEST_FILE, "rb") as source:
+            try:
+                self._upload(bucket, f"{prefix}/{MANIFEST_FILE}", source, lineage.manifest_sha256[MANIFEST_FILE],
+                             metadata, progress, IfNoneMatch="*")
+            except ClientError as error:
+                if error_code(error)[1] != 412:
+                    raise
 
     # -- uploads ----------------------------------------------------------------------------------------------------
 

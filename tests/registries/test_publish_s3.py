@@ -9,8 +9,9 @@ from moto's S3 server (tests/registries/fixtures.py):
     - the lineage names a registry input (an S3 adapter) as given, as pinned and by every object's sha256;
     - another model for the same prefix fails the job with publish-conflict, a missing bucket with publish-failed,
       and both keep their merged files;
-    - two different models publishing to one empty prefix at the same time: one publishes, the other fails with
-      publish-conflict having written nothing there;
+    - two different models publishing to one empty prefix at the same time, from one service or from two that share
+      no job store: one publishes, the other fails with publish-conflict having written nothing there; a claim
+      another request left in the prefix refuses a different model until it is deleted;
     - a worker SIGKILLed mid-publish (a multipart upload open, no manifest yet): the lease rerun aborts the orphaned
       upload and publishes exactly one manifest; a job cancelled mid-publish aborts its upload and writes no manifest;
     - a run whose publish lock another run took (its renewals missed the lease) stops the same way and fails with
@@ -53,6 +54,7 @@ from tests.service.harness import FINISHED, Api
 ALLOWED = "s3://pub-*"
 MANIFEST = "merge_manifest.json"
 LINEAGE = "merge_lineage.json"
+CLAIM = ".merge-publishing.json"
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,50 @@ def test_two_models_racing_for_one_prefix_leave_one_whole_model(racing: Deployme
     writers = {client.head_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])["Metadata"]
                ["job-id"] for version in versions}
     assert writers == {winner["id"]}
+
+
+def test_two_deployments_racing_for_one_prefix_leave_one_whole_model(models: Models, s3: S3Server, bucket: str,
+                                                                     tmp_path: Path) -> None:
+    """Two services that share no job store (so no publish lock) publish two models to one empty prefix at the
+    same time: the prefix's claim, a conditional write S3 decides, lets one publish; the other fails with
+    publish-conflict having written nothing there. No claim is left behind."""
+    prefix = unique("models/two-services")
+    env = publish_env(s3.env, ALLOWED, pace=PACE)
+    with embedded(models, tmp_path / "one", env) as one, embedded(models, tmp_path / "two", env) as two:
+        submitted = [(api, api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=weight))["id"])
+                     for api, weight in ((one.api, 1.0), (two.api, 0.5))]
+        jobs = [api.wait(job_id, FINISHED, 120) for api, job_id in submitted]
+    assert sorted(job["status"] for job in jobs) == ["failed", "succeeded"], [job["error"] for job in jobs]
+    (winner,) = [job for job in jobs if job["status"] == "succeeded"]
+    (loser,) = [job for job in jobs if job["status"] == "failed"]
+    assert loser["error"]["type"].rsplit(":", 1)[1] == "publish-conflict", loser["error"]
+    assert_published(s3, bucket, prefix, winner)
+    client = s3.client()
+    versions = client.list_object_versions(Bucket=bucket, Prefix=f"{prefix}/").get("Versions", [])
+    writers = {client.head_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])["Metadata"]
+               ["job-id"] for version in versions}
+    assert writers == {winner["id"]}
+
+
+def test_a_claim_left_by_another_request_keeps_the_prefix_until_it_is_deleted(service: Deployment, s3: S3Server,
+                                                                               bucket: str) -> None:
+    """A publisher elsewhere died while writing into the prefix (its claim is there, no manifest): a different
+    model's publish fails with publish-conflict naming the claim and writes nothing; once the claim is deleted,
+    the same request publishes (sharing the earlier job's merge)."""
+    api, prefix = service.api, unique("models/claimed")
+    claim = f"{prefix}/{CLAIM}"
+    client = s3.client()
+    client.put_object(Bucket=bucket, Key=claim, Body=b"{}", Metadata={"request-digest": "f" * 64, "job-id": "gone"})
+    refused = finished(api, api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=0.9))["id"], "failed")
+    error = refused["error"]
+    assert (error["type"].rsplit(":", 1)[1], error["field"]) == ("publish-conflict", "publish.to"), error
+    assert claim in error["detail"] and "f" * 64 in error["detail"]
+    assert set(objects(s3, bucket, prefix)) == {CLAIM}
+
+    client.delete_object(Bucket=bucket, Key=claim)
+    job = finished(api, api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=0.9))["id"])
+    assert job["reused_from"] == refused["id"]
+    assert_published(s3, bucket, prefix, job)
 
 
 def test_a_worker_killed_mid_publish_leaves_no_manifest_and_the_rerun_one_with_no_open_upload(
