@@ -162,13 +162,9 @@ def test_another_model_at_the_prefix_fails_the_job_and_keeps_its_merge(service: 
     assert objects(s3, bucket, prefix)[MANIFEST]["Metadata"]["request-digest"] == digest_of(first)
 
 
-def test_two_models_racing_for_one_prefix_leave_one_whole_model(racing: Deployment, s3: S3Server,
-                                                                bucket: str) -> None:
-    """Two different requests for one empty prefix, publishing at the same time: one publishes, and the other fails
-    with publish-conflict without having written an object there (every version under the prefix is the winner's)."""
-    api, prefix = racing.api, unique("models/raced")
-    ids = [api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=weight))["id"] for weight in (1.0, 0.5)]
-    jobs = [api.wait(job_id, FINISHED, 120) for job_id in ids]
+def assert_one_whole_model(s3: S3Server, bucket: str, prefix: str, jobs: list[dict[str, Any]]) -> None:
+    """Of two jobs that raced for the prefix, one published and the other failed with publish-conflict without
+    having written an object there: every version under the prefix is the winner's."""
     assert sorted(job["status"] for job in jobs) == ["failed", "succeeded"], [job["error"] for job in jobs]
     (winner,) = [job for job in jobs if job["status"] == "succeeded"]
     (loser,) = [job for job in jobs if job["status"] == "failed"]
@@ -179,6 +175,16 @@ def test_two_models_racing_for_one_prefix_leave_one_whole_model(racing: Deployme
     writers = {client.head_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])["Metadata"]
                ["job-id"] for version in versions}
     assert writers == {winner["id"]}
+
+
+def test_two_models_racing_for_one_prefix_leave_one_whole_model(racing: Deployment, s3: S3Server,
+                                                                bucket: str) -> None:
+    """Two different requests for one empty prefix, publishing at the same time: one publishes, and the other fails
+    with publish-conflict without having written an object there (every version under the prefix is the winner's)."""
+    api, prefix = racing.api, unique("models/raced")
+    ids = [api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=weight))["id"] for weight in (1.0, 0.5)]
+    jobs = [api.wait(job_id, FINISHED, 120) for job_id in ids]
+    assert_one_whole_model(s3, bucket, prefix, jobs)
 
 
 def test_two_deployments_racing_for_one_prefix_leave_one_whole_model(models: Models, s3: S3Server, bucket: str,
@@ -192,16 +198,7 @@ def test_two_deployments_racing_for_one_prefix_leave_one_whole_model(models: Mod
         submitted = [(api, api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=weight))["id"])
                      for api, weight in ((one.api, 1.0), (two.api, 0.5))]
         jobs = [api.wait(job_id, FINISHED, 120) for api, job_id in submitted]
-    assert sorted(job["status"] for job in jobs) == ["failed", "succeeded"], [job["error"] for job in jobs]
-    (winner,) = [job for job in jobs if job["status"] == "succeeded"]
-    (loser,) = [job for job in jobs if job["status"] == "failed"]
-    assert loser["error"]["type"].rsplit(":", 1)[1] == "publish-conflict", loser["error"]
-    assert_published(s3, bucket, prefix, winner)
-    client = s3.client()
-    versions = client.list_object_versions(Bucket=bucket, Prefix=f"{prefix}/").get("Versions", [])
-    writers = {client.head_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])["Metadata"]
-               ["job-id"] for version in versions}
-    assert writers == {winner["id"]}
+    assert_one_whole_model(s3, bucket, prefix, jobs)
 
 
 def test_a_claim_left_by_another_request_keeps_the_prefix_until_it_is_deleted(service: Deployment, s3: S3Server,
