@@ -16,8 +16,9 @@ request is published again or someone deletes it.
 Every object is sent with a SHA256 checksum that S3 verifies on receipt (per part for a multipart upload, whose
 object checksum is then one of the part checksums, `...-N`), computed from the bytes as they are read and compared
 with the job's sha256 of the file, so what S3 stores is what the merge wrote. A crashed earlier attempt may have
-left multipart uploads open under the prefix: they are aborted once the claim is taken; objects it completed with
-the same sha256 and request digest are not sent again.
+left multipart uploads open under the prefix: they are aborted once the claim is taken (unless it was an identical
+request's, whose publish may still be running); objects it completed with the same sha256 and request digest are
+not sent again.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ class S3Target:
                     "engine-version": lineage.engine_version, "lineage": LINEAGE_FILE}
         lineage_json = lineage.model_dump_json(indent=2).encode()
         try:
-            self._claim(spec, bucket, prefix, metadata)
-            self._abort_open_uploads(bucket, prefix)  # only once the prefix is ours: they may be another's
+            if self._claim(spec, bucket, prefix, metadata):
+                self._abort_open_uploads(bucket, prefix)
             try:
                 self._upload_all(bucket, prefix, folder, lineage, lineage_json, metadata, progress)
             finally:  # a crash keeps the claim, which the request's rerun takes over
@@ -120,17 +121,20 @@ class S3Target:
                           "was written (deleted meanwhile?)", field=TO_FIELD, ref=spec.to)
         return found
 
-    def _claim(self, spec: PublishSpec, bucket: str, prefix: str, metadata: dict[str, str]) -> None:
+    def _claim(self, spec: PublishSpec, bucket: str, prefix: str, metadata: dict[str, str]) -> bool:
         """Claim the prefix for this request before writing into it, with a conditional write S3 decides, so that
         publishers that share no lock (two deployments) cannot interleave two models' files: a claim with another
         request digest is a `publish-conflict`; one with this digest (a crashed attempt's, or an identical
-        request's elsewhere) is taken over, since the files it leads to are the same."""
+        request's elsewhere) is taken over, since the files it leads to are the same.
+
+        Whether the multipart uploads open under the prefix are orphans to abort: yes for a claim of our own making
+        or of this job's earlier attempt; no for an identical request's, whose publish may be running."""
         key = f"{prefix}/{CLAIM_FILE}"
         body = json.dumps({"request_digest": metadata[DIGEST], "job_id": metadata["job-id"]}).encode()
         for _ in range(CLAIM_ATTEMPTS):
             try:
                 self.client.put_object(Bucket=bucket, Key=key, Body=body, Metadata=metadata, IfNoneMatch="*")
-                return
+                return True
             except ClientError as error:
                 if error_code(error)[1] != 412:
                     raise
@@ -141,7 +145,7 @@ class S3Target:
                     raise
                 continue  # released between the two requests: claim it again
             if holder.get(DIGEST) == metadata[DIGEST]:
-                return
+                return holder.get("job-id") == metadata["job-id"]
             raise Problem(Problems.PUBLISH_CONFLICT, f"{TO_FIELD}: {spec.to!r} is being published by another request "
                           f"(digest {holder.get(DIGEST) or 'unknown'}, job {holder.get('job-id') or 'unknown'}); if "
                           f"that publish died, delete {key!r} to free the prefix", field=TO_FIELD, ref=spec.to)

@@ -10,8 +10,9 @@ from moto's S3 server (tests/registries/fixtures.py):
     - another model for the same prefix fails the job with publish-conflict, a missing bucket with publish-failed,
       and both keep their merged files;
     - two different models publishing to one empty prefix at the same time, from one service or from two that share
-      no job store: one publishes, the other fails with publish-conflict having written nothing there; a claim
-      another request left in the prefix refuses a different model until it is deleted;
+      no job store: one publishes, the other fails with publish-conflict having written nothing there; the same
+      request sent to two services at once succeeds on both, with one manifest; a claim another request left in
+      the prefix refuses a different model until it is deleted;
     - a worker SIGKILLed mid-publish (a multipart upload open, no manifest yet): the lease rerun aborts the orphaned
       upload and publishes exactly one manifest; a job cancelled mid-publish aborts its upload and writes no manifest;
     - a run whose publish lock another run took (its renewals missed the lease) stops the same way and fails with
@@ -199,6 +200,22 @@ def test_two_deployments_racing_for_one_prefix_leave_one_whole_model(models: Mod
                      for api, weight in ((one.api, 1.0), (two.api, 0.5))]
         jobs = [api.wait(job_id, FINISHED, 120) for api, job_id in submitted]
     assert_one_whole_model(s3, bucket, prefix, jobs)
+
+
+def test_two_deployments_publishing_one_request_at_once_both_succeed(models: Models, s3: S3Server, bucket: str,
+                                                                      tmp_path: Path) -> None:
+    """The same request sent to two services at once: the second takes over the first's claim (same digest, same
+    files) without aborting its upload, and both jobs answer with the one manifest that went up first."""
+    prefix = unique("models/same-twice")
+    env = publish_env(s3.env, ALLOWED, pace=PACE)
+    with embedded(models, tmp_path / "one", env) as one, embedded(models, tmp_path / "two", env) as two:
+        submitted = [(api, api.submit(merge_request(f"s3://{bucket}/{prefix}", weight=0.8))["id"])
+                     for api in (one.api, two.api)]
+        jobs = [api.wait(job_id, FINISHED, 120) for api, job_id in submitted]
+    assert [job["status"] for job in jobs] == ["succeeded", "succeeded"], [job["error"] for job in jobs]
+    assert jobs[0]["published"] == jobs[1]["published"]
+    assert manifest_versions(s3, bucket, prefix) == [jobs[0]["published"]["version"]]
+    assert open_uploads(s3, bucket, prefix) == [] and CLAIM not in objects(s3, bucket, prefix)
 
 
 def test_a_claim_left_by_another_request_keeps_the_prefix_until_it_is_deleted(service: Deployment, s3: S3Server,
