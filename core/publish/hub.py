@@ -181,9 +181,9 @@ class HubTarget:
 
     def _bound_session(self) -> None:
         """Requests with the configured timeout: the client's shared session has none, and create_commit takes
-        none, so a stalled hub would hold the job forever. Set before each request, since
-        the client replaces its session after a connection error (one replaced inside the client's own retries
-        goes without until the next request); a session configured with a timeout of its own is left alone."""
+        none, so a stalled hub would hold the job forever. Set before each request, since the client replaces its
+        session after a connection error (one replaced inside the client's own retries goes without until the next
+        request); a session configured with a timeout of its own is left alone."""
         session = get_session()
         if session.timeout == httpx2.Timeout(None):
             session.timeout = httpx2.Timeout(self.timeout)
