@@ -6,7 +6,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,19 @@ def cluster(models: ModelSet, tmp_path_factory: pytest.TempPathFactory,
         store.close()
 
 
-def republished(cluster: Cluster, job_id: str) -> int:
-    return cluster.logs().count(f"job {job_id}: still queued")
+def republishings(cluster: Cluster, job_id: str) -> list[datetime]:
+    """When the reapers (the server's and the worker's) published the job again, by their log lines, in order."""
+    marker = f"job {job_id}: still queued"
+    return sorted(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                  for line in cluster.logs().splitlines() if marker in line)
+
+
+def assert_once_per_grace_period(times: list[datetime]) -> None:
+    """Two reapers share one message per grace period: the same pass of both would log within moments of each
+    other, while a slow worker may let a grace period pass before it claims the job, so more than one is fine."""
+    assert times, "no reaper published the job again"
+    gaps = [(later - earlier).total_seconds() for earlier, later in pairwise(times)]
+    assert all(gap >= GRACE_SECONDS / 2 for gap in gaps), gaps
 
 
 def test_a_job_whose_message_was_deleted_runs_anyway(cluster: Cluster, small_request: dict,
@@ -89,10 +101,10 @@ def test_a_job_whose_message_was_deleted_runs_anyway(cluster: Cluster, small_req
     # Its only message was deleted: it ran on one published again, a grace period or more after submission,
     record = cluster.store.get(job["id"])
     assert record.started_at - record.created_at >= timedelta(seconds=GRACE_SECONDS)
-    count = republished(cluster, job["id"])
-    assert count >= 1
+    times = republishings(cluster, job["id"])
+    assert_once_per_grace_period(times)
     # and any further one (one per grace period while the worker was starting) found it claimed.
-    assert cluster.logs().count(f"job {job['id']} is not queued; nothing to do") <= count - 1
+    assert cluster.logs().count(f"job {job['id']} is not queued; nothing to do") <= len(times) - 1
 
 
 def test_a_job_stored_without_its_message_runs_after_the_grace_period(cluster: Cluster,
@@ -112,7 +124,10 @@ def test_a_job_stored_without_its_message_runs_after_the_grace_period(cluster: C
     waited = (record.started_at - record.created_at).total_seconds()
     print(f"\n[measure] stored without a message -> started after {waited:.1f} s (grace {GRACE_SECONDS:.0f} s)")
     # Not before the grace period, and soon after it: a reap pass, a Celery delivery and a claim (5.2 s of them
-    # once on a loaded CI host, so the slack is generous; the lower bound and the single republishing below are
-    # what show the reaper ran it).
+    # once on a loaded CI host, so the slack is generous; the lower bound and the republishing below are what
+    # show the reaper ran it). On such a host the claim can take longer than a grace period, and the job is
+    # published once more; the second message then finds it claimed.
     assert GRACE_SECONDS <= waited <= GRACE_SECONDS + REAP_SECONDS + 15
-    assert republished(cluster, job.id) == 1  # the server's and the worker's reapers: one message between them
+    times = republishings(cluster, job.id)
+    assert_once_per_grace_period(times)
+    assert cluster.logs().count(f"job {job.id} is not queued; nothing to do") <= len(times) - 1
