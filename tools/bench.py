@@ -23,8 +23,9 @@ How it measures, and why:
   figures are medians over `--runs` repetitions and the ratios are computed from medians of the same run.
 - The floor is what no merge in Python can skip: starting Python with torch (imported as the engine imports
   it, with the garbage collector kept off torch's objects, which saves a plain import ~0.45 s of collections),
-  and hashing every output byte for the manifest (`hashlib.sha256` over reads from the page cache, 1.37-1.41
-  GB/s on one core here whatever the read size, 256 KiB to 8 MiB).
+  and hashing every output byte for the manifest (`hashlib.sha256` over reads from the page cache, whatever the
+  read size from 256 KiB to 8 MiB: 1.37-1.41 GB/s on one core of the Intel Xeon host, 1.8-2.1 GB/s on the AMD
+  EPYC one; the reference machine has come up on both).
   `python -c 'import torch'` alone is measured too, to show how much of it start-up is.
 - Our CLI remembers input checksums between runs (keyed by file identity), so after the warm-up it hashes
   only its outputs, as it would on a service merging many adapters into one base.
@@ -34,9 +35,10 @@ How it measures, and why:
   run's write-back does not slow down the next.
 - Writes on the reference VM: memory freed in the guest is reported back to the host (virtio-balloon free
   page reporting, a couple of seconds after it is freed), so the page cache grows into memory the host must
-  back afresh, at ~0.35 GB/s of kernel CPU time (`dd` of 2.2 GB: ~6 s, against ~0.5 s into pages freed just
-  before, and 1-2 s with O_DIRECT). `cp -r` writes through the page cache and pays this whenever the last
-  run's pages have been reported; our merge writes its shards with O_DIRECT and does not.
+  back afresh, at ~0.35-0.6 GB/s of kernel CPU time (`dd` of 2.1-2.2 GB: ~6 s on the Intel host, 3.6 s on
+  the AMD one, against ~0.5 s into pages freed just before, and 0.75-2 s with O_DIRECT). `cp -r` writes
+  through the page cache and pays this whenever the last run's pages have been reported; our merge writes its
+  shards with O_DIRECT and does not.
 
 Other benchmarks' rows (`make bench-8b`'s `docs/benchmarks-8b.json`, `make bench-service`'s
 `docs/service-benchmarks.json`, `make bench-overlap`'s `docs/bench-overlap.json`) join the page when it is
