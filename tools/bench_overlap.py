@@ -29,7 +29,9 @@ merge from S3, as a registry across a network would be; its rows go to docs/benc
 Each run also records the CPU seconds it took, of the measured process (`cpu_s`: user + system over the
 operation) and of the S3 server (`server_cpu_s`): overlapping two jobs can only win where the machine has cores
 to spare for both. The bench prints that bound, the CPU floor: the CPU seconds of the download alone (worker and
-server) and of the local merge alone, divided by the machine's cores. No merge from S3 can take less, so when
+server) and of the local merge alone, divided by the machine's cores, except while the first shard downloads
+(its share of the download alone's time, at the download alone's CPU rate), when the merge has nothing to work
+on and the download's CPU seconds are all the machine does. No merge from S3 can take less, so when
 1.2 x max(download, local merge) lies near or under it, the target asks for more cores than the machine has.
 
 Why the pause before each run: a VM with free page reporting (virtio-balloon; this reference machine has it) hands
@@ -161,13 +163,24 @@ def upload(root: Path, endpoint: str) -> None:
     server.upload_folder(root / "base", BUCKET, PREFIX)
 
 
-def cpu_floor(runs: dict[str, list[dict[str, float]]]) -> float:
+def first_shard_share(base: Path) -> float:
+    """The part of the base's bytes in the shard the merge needs first (the first safetensors file by name)."""
+    files = [path for path in base.iterdir() if path.is_file()]
+    first = min(path for path in files if path.suffix == ".safetensors")
+    return first.stat().st_size / sum(path.stat().st_size for path in files)
+
+
+def cpu_floor(runs: dict[str, list[dict[str, float]]], first_share: float) -> float:
     """Seconds that the download's and the local merge's work (median CPU seconds, worker and S3 server) takes at
-    the least on this machine's cores: no merge from S3, which does both, can be faster."""
+    the least on this machine's cores: no merge from S3, which does both, can be faster. Until the first shard
+    (`first_share` of the bytes) is in, only the download can run, at its own pace and CPU rate."""
     def cpu(key: str) -> float:
         return statistics.median(run["cpu_s"] + run["server_cpu_s"] for run in runs[key])
 
-    return (cpu("download") + cpu("local")) / (os.cpu_count() or 1)
+    download_seconds = statistics.median(run["seconds"] for run in runs["download"])
+    head = download_seconds * first_share
+    rest = cpu("download") * (1 - first_share) + cpu("local")
+    return head + rest / (os.cpu_count() or 1)
 
 
 def rows_of(runs: dict[str, list[dict[str, float]]], ratio: float, floor_ratio: float,
@@ -211,7 +224,7 @@ def bench(data_dir: Path, runs: int, docs: Path, link_mb_per_s: float | None) ->
             server.communicate("")
     median = {key: statistics.median(run["seconds"] for run in figures) for key, figures in measured.items()}
     slower = max(median["download"], median["local"])
-    ratio, floor = median["overlap"] / slower, cpu_floor(measured)
+    ratio, floor = median["overlap"] / slower, cpu_floor(measured, first_shard_share(root / "base"))
     rows = rows_of(measured, ratio, floor / slower, link)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / ("bench-overlap-link.json" if link_mb_per_s else "bench-overlap.json")).write_text(json.dumps(
